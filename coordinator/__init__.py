@@ -1,0 +1,1 @@
+"""The coordinator daemon: registry, scheduler, rounds, aggregation, store, operations."""

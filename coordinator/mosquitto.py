@@ -1,0 +1,183 @@
+"""Run a local Mosquitto broker as a child process.
+
+The integration tests, the benchmarks and `schoolfl demo --mosquitto` need a real broker
+on a free loopback port that they can stop and restart (fault tests depend on broker
+behaviour across restarts: persistent sessions and QoS 1 redelivery). This module writes a
+config file, starts `mosquitto -c`, waits until the port accepts connections, and cleans up.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+class MosquittoError(RuntimeError):
+    """The broker binary is missing or the broker did not come up."""
+
+
+def free_loopback_port() -> int:
+    """Ask the kernel for a port nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def find_mosquitto() -> str | None:
+    """Path of the `mosquitto` binary; Debian installs it in /usr/sbin, often off PATH."""
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    for candidate in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
+        if Path(candidate).is_file():
+            return candidate
+    return None
+
+
+def _port_accepts(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class MosquittoConfig:
+    """What the generated `mosquitto.conf` says."""
+
+    workdir: Path
+    """Folder for the config, the persistence file and the log."""
+    port: int = 0
+    """Loopback port; 0 picks a free one at start."""
+    host: str = "127.0.0.1"
+    persistence: bool = True
+    """Keep sessions and queued QoS 1 messages across a restart, as production does."""
+    extra_lines: list[str] = field(default_factory=list)
+    """Appended verbatim (ACL, password file, TLS listener...)."""
+    allow_anonymous: bool = True
+
+    def render(self) -> str:
+        lines = [
+            f"listener {self.port} {self.host}",
+            f"allow_anonymous {'true' if self.allow_anonymous else 'false'}",
+            f"persistence {'true' if self.persistence else 'false'}",
+            f"persistence_location {self.workdir}/",
+            "autosave_interval 1",
+            f"log_dest file {self.workdir / 'mosquitto.log'}",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            "log_type information",
+            # Adapter updates are chunked well below this; it only guards the broker.
+            "message_size_limit 0",
+            "max_queued_messages 100000",
+            *self.extra_lines,
+        ]
+        return "\n".join(lines) + "\n"
+
+
+class MosquittoProcess:
+    """A Mosquitto broker owned by this process: `start`, `stop`, `restart`, `url`."""
+
+    def __init__(self, config: MosquittoConfig, binary: str | None = None) -> None:
+        self.config = config
+        self.binary = binary or find_mosquitto()
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def host(self) -> str:
+        return self.config.host
+
+    @property
+    def port(self) -> int:
+        return self.config.port
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.config.host}:{self.config.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self, timeout_seconds: float = 10.0) -> None:
+        """Start the broker and return once its port accepts TCP connections."""
+        if self.binary is None:
+            raise MosquittoError(
+                "mosquitto not found on PATH or in /usr/sbin; install it "
+                "(Debian/Ubuntu: apt-get install -y mosquitto)"
+            )
+        if self.running:
+            return
+        self.config.workdir.mkdir(parents=True, exist_ok=True)
+        if self.config.port == 0:
+            self.config.port = free_loopback_port()
+        elif _port_accepts(self.config.host, self.config.port):
+            raise MosquittoError(
+                f"port {self.config.port} on {self.config.host} is already in use; "
+                "choose another port or stop what listens there"
+            )
+        config_path = self.config.workdir / "mosquitto.conf"
+        config_path.write_text(self.config.render())
+        self._process = subprocess.Popen(
+            [self.binary, "-c", str(config_path)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + timeout_seconds
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                stderr = self._process.stderr.read().decode(errors="replace") if (
+                    self._process.stderr
+                ) else ""
+                raise MosquittoError(
+                    f"mosquitto exited with code {self._process.returncode} at start: "
+                    f"{stderr.strip()} (log: {self.config.workdir / 'mosquitto.log'})"
+                )
+            if _port_accepts(self.config.host, self.config.port):
+                logger.info("mosquitto listening on %s (pid %s)", self.url, self._process.pid)
+                return
+            time.sleep(0.02)
+        self.stop()
+        raise MosquittoError(f"mosquitto did not accept connections on {self.url} "
+                             f"within {timeout_seconds:.0f} s")
+
+    def stop(self, timeout_seconds: float = 10.0) -> None:
+        """Stop the broker (SIGTERM, then SIGKILL after the timeout). Idempotent."""
+        if self._process is None:
+            return
+        if self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=timeout_seconds)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait(timeout=timeout_seconds)
+        if self._process.stderr:
+            self._process.stderr.close()
+        logger.info("mosquitto on %s stopped", self.url)
+        self._process = None
+
+    def restart(self) -> None:
+        """Stop and start again on the same port, keeping persisted sessions."""
+        self.stop()
+        self.start()
+
+    def log_text(self) -> str:
+        log_path = self.config.workdir / "mosquitto.log"
+        return log_path.read_text(errors="replace") if log_path.exists() else ""
+
+    def __enter__(self) -> MosquittoProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

@@ -1,0 +1,1 @@
+"""Device profiles: reference hardware figures, on-device benchmark, and the cost model."""

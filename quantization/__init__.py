@@ -1,0 +1,1 @@
+"""Quantized frozen base models with trainable PEFT LoRA adapters; streaming loader; export."""

@@ -1,0 +1,3 @@
+from schoolfl.cli import main
+
+main()

@@ -1,0 +1,37 @@
+"""The `schoolfl` console script: one click group per user of the system.
+
+School IT uses `agent`, coordinator operators `coordinator`, planners `profile`, and a new
+user starts with `demo`. Each group lives next to the code it drives; this file only
+assembles them, so that `schoolfl --help` stays cheap (no torch import) on a Raspberry Pi.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from coordinator.cli import coordinator_group
+from device_profiles.cli import profile_group
+from edge_runtime.cli import agent_group
+from schoolfl import __version__
+from schoolfl.demo import demo_command
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="schoolfl")
+@click.option("-v", "--verbose", count=True, help="More log output (-v INFO, -vv DEBUG).")
+def cli(verbose: int) -> None:
+    """Federated fine-tuning of LoRA adapters on quantized models for school devices."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+cli.add_command(agent_group)
+cli.add_command(coordinator_group)
+cli.add_command(profile_group)
+cli.add_command(demo_command)
+
+
+def main() -> None:
+    cli()
