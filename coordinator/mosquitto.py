@@ -135,9 +135,11 @@ class MosquittoProcess:
         deadline = time.monotonic() + timeout_seconds
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                stderr = self._process.stderr.read().decode(errors="replace") if (
-                    self._process.stderr
-                ) else ""
+                stderr = (
+                    self._process.stderr.read().decode(errors="replace")
+                    if (self._process.stderr)
+                    else ""
+                )
                 raise MosquittoError(
                     f"mosquitto exited with code {self._process.returncode} at start: "
                     f"{stderr.strip()} (log: {self.config.workdir / 'mosquitto.log'})"
@@ -147,8 +149,9 @@ class MosquittoProcess:
                 return
             time.sleep(0.02)
         self.stop()
-        raise MosquittoError(f"mosquitto did not accept connections on {self.url} "
-                             f"within {timeout_seconds:.0f} s")
+        raise MosquittoError(
+            f"mosquitto did not accept connections on {self.url} within {timeout_seconds:.0f} s"
+        )
 
     def stop(self, timeout_seconds: float = 10.0) -> None:
         """Stop the broker (SIGTERM, then SIGKILL after the timeout). Idempotent."""
