@@ -1,0 +1,438 @@
+"""The coordinator's durable state in SQLite (WAL mode).
+
+Every state change is one transaction, so a coordinator killed at any instant restarts
+with the last committed state: open rounds, their assignments and every update already
+acknowledged. Updates are keyed by their unique id (fleet, task, round, device, attempt)
+and by (task, round, device), so a re-sent or replayed update is recognised and counted
+once (DESIGN.md invariants 3 and 4). Update bodies are safetensors bytes; nothing here is
+pickled.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT PRIMARY KEY,
+    school TEXT NOT NULL,
+    public_key BLOB NOT NULL,
+    profile_json TEXT NOT NULL,
+    enrolled_at REAL NOT NULL,
+    revoked_at REAL
+);
+CREATE TABLE IF NOT EXISTS enrollment_tokens (
+    token_sha256 TEXT PRIMARY KEY,
+    school TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    used_by TEXT
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    task_id TEXT NOT NULL,
+    round_number INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    base_version INTEGER NOT NULL,
+    opened_at REAL NOT NULL,
+    deadline REAL NOT NULL,
+    closed_at REAL,
+    reason TEXT,
+    PRIMARY KEY (task_id, round_number)
+);
+CREATE TABLE IF NOT EXISTS assignments (
+    task_id TEXT NOT NULL,
+    round_number INTEGER NOT NULL,
+    device_id TEXT NOT NULL,
+    plan_json TEXT NOT NULL,
+    PRIMARY KEY (task_id, round_number, device_id)
+);
+CREATE TABLE IF NOT EXISTS updates (
+    update_id TEXT PRIMARY KEY,
+    task_id TEXT NOT NULL,
+    round_number INTEGER NOT NULL,
+    device_id TEXT NOT NULL,
+    num_samples INTEGER NOT NULL,
+    num_steps INTEGER NOT NULL,
+    metrics_json TEXT NOT NULL,
+    body BLOB NOT NULL,
+    received_at REAL NOT NULL,
+    UNIQUE (task_id, round_number, device_id)
+);
+CREATE TABLE IF NOT EXISTS adapter_versions (
+    task_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    round_number INTEGER,
+    sha256 TEXT NOT NULL,
+    folder TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (task_id, version)
+);
+"""
+
+
+class StoreError(RuntimeError):
+    """The store file is unusable (wrong schema version, not a schoolfl store)."""
+
+
+class RoundState(enum.Enum):
+    OPEN = "open"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    device_id: str
+    school: str
+    public_key: bytes
+    profile_json: str
+    enrolled_at: float
+    revoked_at: float | None
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    task_id: str
+    round_number: int
+    state: RoundState
+    base_version: int
+    opened_at: float
+    deadline: float
+    closed_at: float | None
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class StoredUpdate:
+    update_id: str
+    task_id: str
+    round_number: int
+    device_id: str
+    num_samples: int
+    num_steps: int
+    metrics: dict[str, float]
+    body: bytes
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    task_id: str
+    version: int
+    round_number: int | None
+    sha256: str
+    folder: str
+    created_at: float
+
+
+class UpdateOutcome(enum.Enum):
+    """What `record_update` did, so the caller can acknowledge correctly."""
+
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+    """Same update id seen before: acknowledge again, count nothing."""
+    ALREADY_REPORTED = "already-reported"
+    """Another attempt from the same device for the same round was already counted."""
+
+
+def token_digest(token: str) -> str:
+    """Tokens are stored hashed: a leaked database does not leak usable tokens."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class CoordinatorStore:
+    """All of the coordinator's durable state; one instance per process."""
+
+    def __init__(self, path: Path, now: Callable[[], float] = time.time) -> None:
+        self.path = Path(path)
+        self._now = now
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
+        row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if row is None:
+            self._db.execute(
+                "INSERT INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
+        elif int(row[0]) != SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path} has schema version {row[0]}, this coordinator expects "
+                f"{SCHEMA_VERSION}; upgrade schoolfl or point --state at a new folder"
+            )
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # -- devices and enrollment ------------------------------------------------------
+
+    def add_enrollment_token(self, token: str, school: str, valid_seconds: float) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO enrollment_tokens(token_sha256, school, expires_at) VALUES (?,?,?)",
+                (token_digest(token), school, self._now() + valid_seconds),
+            )
+
+    def redeem_enrollment_token(
+        self, token: str, device_id: str, public_key: bytes, profile_json: str
+    ) -> DeviceRecord:
+        """Exchange a one-time token for a device registration, atomically.
+
+        Raises ValueError with the reason when the token is unknown, expired or used, or
+        the device id is taken by another key.
+        """
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT school, expires_at, used_by FROM enrollment_tokens WHERE token_sha256=?",
+                (token_digest(token),),
+            ).fetchone()
+            if row is None:
+                raise ValueError("unknown enrollment token")
+            school, expires_at, used_by = row
+            if used_by is not None:
+                raise ValueError(f"enrollment token already used by device {used_by!r}")
+            if expires_at < self._now():
+                raise ValueError("enrollment token expired; ask the operator for a new one")
+            existing = db.execute(
+                "SELECT public_key FROM devices WHERE device_id=?", (device_id,)
+            ).fetchone()
+            if existing is not None and bytes(existing[0]) != public_key:
+                raise ValueError(f"device id {device_id!r} is already enrolled with another key")
+            db.execute(
+                "UPDATE enrollment_tokens SET used_by=? WHERE token_sha256=?",
+                (device_id, token_digest(token)),
+            )
+            db.execute(
+                "INSERT OR REPLACE INTO devices(device_id, school, public_key, profile_json,"
+                " enrolled_at, revoked_at) VALUES (?,?,?,?,?,NULL)",
+                (device_id, school, public_key, profile_json, self._now()),
+            )
+        device = self.device(device_id)
+        assert device is not None  # just written in the transaction above
+        return device
+
+    def device(self, device_id: str) -> DeviceRecord | None:
+        row = self._db.execute(
+            "SELECT device_id, school, public_key, profile_json, enrolled_at, revoked_at "
+            "FROM devices WHERE device_id=?",
+            (device_id,),
+        ).fetchone()
+        return None if row is None else DeviceRecord(row[0], row[1], bytes(row[2]), *row[3:])
+
+    def devices(self) -> list[DeviceRecord]:
+        rows = self._db.execute(
+            "SELECT device_id, school, public_key, profile_json, enrolled_at, revoked_at "
+            "FROM devices ORDER BY device_id"
+        ).fetchall()
+        return [DeviceRecord(r[0], r[1], bytes(r[2]), *r[3:]) for r in rows]
+
+    def revoke_device(self, device_id: str) -> bool:
+        """Mark a device revoked; its messages are refused from then on. False if unknown."""
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE devices SET revoked_at=? WHERE device_id=? AND revoked_at IS NULL",
+                (self._now(), device_id),
+            )
+        return cursor.rowcount == 1
+
+    # -- rounds ----------------------------------------------------------------------
+
+    def open_round(
+        self,
+        task_id: str,
+        round_number: int,
+        base_version: int,
+        deadline: float,
+        plans_json: dict[str, str],
+    ) -> RoundRecord:
+        """Persist a new round and its assignments in one transaction."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO rounds(task_id, round_number, state, base_version, opened_at,"
+                " deadline) VALUES (?,?,?,?,?,?)",
+                (task_id, round_number, RoundState.OPEN.value, base_version, self._now(), deadline),
+            )
+            db.executemany(
+                "INSERT INTO assignments(task_id, round_number, device_id, plan_json)"
+                " VALUES (?,?,?,?)",
+                [(task_id, round_number, device, plan) for device, plan in plans_json.items()],
+            )
+        record = self.round(task_id, round_number)
+        assert record is not None  # just written
+        return record
+
+    def round(self, task_id: str, round_number: int) -> RoundRecord | None:
+        row = self._db.execute(
+            "SELECT task_id, round_number, state, base_version, opened_at, deadline, closed_at,"
+            " reason FROM rounds WHERE task_id=? AND round_number=?",
+            (task_id, round_number),
+        ).fetchone()
+        return None if row is None else _round_record(row)
+
+    def rounds(self, task_id: str | None = None) -> list[RoundRecord]:
+        query = (
+            "SELECT task_id, round_number, state, base_version, opened_at, deadline, closed_at,"
+            " reason FROM rounds"
+        )
+        params: tuple[str, ...] = ()
+        if task_id is not None:
+            query += " WHERE task_id=?"
+            params = (task_id,)
+        rows = self._db.execute(query + " ORDER BY task_id, round_number", params).fetchall()
+        return [_round_record(row) for row in rows]
+
+    def open_rounds(self) -> list[RoundRecord]:
+        return [r for r in self.rounds() if r.state is RoundState.OPEN]
+
+    def assignments(self, task_id: str, round_number: int) -> dict[str, str]:
+        rows = self._db.execute(
+            "SELECT device_id, plan_json FROM assignments WHERE task_id=? AND round_number=?",
+            (task_id, round_number),
+        ).fetchall()
+        return {device: plan for device, plan in rows}
+
+    def busy_devices(self) -> set[str]:
+        """Devices assigned in any open round: a device trains one task at a time."""
+        rows = self._db.execute(
+            "SELECT a.device_id FROM assignments a JOIN rounds r ON a.task_id=r.task_id"
+            " AND a.round_number=r.round_number WHERE r.state=?",
+            (RoundState.OPEN.value,),
+        ).fetchall()
+        return {row[0] for row in rows}
+
+    def record_update(self, update: StoredUpdate) -> UpdateOutcome:
+        """Store an update once. Idempotent on its id and on (task, round, device)."""
+        with self._transaction() as db:
+            if db.execute(
+                "SELECT 1 FROM updates WHERE update_id=?", (update.update_id,)
+            ).fetchone():
+                return UpdateOutcome.DUPLICATE
+            if db.execute(
+                "SELECT 1 FROM updates WHERE task_id=? AND round_number=? AND device_id=?",
+                (update.task_id, update.round_number, update.device_id),
+            ).fetchone():
+                return UpdateOutcome.ALREADY_REPORTED
+            db.execute(
+                "INSERT INTO updates(update_id, task_id, round_number, device_id, num_samples,"
+                " num_steps, metrics_json, body, received_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    update.update_id,
+                    update.task_id,
+                    update.round_number,
+                    update.device_id,
+                    update.num_samples,
+                    update.num_steps,
+                    json.dumps(update.metrics, sort_keys=True),
+                    update.body,
+                    self._now(),
+                ),
+            )
+        return UpdateOutcome.STORED
+
+    def updates(self, task_id: str, round_number: int) -> list[StoredUpdate]:
+        rows = self._db.execute(
+            "SELECT update_id, task_id, round_number, device_id, num_samples, num_steps,"
+            " metrics_json, body FROM updates WHERE task_id=? AND round_number=?"
+            " ORDER BY device_id",
+            (task_id, round_number),
+        ).fetchall()
+        return [
+            StoredUpdate(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), bytes(r[7]))
+            for r in rows
+        ]
+
+    def close_round(
+        self,
+        task_id: str,
+        round_number: int,
+        state: RoundState,
+        reason: str,
+        new_version: AdapterVersion | None = None,
+    ) -> None:
+        """Close a round and, on success, record the new adapter version, atomically."""
+        if state is RoundState.OPEN:
+            raise ValueError("close_round needs COMPLETED or FAILED")
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE rounds SET state=?, closed_at=?, reason=? WHERE task_id=? AND"
+                " round_number=? AND state=?",
+                (state.value, self._now(), reason, task_id, round_number, RoundState.OPEN.value),
+            )
+            if cursor.rowcount != 1:
+                raise ValueError(f"round {round_number} of task {task_id!r} is not open")
+            if new_version is not None:
+                _insert_version(db, new_version)
+
+    # -- adapter versions ------------------------------------------------------------
+
+    def add_adapter_version(self, version: AdapterVersion) -> None:
+        with self._transaction() as db:
+            _insert_version(db, version)
+
+    def adapter_versions(self, task_id: str) -> list[AdapterVersion]:
+        rows = self._db.execute(
+            "SELECT task_id, version, round_number, sha256, folder, created_at"
+            " FROM adapter_versions WHERE task_id=? ORDER BY version",
+            (task_id,),
+        ).fetchall()
+        return [AdapterVersion(*row) for row in rows]
+
+    def latest_adapter_version(self, task_id: str) -> AdapterVersion | None:
+        versions = self.adapter_versions(task_id)
+        return versions[-1] if versions else None
+
+
+def _round_record(row: tuple) -> RoundRecord:  # type: ignore[type-arg]
+    return RoundRecord(
+        task_id=row[0],
+        round_number=row[1],
+        state=RoundState(row[2]),
+        base_version=row[3],
+        opened_at=row[4],
+        deadline=row[5],
+        closed_at=row[6],
+        reason=row[7],
+    )
+
+
+def _insert_version(db: sqlite3.Connection, version: AdapterVersion) -> None:
+    db.execute(
+        "INSERT INTO adapter_versions(task_id, version, round_number, sha256, folder, created_at)"
+        " VALUES (?,?,?,?,?,?)",
+        (
+            version.task_id,
+            version.version,
+            version.round_number,
+            version.sha256,
+            version.folder,
+            version.created_at,
+        ),
+    )
