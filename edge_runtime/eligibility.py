@@ -1,0 +1,187 @@
+"""May this device train right now? Power, load, memory, temperature and school hours.
+
+School devices belong to pupils and teachers first: the agent trains only when it would
+not disturb a lesson or drain a battery. An ineligible device declines the assignment and
+says why, so the coordinator can schedule around it (DESIGN.md, round lifecycle step 2).
+Readings come from psutil; tests pass readings in directly (a battery and a thermal sensor
+cannot be conjured on a CI machine).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import psutil
+
+logger = logging.getLogger(__name__)
+
+_WINDOW = re.compile(r"^(\d{1,2}):(\d{2})-(\d{1,2}):(\d{2})$")
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+@dataclass(frozen=True)
+class TimeWindow:
+    """A daily window such as 16:00-23:59; a window whose end is before its start wraps
+    past midnight (22:00-06:00)."""
+
+    start: dt.time
+    end: dt.time
+
+    @classmethod
+    def parse(cls, text: str) -> TimeWindow:
+        match = _WINDOW.match(text.strip())
+        if not match:
+            raise ValueError(f"time window {text!r} is not of the form HH:MM-HH:MM")
+        h1, m1, h2, m2 = (int(g) for g in match.groups())
+        if h1 > 23 or h2 > 23 or m1 > 59 or m2 > 59:
+            raise ValueError(f"time window {text!r} has an hour > 23 or a minute > 59")
+        return cls(dt.time(h1, m1), dt.time(h2, m2))
+
+    def contains(self, moment: dt.time) -> bool:
+        if self.start <= self.end:
+            return self.start <= moment <= self.end
+        return moment >= self.start or moment <= self.end
+
+
+@dataclass(frozen=True)
+class EligibilityPolicy:
+    """The `[eligibility]` table of agent.toml. Defaults suit a shared school laptop."""
+
+    require_mains: bool = False
+    """Train only on mains power, whatever the battery says."""
+    min_battery_percent: float = 50.0
+    """On battery, train only above this charge."""
+    max_cpu_percent: float = 60.0
+    """Skip when other work keeps the CPU busier than this (someone is using the device)."""
+    memory_margin_bytes: int = 256 * 1024 * 1024
+    """Free memory required on top of the plan's predicted peak."""
+    max_temperature_celsius: float = 80.0
+    """Skip when the hottest sensor reads above this (where sensors exist)."""
+    allowed_hours: tuple[TimeWindow, ...] = ()
+    """Daily windows when training may run, local time; empty means any time."""
+    allowed_weekdays: tuple[str, ...] = WEEKDAYS
+    """Days when training may run (mon..sun)."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_battery_percent <= 100:
+            raise ValueError(
+                f"min_battery_percent must be within 0..100, got {self.min_battery_percent}"
+            )
+        if not 0 < self.max_cpu_percent <= 100:
+            raise ValueError(f"max_cpu_percent must be within (0, 100], got {self.max_cpu_percent}")
+        if self.memory_margin_bytes < 0:
+            raise ValueError(f"memory_margin_bytes must be >= 0, got {self.memory_margin_bytes}")
+        unknown = [day for day in self.allowed_weekdays if day not in WEEKDAYS]
+        if unknown:
+            raise ValueError(f"allowed_weekdays has {unknown}; use names from {list(WEEKDAYS)}")
+
+    @classmethod
+    def from_table(cls, table: dict[str, object]) -> EligibilityPolicy:
+        """Build from a parsed TOML table; unknown keys are an error naming them."""
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(table) - known)
+        if unknown:
+            raise ValueError(f"unknown keys in [eligibility]: {unknown}; known: {sorted(known)}")
+        values = dict(table)
+        if "allowed_hours" in values:
+            hours = values["allowed_hours"]
+            if not isinstance(hours, list):
+                raise ValueError("allowed_hours must be a list like ['16:00-23:59']")
+            values["allowed_hours"] = tuple(TimeWindow.parse(str(h)) for h in hours)
+        if "allowed_weekdays" in values:
+            days = values["allowed_weekdays"]
+            if not isinstance(days, list):
+                raise ValueError("allowed_weekdays must be a list like ['mon', 'tue']")
+            values["allowed_weekdays"] = tuple(str(d).lower() for d in days)
+        return cls(**values)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class DeviceReadings:
+    """What the device reports about itself right now."""
+
+    on_mains: bool
+    battery_percent: float | None
+    """None when the device has no battery (desktop, Raspberry Pi on a supply)."""
+    cpu_percent: float
+    available_memory_bytes: int
+    temperature_celsius: float | None
+    """Hottest sensor; None where the platform exposes none."""
+    local_time: dt.datetime
+
+
+@dataclass(frozen=True)
+class Eligibility:
+    eligible: bool
+    reasons: tuple[str, ...] = field(default_factory=tuple)
+    """Why not, one phrase per failed check; empty when eligible."""
+
+
+def read_device(cpu_sample_seconds: float = 0.5) -> DeviceReadings:
+    """Take readings with psutil. CPU load is sampled over `cpu_sample_seconds`."""
+    battery = psutil.sensors_battery() if hasattr(psutil, "sensors_battery") else None
+    temperatures: list[float] = []
+    if hasattr(psutil, "sensors_temperatures"):
+        try:
+            for entries in psutil.sensors_temperatures().values():
+                temperatures.extend(e.current for e in entries if e.current is not None)
+        except OSError as error:  # unreadable sensors are "no sensors", not a failure
+            logger.debug("temperature sensors unreadable: %s", error)
+    return DeviceReadings(
+        on_mains=True if battery is None else bool(battery.power_plugged),
+        battery_percent=None if battery is None else float(battery.percent),
+        cpu_percent=float(psutil.cpu_percent(interval=cpu_sample_seconds)),
+        available_memory_bytes=int(psutil.virtual_memory().available),
+        temperature_celsius=max(temperatures) if temperatures else None,
+        local_time=dt.datetime.now(),
+    )
+
+
+def check_eligibility(
+    policy: EligibilityPolicy, readings: DeviceReadings, required_memory_bytes: int = 0
+) -> Eligibility:
+    """Apply every check and collect all the reasons, not just the first."""
+    reasons: list[str] = []
+    if policy.require_mains and not readings.on_mains:
+        reasons.append("on battery and the policy requires mains power")
+    elif (
+        not readings.on_mains
+        and readings.battery_percent is not None
+        and readings.battery_percent < policy.min_battery_percent
+    ):
+        reasons.append(
+            f"battery at {readings.battery_percent:.0f}% is below {policy.min_battery_percent:.0f}%"
+        )
+    if readings.cpu_percent > policy.max_cpu_percent:
+        reasons.append(
+            f"CPU busy at {readings.cpu_percent:.0f}% (limit {policy.max_cpu_percent:.0f}%)"
+        )
+    needed = required_memory_bytes + policy.memory_margin_bytes
+    if readings.available_memory_bytes < needed:
+        reasons.append(
+            f"free memory {readings.available_memory_bytes / 2**20:.0f} MiB is below the "
+            f"{needed / 2**20:.0f} MiB the plan needs with margin"
+        )
+    if (
+        readings.temperature_celsius is not None
+        and readings.temperature_celsius > policy.max_temperature_celsius
+    ):
+        reasons.append(
+            f"temperature {readings.temperature_celsius:.0f} C is above "
+            f"{policy.max_temperature_celsius:.0f} C"
+        )
+    weekday = WEEKDAYS[readings.local_time.weekday()]
+    if weekday not in policy.allowed_weekdays:
+        reasons.append(f"{weekday} is not an allowed training day")
+    if policy.allowed_hours and not _within(policy.allowed_hours, readings.local_time.time()):
+        windows = ", ".join(f"{w.start:%H:%M}-{w.end:%H:%M}" for w in policy.allowed_hours)
+        reasons.append(f"{readings.local_time:%H:%M} is outside the allowed hours ({windows})")
+    return Eligibility(eligible=not reasons, reasons=tuple(reasons))
+
+
+def _within(windows: Sequence[TimeWindow], moment: dt.time) -> bool:
+    return any(window.contains(moment) for window in windows)

@@ -1,0 +1,90 @@
+"""The agent's durable outbox of updates waiting for the coordinator's acknowledgement.
+
+An update is stored here before its first publish and removed only when the coordinator
+acknowledges it, so an agent that is killed, loses power or loses the network re-sends it
+after restart (DESIGN.md: "the agent writes each update to a durable outbox before
+publishing"). The coordinator de-duplicates by update id, so re-sending is always safe.
+Stored in SQLite so a write is one transaction: a crash leaves the entry whole or absent.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    update_id TEXT PRIMARY KEY,
+    task_id TEXT NOT NULL,
+    round_number INTEGER NOT NULL,
+    frame BLOB NOT NULL,
+    created_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_sent_at REAL
+);
+"""
+
+
+@dataclass(frozen=True)
+class PendingUpdate:
+    update_id: str
+    task_id: str
+    round_number: int
+    frame: bytes
+    """The encoded, signed update exactly as it goes on the wire."""
+    created_at: float
+    attempts: int
+
+
+class Outbox:
+    """Updates not yet acknowledged, oldest first."""
+
+    def __init__(self, path: Path, now: Callable[[], float] = time.time) -> None:
+        self.path = Path(path)
+        self._now = now
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def put(self, update_id: str, task_id: str, round_number: int, frame: bytes) -> bool:
+        """Store an update before it is published; False when that id is already there."""
+        cursor = self._db.execute(
+            "INSERT OR IGNORE INTO outbox(update_id, task_id, round_number, frame, created_at)"
+            " VALUES (?,?,?,?,?)",
+            (update_id, task_id, round_number, frame, self._now()),
+        )
+        return cursor.rowcount == 1
+
+    def mark_sent(self, update_id: str) -> None:
+        self._db.execute(
+            "UPDATE outbox SET attempts = attempts + 1, last_sent_at=? WHERE update_id=?",
+            (self._now(), update_id),
+        )
+
+    def acknowledge(self, update_id: str) -> bool:
+        """Drop an acknowledged update; False when it was not (or no longer) pending."""
+        cursor = self._db.execute("DELETE FROM outbox WHERE update_id=?", (update_id,))
+        if cursor.rowcount:
+            logger.debug("update %s acknowledged and removed from the outbox", update_id)
+        return cursor.rowcount == 1
+
+    def pending(self) -> list[PendingUpdate]:
+        rows = self._db.execute(
+            "SELECT update_id, task_id, round_number, frame, created_at, attempts"
+            " FROM outbox ORDER BY created_at, update_id"
+        ).fetchall()
+        return [PendingUpdate(r[0], r[1], r[2], bytes(r[3]), r[4], r[5]) for r in rows]
+
+    def __len__(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
