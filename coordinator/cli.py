@@ -2,9 +2,331 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 
 @click.group("coordinator")
 def coordinator_group() -> None:
     """Run the coordinator daemon, enroll and revoke devices, watch rounds, export models."""
+
+
+@coordinator_group.command("broker-config")
+@click.option("--fleet", required=True, help="Fleet name (the second topic level).")
+@click.option(
+    "--device",
+    "device_ids",
+    multiple=True,
+    help="A device id (repeatable); it becomes the device's MQTT username.",
+)
+@click.option(
+    "--devices-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A text file with one device id per line (# starts a comment).",
+)
+@click.option(
+    "--output",
+    "output_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for mosquitto.conf, acl, passwd and credentials.json.",
+)
+@click.option("--coordinator-user", default="coordinator", show_default=True)
+@click.option("--port", default=8883, show_default=True, help="Listener port.")
+@click.option("--tls-cert", default="/etc/mosquitto/certs/server.crt", show_default=True)
+@click.option("--tls-key", default="/etc/mosquitto/certs/server.key", show_default=True)
+@click.option("--tls-ca", default=None, help="CA file for client certificates (optional).")
+@click.option("--no-tls", is_flag=True, help="Plain TCP listener (lab use only).")
+@click.option("--persistence-location", default="/var/lib/mosquitto/", show_default=True)
+@click.option(
+    "--install-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where acl and passwd will live on the broker host (default: --output).",
+)
+def broker_config_command(
+    fleet: str,
+    device_ids: tuple[str, ...],
+    devices_file: Path | None,
+    output_dir: Path,
+    coordinator_user: str,
+    port: int,
+    tls_cert: str,
+    tls_key: str,
+    tls_ca: str | None,
+    no_tls: bool,
+    persistence_location: str,
+    install_dir: Path | None,
+) -> None:
+    """Write a Mosquitto config, ACL and password file for a list of devices."""
+    from coordinator.broker_config import (
+        BrokerConfigError,
+        BrokerConfigRequest,
+        write_broker_config,
+    )
+
+    ids = list(device_ids)
+    if devices_file is not None:
+        for line in devices_file.read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                ids.append(line)
+    if not ids:
+        raise click.UsageError("give at least one --device or a --devices-file")
+    request = BrokerConfigRequest(
+        fleet=fleet,
+        device_ids=tuple(ids),
+        output_dir=output_dir,
+        coordinator_user=coordinator_user,
+        port=port,
+        tls_certfile=None if no_tls else tls_cert,
+        tls_keyfile=None if no_tls else tls_key,
+        tls_cafile=None if no_tls else tls_ca,
+        persistence_location=persistence_location,
+        install_dir=install_dir,
+    )
+    try:
+        files = write_broker_config(request)
+    except BrokerConfigError as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(f"wrote {files.config_path}")
+    click.echo(f"wrote {files.acl_path}")
+    click.echo(f"wrote {files.password_path} ({len(ids)} devices + {coordinator_user})")
+    click.echo(
+        f"wrote {files.credentials_path} (mode 0600): hand each device its password, "
+        "then delete this file"
+    )
+
+
+# -- the daemon and its operations ---------------------------------------------------------
+
+CONFIG_OPTION = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    default=Path("coordinator.toml"),
+    show_default=True,
+    help="The coordinator's configuration file.",
+)
+
+
+def _load_config(config_path: Path):  # noqa: ANN202 - CoordinatorConfig, imported lazily
+    from coordinator.config import CoordinatorConfig, CoordinatorConfigError
+
+    try:
+        return CoordinatorConfig.load(config_path)
+    except CoordinatorConfigError as error:
+        raise click.ClickException(str(error)) from None
+
+
+def _open_store(config_path: Path):  # noqa: ANN202 - CoordinatorStore
+    from coordinator.store import CoordinatorStore
+
+    config = _load_config(config_path)
+    path = config.state_dir / "coordinator.db"
+    if not path.exists():
+        raise click.ClickException(
+            f"no coordinator state at {path}; start `schoolfl coordinator serve` first"
+        )
+    return CoordinatorStore(path)
+
+
+def _when(timestamp: float | None) -> str:
+    import datetime as dt
+
+    if timestamp is None:
+        return "-"
+    return dt.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@coordinator_group.command("serve")
+@CONFIG_OPTION
+@click.option(
+    "--exit-when-done",
+    is_flag=True,
+    help="Stop once every task has completed its configured rounds.",
+)
+def serve_command(config_path: Path, exit_when_done: bool) -> None:
+    """Run the coordinator daemon in the foreground until SIGTERM or Ctrl-C."""
+    import logging
+    import signal
+
+    from coordinator.daemon import CoordinatorDaemon
+    from edge_runtime.transport import TransportError
+
+    config = _load_config(config_path)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+    logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
+    daemon = CoordinatorDaemon(config)
+
+    def request_stop(signum: int, frame: object) -> None:
+        daemon.stop_requested.set()  # only a flag: the loop stops at its next turn
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        daemon.start()
+    except TransportError as error:
+        raise click.ClickException(str(error)) from None
+    try:
+        daemon.run(exit_when_done=exit_when_done)
+    finally:
+        daemon.stop()
+
+
+@coordinator_group.command("enroll-token")
+@CONFIG_OPTION
+@click.option("--school", required=True, help="The school the enrolled device belongs to.")
+@click.option(
+    "--valid-hours",
+    default=None,
+    type=float,
+    help="Token lifetime (default: token_valid_seconds from the config).",
+)
+def enroll_token_command(config_path: Path, school: str, valid_hours: float | None) -> None:
+    """Print a one-time enrollment token for one device of SCHOOL."""
+    import secrets
+
+    from coordinator.store import CoordinatorStore
+    from edge_runtime.messages import check_identifier
+
+    config = _load_config(config_path)
+    try:
+        check_identifier("school", school)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
+    store = CoordinatorStore(config.state_dir / "coordinator.db")
+    seconds = valid_hours * 3600 if valid_hours else config.coordinator.token_valid_seconds
+    token = secrets.token_urlsafe(24)
+    store.add_enrollment_token(token, school, seconds)
+    store.close()
+    click.echo(token)
+
+
+@coordinator_group.command("devices")
+@CONFIG_OPTION
+def devices_command(config_path: Path) -> None:
+    """List enrolled devices: school, profile, enrollment and revocation."""
+    from device_profiles.profile import profile_from_toml_text
+
+    store = _open_store(config_path)
+    devices = store.devices()
+    if not devices:
+        click.echo(
+            "no devices enrolled yet; issue a token with `schoolfl coordinator enroll-token`"
+        )
+    for device in devices:
+        profile = profile_from_toml_text(device.profile_toml)
+        state = f"revoked {_when(device.revoked_at)}" if device.revoked else "active"
+        click.echo(
+            f"{device.device_id:24} {device.school:16} {profile.name:20} "
+            f"enrolled {_when(device.enrolled_at)}  {state}"
+        )
+    store.close()
+
+
+@coordinator_group.command("rounds")
+@CONFIG_OPTION
+@click.option("--task", "task_id", default=None, help="Only this task.")
+def rounds_command(config_path: Path, task_id: str | None) -> None:
+    """List rounds with their state, updates, reason and metrics."""
+    store = _open_store(config_path)
+    records = store.rounds(task_id)
+    if not records:
+        click.echo("no rounds yet")
+    for record in records:
+        updates = len(store.updates(record.task_id, record.round_number))
+        metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(record.metrics.items()))
+        click.echo(
+            f"{record.task_id} round {record.round_number}: {record.state.value:9} "
+            f"updates={updates} {record.reason or ''} {metrics}".rstrip()
+        )
+    store.close()
+
+
+@coordinator_group.command("status")
+@CONFIG_OPTION
+def status_command(config_path: Path) -> None:
+    """Tasks, their current versions and open rounds, and refused messages."""
+    from coordinator.store import RoundState
+
+    config = _load_config(config_path)
+    store = _open_store(config_path)
+    click.echo(
+        f"fleet {config.coordinator.fleet}, broker {config.broker.url}, "
+        f"{len(store.devices())} device(s) enrolled"
+    )
+    for task in config.tasks:
+        rounds = store.rounds(task.id)
+        completed = sum(1 for r in rounds if r.state is RoundState.COMPLETED)
+        latest = store.latest_adapter_version(task.id)
+        version = f"v{latest.version} {latest.sha256[:12]}" if latest else "none"
+        open_rounds = [r.round_number for r in rounds if r.state is RoundState.OPEN]
+        click.echo(
+            f"task {task.id}: {completed}/{task.rounds} rounds completed, adapter "
+            f"{version}, open rounds {open_rounds or 'none'}"
+        )
+    counts = store.rejection_counts()
+    click.echo("refused messages: " + (", ".join(f"{k}={v}" for k, v in counts.items()) or "none"))
+    for at, device, category, reason in store.recent_rejections(5):
+        click.echo(f"  {_when(at)} {device or '?'} {category}: {reason}")
+    store.close()
+
+
+@coordinator_group.command("revoke")
+@CONFIG_OPTION
+@click.argument("device_id")
+def revoke_command(config_path: Path, device_id: str) -> None:
+    """Revoke DEVICE_ID: its messages are refused from now on."""
+    store = _open_store(config_path)
+    if not store.revoke_device(device_id):
+        store.close()
+        raise click.ClickException(f"no active device {device_id!r}")
+    store.close()
+    click.echo(f"revoked {device_id}; also remove it from the broker's password file")
+
+
+@coordinator_group.command("export")
+@CONFIG_OPTION
+@click.option("--task", "task_id", default=None, help="Task to export (default: the only one).")
+@click.option(
+    "--version",
+    "version_number",
+    type=int,
+    default=None,
+    help="Adapter version number (default: the latest).",
+)
+@click.argument("destination", type=click.Path(path_type=Path))
+def export_command(
+    config_path: Path, task_id: str | None, version_number: int | None, destination: Path
+) -> None:
+    """Copy a global adapter version to DESTINATION as a PEFT adapter folder."""
+    import shutil
+
+    config = _load_config(config_path)
+    if task_id is None:
+        if len(config.tasks) != 1:
+            raise click.ClickException(f"choose a task with --task: {[t.id for t in config.tasks]}")
+        task_id = config.tasks[0].id
+    store = _open_store(config_path)
+    versions = store.adapter_versions(task_id)
+    store.close()
+    if not versions:
+        raise click.ClickException(f"task {task_id!r} has no adapter versions yet")
+    chosen = (
+        versions[-1]
+        if version_number is None
+        else next((v for v in versions if v.version == version_number), None)
+    )
+    if chosen is None:
+        raise click.ClickException(
+            f"no version {version_number} of {task_id!r}; have {[v.version for v in versions]}"
+        )
+    if destination.exists():
+        raise click.ClickException(f"{destination} exists; choose a new folder")
+    shutil.copytree(chosen.folder, destination)
+    click.echo(f"exported {task_id} v{chosen.version} ({chosen.sha256[:12]}) to {destination}")

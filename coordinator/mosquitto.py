@@ -9,6 +9,7 @@ config file, starts `mosquitto -c`, waits until the port accepts connections, an
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -81,6 +82,10 @@ class MosquittoConfig:
             "max_queued_messages 100000",
             *self.extra_lines,
         ]
+        if os.geteuid() == 0:
+            # Started as root, Mosquitto drops to the `mosquitto` user, which cannot write
+            # persistence or logs in a private temp folder: sessions would silently be lost.
+            lines.append("user root")
         return "\n".join(lines) + "\n"
 
 

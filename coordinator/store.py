@@ -18,7 +18,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ CREATE TABLE IF NOT EXISTS devices (
     device_id TEXT PRIMARY KEY,
     school TEXT NOT NULL,
     public_key BLOB NOT NULL,
-    profile_json TEXT NOT NULL,
+    profile_toml TEXT NOT NULL,
     enrolled_at REAL NOT NULL,
     revoked_at REAL
 );
@@ -50,13 +50,21 @@ CREATE TABLE IF NOT EXISTS rounds (
     deadline REAL NOT NULL,
     closed_at REAL,
     reason TEXT,
+    metrics_json TEXT NOT NULL DEFAULT '{}',
     PRIMARY KEY (task_id, round_number)
+);
+CREATE TABLE IF NOT EXISTS rejections (
+    at REAL NOT NULL,
+    device_id TEXT,
+    category TEXT NOT NULL,
+    reason TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS assignments (
     task_id TEXT NOT NULL,
     round_number INTEGER NOT NULL,
     device_id TEXT NOT NULL,
     plan_json TEXT NOT NULL,
+    declined_reason TEXT,
     PRIMARY KEY (task_id, round_number, device_id)
 );
 CREATE TABLE IF NOT EXISTS updates (
@@ -78,6 +86,7 @@ CREATE TABLE IF NOT EXISTS adapter_versions (
     sha256 TEXT NOT NULL,
     folder TEXT NOT NULL,
     created_at REAL NOT NULL,
+    metrics_json TEXT NOT NULL DEFAULT '{}',
     PRIMARY KEY (task_id, version)
 );
 """
@@ -98,7 +107,7 @@ class DeviceRecord:
     device_id: str
     school: str
     public_key: bytes
-    profile_json: str
+    profile_toml: str
     enrolled_at: float
     revoked_at: float | None
 
@@ -117,6 +126,7 @@ class RoundRecord:
     deadline: float
     closed_at: float | None
     reason: str | None
+    metrics: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -129,6 +139,8 @@ class StoredUpdate:
     num_steps: int
     metrics: dict[str, float]
     body: bytes
+    received_at: float = 0.0
+    """Set by the store when it records the update."""
 
 
 @dataclass(frozen=True)
@@ -139,6 +151,8 @@ class AdapterVersion:
     sha256: str
     folder: str
     created_at: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Held-out evaluation of this version (accuracy, eval loss), when the task has one."""
 
 
 class UpdateOutcome(enum.Enum):
@@ -202,7 +216,7 @@ class CoordinatorStore:
             )
 
     def redeem_enrollment_token(
-        self, token: str, device_id: str, public_key: bytes, profile_json: str
+        self, token: str, device_id: str, public_key: bytes, profile_toml: str
     ) -> DeviceRecord:
         """Exchange a one-time token for a device registration, atomically.
 
@@ -231,9 +245,9 @@ class CoordinatorStore:
                 (device_id, token_digest(token)),
             )
             db.execute(
-                "INSERT OR REPLACE INTO devices(device_id, school, public_key, profile_json,"
+                "INSERT OR REPLACE INTO devices(device_id, school, public_key, profile_toml,"
                 " enrolled_at, revoked_at) VALUES (?,?,?,?,?,NULL)",
-                (device_id, school, public_key, profile_json, self._now()),
+                (device_id, school, public_key, profile_toml, self._now()),
             )
         device = self.device(device_id)
         assert device is not None  # just written in the transaction above
@@ -241,7 +255,7 @@ class CoordinatorStore:
 
     def device(self, device_id: str) -> DeviceRecord | None:
         row = self._db.execute(
-            "SELECT device_id, school, public_key, profile_json, enrolled_at, revoked_at "
+            "SELECT device_id, school, public_key, profile_toml, enrolled_at, revoked_at "
             "FROM devices WHERE device_id=?",
             (device_id,),
         ).fetchone()
@@ -249,7 +263,7 @@ class CoordinatorStore:
 
     def devices(self) -> list[DeviceRecord]:
         rows = self._db.execute(
-            "SELECT device_id, school, public_key, profile_json, enrolled_at, revoked_at "
+            "SELECT device_id, school, public_key, profile_toml, enrolled_at, revoked_at "
             "FROM devices ORDER BY device_id"
         ).fetchall()
         return [DeviceRecord(r[0], r[1], bytes(r[2]), *r[3:]) for r in rows]
@@ -292,7 +306,7 @@ class CoordinatorStore:
     def round(self, task_id: str, round_number: int) -> RoundRecord | None:
         row = self._db.execute(
             "SELECT task_id, round_number, state, base_version, opened_at, deadline, closed_at,"
-            " reason FROM rounds WHERE task_id=? AND round_number=?",
+            " reason, metrics_json FROM rounds WHERE task_id=? AND round_number=?",
             (task_id, round_number),
         ).fetchone()
         return None if row is None else _round_record(row)
@@ -300,7 +314,7 @@ class CoordinatorStore:
     def rounds(self, task_id: str | None = None) -> list[RoundRecord]:
         query = (
             "SELECT task_id, round_number, state, base_version, opened_at, deadline, closed_at,"
-            " reason FROM rounds"
+            " reason, metrics_json FROM rounds"
         )
         params: tuple[str, ...] = ()
         if task_id is not None:
@@ -318,6 +332,23 @@ class CoordinatorStore:
             (task_id, round_number),
         ).fetchall()
         return {device: plan for device, plan in rows}
+
+    def record_decline(self, task_id: str, round_number: int, device_id: str, reason: str) -> bool:
+        """Note that an assigned device declined; False when it had no such assignment."""
+        cursor = self._db.execute(
+            "UPDATE assignments SET declined_reason=? WHERE task_id=? AND round_number=?"
+            " AND device_id=?",
+            (reason[:500], task_id, round_number, device_id),
+        )
+        return cursor.rowcount == 1
+
+    def declined_devices(self, task_id: str, round_number: int) -> dict[str, str]:
+        rows = self._db.execute(
+            "SELECT device_id, declined_reason FROM assignments WHERE task_id=? AND"
+            " round_number=? AND declined_reason IS NOT NULL",
+            (task_id, round_number),
+        ).fetchall()
+        return {device: reason for device, reason in rows}
 
     def busy_devices(self) -> set[str]:
         """Devices assigned in any open round: a device trains one task at a time."""
@@ -360,12 +391,12 @@ class CoordinatorStore:
     def updates(self, task_id: str, round_number: int) -> list[StoredUpdate]:
         rows = self._db.execute(
             "SELECT update_id, task_id, round_number, device_id, num_samples, num_steps,"
-            " metrics_json, body FROM updates WHERE task_id=? AND round_number=?"
+            " metrics_json, body, received_at FROM updates WHERE task_id=? AND round_number=?"
             " ORDER BY device_id",
             (task_id, round_number),
         ).fetchall()
         return [
-            StoredUpdate(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), bytes(r[7]))
+            StoredUpdate(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), bytes(r[7]), r[8])
             for r in rows
         ]
 
@@ -376,20 +407,50 @@ class CoordinatorStore:
         state: RoundState,
         reason: str,
         new_version: AdapterVersion | None = None,
+        metrics: dict[str, float] | None = None,
     ) -> None:
         """Close a round and, on success, record the new adapter version, atomically."""
         if state is RoundState.OPEN:
             raise ValueError("close_round needs COMPLETED or FAILED")
         with self._transaction() as db:
             cursor = db.execute(
-                "UPDATE rounds SET state=?, closed_at=?, reason=? WHERE task_id=? AND"
-                " round_number=? AND state=?",
-                (state.value, self._now(), reason, task_id, round_number, RoundState.OPEN.value),
+                "UPDATE rounds SET state=?, closed_at=?, reason=?, metrics_json=? WHERE task_id=?"
+                " AND round_number=? AND state=?",
+                (
+                    state.value,
+                    self._now(),
+                    reason,
+                    json.dumps(metrics or {}, sort_keys=True),
+                    task_id,
+                    round_number,
+                    RoundState.OPEN.value,
+                ),
             )
             if cursor.rowcount != 1:
                 raise ValueError(f"round {round_number} of task {task_id!r} is not open")
             if new_version is not None:
                 _insert_version(db, new_version)
+
+    # -- rejections ------------------------------------------------------------------
+
+    def record_rejection(self, device_id: str | None, category: str, reason: str) -> None:
+        """Every refused message leaves a row: operators see what was refused and why."""
+        self._db.execute(
+            "INSERT INTO rejections(at, device_id, category, reason) VALUES (?,?,?,?)",
+            (self._now(), device_id, category, reason[:500]),
+        )
+
+    def rejection_counts(self) -> dict[str, int]:
+        rows = self._db.execute(
+            "SELECT category, COUNT(*) FROM rejections GROUP BY category ORDER BY category"
+        ).fetchall()
+        return {category: count for category, count in rows}
+
+    def recent_rejections(self, limit: int = 20) -> list[tuple[float, str | None, str, str]]:
+        return self._db.execute(
+            "SELECT at, device_id, category, reason FROM rejections ORDER BY at DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
 
     # -- adapter versions ------------------------------------------------------------
 
@@ -399,11 +460,11 @@ class CoordinatorStore:
 
     def adapter_versions(self, task_id: str) -> list[AdapterVersion]:
         rows = self._db.execute(
-            "SELECT task_id, version, round_number, sha256, folder, created_at"
+            "SELECT task_id, version, round_number, sha256, folder, created_at, metrics_json"
             " FROM adapter_versions WHERE task_id=? ORDER BY version",
             (task_id,),
         ).fetchall()
-        return [AdapterVersion(*row) for row in rows]
+        return [AdapterVersion(*row[:6], metrics=json.loads(row[6])) for row in rows]
 
     def latest_adapter_version(self, task_id: str) -> AdapterVersion | None:
         versions = self.adapter_versions(task_id)
@@ -420,13 +481,14 @@ def _round_record(row: tuple) -> RoundRecord:  # type: ignore[type-arg]
         deadline=row[5],
         closed_at=row[6],
         reason=row[7],
+        metrics=json.loads(row[8]),
     )
 
 
 def _insert_version(db: sqlite3.Connection, version: AdapterVersion) -> None:
     db.execute(
-        "INSERT INTO adapter_versions(task_id, version, round_number, sha256, folder, created_at)"
-        " VALUES (?,?,?,?,?,?)",
+        "INSERT INTO adapter_versions(task_id, version, round_number, sha256, folder, created_at,"
+        " metrics_json) VALUES (?,?,?,?,?,?,?)",
         (
             version.task_id,
             version.version,
@@ -434,5 +496,6 @@ def _insert_version(db: sqlite3.Connection, version: AdapterVersion) -> None:
             version.sha256,
             version.folder,
             version.created_at,
+            json.dumps(version.metrics, sort_keys=True),
         ),
     )

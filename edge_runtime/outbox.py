@@ -88,3 +88,64 @@ class Outbox:
 
     def __len__(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+
+_HISTORY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS round_history (
+    task_id TEXT NOT NULL,
+    round_number INTEGER NOT NULL,
+    outcome TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (task_id, round_number)
+);
+"""
+
+
+@dataclass(frozen=True)
+class RoundEntry:
+    task_id: str
+    round_number: int
+    outcome: str
+    """trained, declined, failed."""
+    detail: str
+    at: float
+
+
+class RoundHistory:
+    """What this device did in each round it was asked to join (for `agent status`), and
+    the record that stops a restarted agent from training the same round twice."""
+
+    def __init__(self, path: Path, now: Callable[[], float] = time.time) -> None:
+        self._now = now
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(Path(path), isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_HISTORY_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def record(self, task_id: str, round_number: int, outcome: str, detail: str) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO round_history(task_id, round_number, outcome, detail, at)"
+            " VALUES (?,?,?,?,?)",
+            (task_id, round_number, outcome, detail, self._now()),
+        )
+
+    def seen(self, task_id: str, round_number: int) -> bool:
+        return (
+            self._db.execute(
+                "SELECT 1 FROM round_history WHERE task_id=? AND round_number=?",
+                (task_id, round_number),
+            ).fetchone()
+            is not None
+        )
+
+    def latest(self, limit: int = 10) -> list[RoundEntry]:
+        rows = self._db.execute(
+            "SELECT task_id, round_number, outcome, detail, at FROM round_history"
+            " ORDER BY at DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [RoundEntry(*row) for row in rows]

@@ -36,3 +36,24 @@ def mosquitto(tmp_path: Path) -> Iterator[MosquittoProcess]:
         yield broker
     finally:
         broker.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer BERT with random weights, saved as config.json + safetensors, with the
+    real MiniLM tokenizer next to it: loads in milliseconds, for daemon tests whose subject
+    is the protocol and the round lifecycle, not model quality."""
+    import shutil
+
+    from transformers import BertModel
+
+    from quantization.models import minilm_path, save_checkpoint, tiny_bert_config
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    model = BertModel(tiny_bert_config(vocab_size=30522, max_position_embeddings=128))
+    save_checkpoint(model, folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        source = minilm_path() / name
+        if source.exists():
+            shutil.copy(source, folder / name)
+    return folder

@@ -1,4 +1,7 @@
-"""Reading a device's local training data. It never leaves the device.
+"""Task data formats: labelled texts and language-model texts, read from local files.
+
+On a device these are the student data that never leave it; on the coordinator, the
+held-out evaluation split.
 
 Two shapes of data, matching the two model families:
 - classification: CSV with a header containing `text` and `label`, or JSONL objects with

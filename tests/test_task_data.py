@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_runtime.local_data import LocalDataError, read_labelled_texts, read_lm_texts
+from quantization.task_data import LocalDataError, read_labelled_texts, read_lm_texts
 
 
 def test_csv_and_jsonl_classification(tmp_path: Path) -> None:

@@ -1,0 +1,357 @@
+"""The coordinator daemon: one loop that drains the broker, runs rounds and never crashes.
+
+Everything arrives through `MqttTransport.received`; the loop takes one message at a time
+(paho's callbacks only enqueue), so there is no locking around the store or the models. A
+message that fails any check (frame, schema, signature, identity, round, codec) is refused
+with a reason, logged, counted in the store's `rejections` table, and the loop goes on:
+no input can stop the daemon or reach an aggregate (DESIGN.md invariant 5).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from coordinator.config import CoordinatorConfig
+from coordinator.rounds import Outgoing, RoundManager
+from coordinator.scheduler import DeviceCandidate, FitFirstScheduler, Scheduler
+from coordinator.store import CoordinatorStore
+from device_profiles.profile import DeviceProfile, profile_from_toml_text
+from edge_runtime.chunking import ChunkReassembler
+from edge_runtime.errors import ProtocolError, SchemaError
+from edge_runtime.messages import AssignmentDecline
+from edge_runtime.protocol import (
+    COORDINATOR_SENDER,
+    Acknowledgement,
+    AckStatus,
+    ChunkHeader,
+    CoordinatorStatus,
+    DeviceChannel,
+    DeviceState,
+    EnrollmentRequest,
+    EnrollmentResponse,
+    Frame,
+    InboxChannel,
+    TransferStatusRequest,
+    Update,
+    coordinator_status_topic,
+    coordinator_subscriptions,
+    decode_frame,
+    encode_frame,
+    inbox_topic,
+    parse_device_topic,
+    verify_frame,
+)
+from edge_runtime.signing import (
+    Ed25519PrivateKey,
+    generate_private_key,
+    load_private_key,
+    public_key_from_hex,
+    public_key_hex,
+    save_private_key,
+)
+from edge_runtime.transport import MqttTransport, ReceivedMessage, WillConfig
+
+logger = logging.getLogger(__name__)
+
+COORDINATOR_CLIENT_ID = "schoolfl-coordinator"
+
+
+def load_or_create_key(path: Path) -> Ed25519PrivateKey:
+    """The coordinator's signing key, created on first start."""
+    if path.exists():
+        return load_private_key(path)
+    key = generate_private_key()
+    save_private_key(key, path)
+    return key
+
+
+@dataclass(frozen=True)
+class DeviceLiveness:
+    state: DeviceState
+    received_at: float
+
+
+class CoordinatorDaemon:
+    """Owns the store, the round manager and the broker connection."""
+
+    transport_class: type[MqttTransport] = MqttTransport
+    """The transport factory; tests can swap in a subclass."""
+
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        *,
+        scheduler: Scheduler | None = None,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.fleet = config.coordinator.fleet
+        self.now = now
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = CoordinatorStore(config.state_dir / "coordinator.db", now=now)
+        self.key = load_or_create_key(config.state_dir / "coordinator_key.pem")
+        self.rounds = RoundManager(
+            config, self.store, scheduler or FitFirstScheduler(), self.key, now=now
+        )
+        self.reassembler = ChunkReassembler()
+        self.liveness: dict[str, DeviceLiveness] = {}
+        self.rejected: Counter[str] = Counter()
+        self.stop_requested = threading.Event()
+        self._status_sequence = int(now() * 1000)
+        self._last_status_at = 0.0
+        self.transport: MqttTransport | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def _status_frame(self, online: bool) -> bytes:
+        self._status_sequence += 1
+        status = CoordinatorStatus(
+            fleet=self.fleet,
+            sequence=self._status_sequence,
+            online=online,
+            public_key=public_key_hex(self.key),
+        )
+        return encode_frame(status, sender=COORDINATOR_SENDER, signing_key=self.key)
+
+    def start(self) -> None:
+        """Connect, subscribe, publish status, the current models and open assignments."""
+        will = WillConfig(coordinator_status_topic(self.fleet), self._status_frame(False))
+        transport_config = self.config.broker.transport_config(COORDINATOR_CLIENT_ID, will)
+        self.transport = self.transport_class(transport_config)
+        for topic_filter in coordinator_subscriptions(self.fleet):
+            self.transport.subscribe(topic_filter)
+        self.transport.start(timeout_seconds=30)
+        logger.info(
+            "coordinator for fleet %s: %d task(s) %s, state in %s",
+            self.fleet,
+            len(self.config.tasks),
+            [t.id for t in self.config.tasks],
+            self.config.state_dir,
+        )
+        self._publish_all(self.rounds.start())
+        self._publish_status()
+
+    def stop(self) -> None:
+        if self.transport is not None:
+            self.transport.publish(
+                coordinator_status_topic(self.fleet), self._status_frame(False), retain=True
+            )
+            self.transport.stop()
+        self.store.close()
+
+    def run(self, exit_when_done: bool = False) -> None:
+        """Loop until `stop_requested` is set (by a signal handler or a test), or, with
+        `exit_when_done`, until every task has completed its rounds."""
+        tick = self.config.coordinator.tick_seconds
+        next_tick = time.monotonic()
+        while not self.stop_requested.is_set():
+            assert self.transport is not None  # start() ran
+            timeout = max(0.0, next_tick - time.monotonic())
+            try:
+                message = self.transport.received.get(timeout=timeout)
+            except queue.Empty:
+                message = None
+            if message is not None:
+                self.handle(message)
+            if time.monotonic() >= next_tick:
+                self.tick()
+                next_tick = time.monotonic() + tick
+                if exit_when_done and self.all_tasks_finished():
+                    logger.info("every task has completed its rounds; stopping")
+                    return
+
+    def all_tasks_finished(self) -> bool:
+        return all(self.rounds.task_finished(task.id) for task in self.config.tasks)
+
+    # -- periodic work -------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Deadlines, new rounds, status heartbeat. Broad except: a daemon loop boundary."""
+        try:
+            self._publish_all(self.rounds.close_due_rounds())
+            self._publish_all(self.rounds.open_rounds_if_possible(self.candidates()))
+            if self.now() - self._last_status_at >= self.config.coordinator.heartbeat_seconds:
+                self._publish_status()
+            self.reassembler.expire()
+        except Exception:  # noqa: BLE001 - log, count and keep the daemon alive
+            logger.exception("tick failed; continuing")
+            self.rejected["internal-error"] += 1
+
+    def candidates(self) -> list[DeviceCandidate]:
+        """Enrolled, not revoked, online and eligible devices with their profiles."""
+        timeout = self.config.coordinator.device_timeout_seconds
+        result = []
+        for record in self.store.devices():
+            live = self.liveness.get(record.device_id)
+            if record.revoked or live is None:
+                continue
+            if not (live.state.online and live.state.eligible):
+                continue
+            if self.now() - live.received_at > timeout:
+                continue
+            profile = self._profile(record.profile_toml)
+            result.append(
+                DeviceCandidate(
+                    record.device_id, record.school, profile, live.state.free_memory_bytes
+                )
+            )
+        return result
+
+    @staticmethod
+    def _profile(text: str) -> DeviceProfile:
+        return profile_from_toml_text(text)
+
+    def _publish_status(self) -> None:
+        assert self.transport is not None
+        self.transport.publish(
+            coordinator_status_topic(self.fleet), self._status_frame(True), retain=True
+        )
+        self._last_status_at = self.now()
+
+    def _publish_all(self, outgoing: list[Outgoing]) -> None:
+        assert self.transport is not None
+        for item in outgoing:
+            self.transport.publish(item.topic, item.payload, retain=item.retain)
+
+    # -- messages ------------------------------------------------------------------------
+
+    def reject(self, device_id: str | None, category: str, reason: str) -> None:
+        self.rejected[category] += 1
+        self.store.record_rejection(device_id, category, reason)
+        logger.warning("refused message from %s (%s): %s", device_id or "?", category, reason)
+
+    def handle(self, received: ReceivedMessage) -> None:
+        """One message from the broker. Never raises."""
+        device_id: str | None = None
+        try:
+            fleet, device_id, channel = parse_device_topic(received.topic)
+            if fleet != self.fleet:
+                raise SchemaError(
+                    f"message for fleet {fleet!r}, this coordinator serves {self.fleet!r}"
+                )
+            if not received.payload:
+                return  # a retained message being cleared
+            frame = decode_frame(received.payload)
+            if frame.sender != device_id:
+                raise SchemaError(
+                    f"sender {frame.sender!r} does not match the topic's device {device_id!r}"
+                )
+            if channel is DeviceChannel.CHUNK:
+                completed = self.reassembler.accept(frame.expect(ChunkHeader), frame.body)
+                if completed is None:
+                    return
+                frame = completed.decode()
+                if frame.sender != device_id:
+                    raise SchemaError("reassembled frame's sender does not match the topic")
+            self._dispatch(frame, device_id)
+        except ProtocolError as error:
+            self.reject(device_id, type(error).__name__, str(error))
+        except Exception as error:  # noqa: BLE001 - the daemon loop boundary
+            logger.exception("unexpected failure handling %s", received.topic[:200])
+            self.reject(device_id, "internal-error", f"{type(error).__name__}: {error}")
+
+    def _dispatch(self, frame: Frame, device_id: str) -> None:
+        message = frame.message
+        if isinstance(message, EnrollmentRequest):
+            self._enroll(frame, message)
+            return
+        record = self.store.device(device_id)
+        if record is None:
+            self.reject(device_id, "unknown-device", f"{device_id!r} is not enrolled")
+            return
+        if record.revoked:
+            self.reject(device_id, "revoked-device", f"{device_id!r} was revoked")
+            return
+        verify_frame(frame, public_key_from_hex(record.public_key.hex()))
+        if isinstance(message, DeviceState):
+            previous = self.liveness.get(device_id)
+            if previous is None or message.sequence > previous.state.sequence:
+                self.liveness[device_id] = DeviceLiveness(message, self.now())
+        elif isinstance(message, Update):
+            self._update(frame, message)
+        elif isinstance(message, AssignmentDecline):
+            reasons = "; ".join(message.reasons)
+            logger.info(
+                "task %s round %d: %s declined: %s",
+                message.task,
+                message.server_round,
+                device_id,
+                reasons,
+            )
+            self._publish_all(
+                self.rounds.accept_decline(message.task, message.server_round, device_id, reasons)
+            )
+        elif isinstance(message, TransferStatusRequest):
+            status = self.reassembler.status(message)
+            self._send(device_id, InboxChannel.TRANSFER, status)
+        else:
+            raise SchemaError(f"a device may not send {frame.kind.value} messages")
+
+    def _send(self, device_id: str, channel: InboxChannel, message: object) -> None:
+        assert self.transport is not None
+        frame = encode_frame(message, sender=COORDINATOR_SENDER, signing_key=self.key)  # type: ignore[arg-type]
+        self.transport.publish(inbox_topic(self.fleet, device_id, channel), frame)
+
+    def _update(self, frame: Frame, update: Update) -> None:
+        if update.fleet != self.fleet or update.device_id != frame.sender:
+            raise SchemaError("update names another fleet or device than its sender")
+        status, reason, outgoing = self.rounds.accept_update(update, frame.body)
+        if status is AckStatus.REJECTED:
+            self.reject(update.device_id, "update-refused", reason)
+        self._send(
+            update.device_id,
+            InboxChannel.ACK,
+            Acknowledgement(
+                fleet=self.fleet,
+                device_id=update.device_id,
+                acked_message_id=update.message_id,
+                status=status,
+                reason=reason,
+            ),
+        )
+        self._publish_all(outgoing)
+
+    def _enroll(self, frame: Frame, request: EnrollmentRequest) -> None:
+        """Verify proof of possession and the profile, then redeem the one-time token."""
+        verify_frame(frame, public_key_from_hex(request.public_key))
+        if hashlib.sha256(frame.body).hexdigest() != request.profile_digest:
+            raise SchemaError("enrollment profile does not match its digest")
+        reason = ""
+        accepted = True
+        existing = self.store.device(request.device_id)
+        if existing is not None and existing.public_key.hex() == request.public_key:
+            reason = "already enrolled with this key"
+        else:
+            try:
+                profile_text = frame.body.decode("utf-8")
+                self._profile(profile_text)
+                self.store.redeem_enrollment_token(
+                    request.token,
+                    request.device_id,
+                    bytes.fromhex(request.public_key),
+                    profile_text,
+                )
+                logger.info("enrolled device %s", request.device_id)
+            except (ValueError, UnicodeDecodeError) as error:
+                accepted, reason = False, str(error)
+                self.reject(request.device_id, "enrollment-refused", reason)
+        self._send(
+            request.device_id,
+            InboxChannel.ENROLLED,
+            EnrollmentResponse(
+                fleet=self.fleet,
+                device_id=request.device_id,
+                request_id=request.request_id,
+                accepted=accepted,
+                reason=reason,
+                coordinator_public_key=public_key_hex(self.key),
+            ),
+        )

@@ -1,0 +1,495 @@
+"""The round lifecycle: open, collect updates, aggregate or fail, publish the new version.
+
+Every transition is persisted in the store before anything is published, so a coordinator
+killed at any instant restarts with the open round, its assignments and every update it
+acknowledged: on restart it republishes the current model and the open rounds'
+assignments (devices de-duplicate them), and devices re-send unacknowledged updates (the
+store de-duplicates those). Aggregation is deterministic given the stored updates, so an
+aggregation interrupted by a crash is simply done again.
+
+The manager returns the messages to publish (`Outgoing`) instead of publishing itself, so
+the lifecycle can be tested one tick at a time without a broker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from coordinator.aggregation import (
+    Aggregator,
+    ClientUpdate,
+    FedAvg,
+    NormBound,
+    NormBoundMode,
+    apply_delta,
+)
+from coordinator.config import CoordinatorConfig, TaskConfig
+from coordinator.scheduler import DeviceCandidate, Scheduler
+from coordinator.store import (
+    AdapterVersion,
+    CoordinatorStore,
+    RoundRecord,
+    RoundState,
+    StoredUpdate,
+    UpdateOutcome,
+)
+from coordinator.task_models import AdapterBody, TaskModel, wire_task_spec
+from device_profiles.shapes import ModelShape, resolve_shape
+from edge_runtime.chunking import ChunkSender
+from edge_runtime.errors import CodecError
+from edge_runtime.messages import TrainingPlan as WirePlan
+from edge_runtime.messages import from_json_fields, to_json_fields
+from edge_runtime.protocol import (
+    COORDINATOR_SENDER,
+    AckStatus,
+    InboxChannel,
+    ModelManifest,
+    TaskAssignment,
+    Update,
+    UpdateEncoding,
+    encode_frame,
+    inbox_topic,
+    model_blob_topic,
+    model_manifest_topic,
+)
+from edge_runtime.signing import Ed25519PrivateKey
+from edge_runtime.update_codec import decode_update, tensor_shapes
+from quantization.task_model import resolve_base_model
+from schoolfl.atomic_files import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
+
+MODEL_CHUNK_BYTES = 256 * 1024
+"""Global adapters are published in retained chunks of this size."""
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A message for the daemon to publish (QoS 1)."""
+
+    topic: str
+    payload: bytes
+    retain: bool = False
+
+
+def shape_of(task: TaskConfig) -> ModelShape:
+    """The cost-model shape of a task's base model (known name or its config.json)."""
+    try:
+        return resolve_shape(task.base_model)
+    except Exception:  # noqa: BLE001 - fall back to the model's own config file
+        source = resolve_base_model(task.base_model)
+        return resolve_shape(str(source if source.is_dir() else source.parent))
+
+
+def make_aggregator(task: TaskConfig) -> Aggregator:
+    if task.max_update_norm > 0:
+        return FedAvg(NormBound(task.max_update_norm, NormBoundMode(task.norm_mode)))
+    return FedAvg()
+
+
+class RoundManager:
+    """Runs the rounds of every configured task over one store."""
+
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        store: CoordinatorStore,
+        scheduler: Scheduler,
+        signing_key: Ed25519PrivateKey,
+        *,
+        now: Callable[[], float] = time.time,
+        model_factory: Callable[[TaskConfig], TaskModel] = TaskModel,
+    ) -> None:
+        self.config = config
+        self.fleet = config.coordinator.fleet
+        self.store = store
+        self.scheduler = scheduler
+        self.key = signing_key
+        self.now = now
+        self._model_factory = model_factory
+        self.models: dict[str, TaskModel] = {}
+        self.current: dict[str, AdapterBody] = {}
+        """Task id -> the global adapter devices train from."""
+        self._waiting_logged: set[str] = set()
+        self._short_since: dict[str, float] = {}
+        """Task id -> when it first could open a round, but with fewer than the quota."""
+
+    # -- models and versions -------------------------------------------------------------
+
+    def adapters_dir(self, task_id: str) -> Path:
+        return self.config.state_dir / "adapters" / task_id
+
+    def model(self, task_id: str) -> TaskModel:
+        if task_id not in self.models:
+            self.models[task_id] = self._model_factory(self.config.task(task_id))
+        return self.models[task_id]
+
+    def start(self) -> list[Outgoing]:
+        """Load or create every task's current version; return what to (re)publish:
+        each task's model and the assignments of rounds left open by a previous run."""
+        outgoing: list[Outgoing] = []
+        for task in self.config.tasks:
+            latest = self.store.latest_adapter_version(task.id)
+            if latest is None:
+                state = self.model(task.id).initial_state()
+                body = AdapterBody.of(state)
+                folder = self._write_version(task.id, 0, state, body)
+                metrics = self.model(task.id).evaluate(state)
+                self.store.add_adapter_version(
+                    AdapterVersion(task.id, 0, None, body.version, str(folder), self.now(), metrics)
+                )
+                logger.info("task %s: initial adapter %s %s", task.id, body.version[:12], metrics)
+            else:
+                body = self._load_body(latest)
+            self.current[task.id] = body
+            outgoing += self.publish_model(task.id, body, server_round=self._last_round(task.id))
+        for record in self.store.open_rounds():
+            outgoing += self._assignment_messages(record)
+        return outgoing
+
+    def _write_version(
+        self, task_id: str, version_number: int, state: dict[str, torch.Tensor], body: AdapterBody
+    ) -> Path:
+        """The PEFT adapter folder users load, and next to it the exact bytes devices
+        download (named by their sha256, so they are kept, never re-encoded)."""
+        folder = self.adapters_dir(task_id) / f"v{version_number:04d}"
+        self.model(task_id).write_version(state, folder)
+        atomic_write_bytes(folder.with_suffix(".body"), body.body)
+        return folder
+
+    def _load_body(self, version: AdapterVersion) -> AdapterBody:
+        path = Path(version.folder).with_suffix(".body")
+        try:
+            body = AdapterBody(path.read_bytes(), version.sha256)
+        except OSError as error:
+            raise RuntimeError(
+                f"cannot read {path}: {error}; the state folder is damaged"
+            ) from None
+        if hashlib.sha256(body.body).hexdigest() != version.sha256:
+            raise RuntimeError(
+                f"{path} does not match the version recorded in the store "
+                f"({version.sha256[:12]}); the state folder is damaged"
+            )
+        return body
+
+    def _last_round(self, task_id: str) -> int:
+        rounds = self.store.rounds(task_id)
+        return rounds[-1].round_number if rounds else 0
+
+    def publish_model(self, task_id: str, body: AdapterBody, server_round: int) -> list[Outgoing]:
+        """Retained blob chunks, then the retained manifest that points at them."""
+        sender = ChunkSender(
+            body.body,
+            transfer_id=body.version,
+            sender=COORDINATOR_SENDER,
+            chunk_bytes=MODEL_CHUNK_BYTES,
+        )
+        outgoing = [
+            Outgoing(model_blob_topic(self.fleet, body.version, index), frame, retain=True)
+            for index, frame in sender.frames()
+        ]
+        manifest = ModelManifest(
+            fleet=self.fleet,
+            task=task_id,
+            version=body.version,
+            server_round=server_round,
+            body_bytes=len(body.body),
+            chunk_bytes=MODEL_CHUNK_BYTES,
+            chunk_count=sender.count,
+            encoding=UpdateEncoding.FP32,
+        )
+        outgoing.append(
+            Outgoing(
+                model_manifest_topic(self.fleet, task_id),
+                encode_frame(manifest, sender=COORDINATOR_SENDER, signing_key=self.key),
+                retain=True,
+            )
+        )
+        return outgoing
+
+    # -- opening rounds ------------------------------------------------------------------
+
+    def completed_rounds(self, task_id: str) -> int:
+        return sum(1 for r in self.store.rounds(task_id) if r.state is RoundState.COMPLETED)
+
+    def task_finished(self, task_id: str) -> bool:
+        return self.completed_rounds(task_id) >= self.config.task(task_id).rounds
+
+    def open_rounds_if_possible(self, candidates: Sequence[DeviceCandidate]) -> list[Outgoing]:
+        """Open a round for every unfinished task without one, if enough devices fit."""
+        outgoing: list[Outgoing] = []
+        open_tasks = {r.task_id for r in self.store.open_rounds()}
+        busy = self.store.busy_devices()
+        for task in self.config.tasks:
+            if task.id in open_tasks or self.task_finished(task.id):
+                continue
+            free = [c for c in candidates if c.device_id not in busy]
+            if len(free) < task.min_updates:
+                if task.id not in self._waiting_logged:
+                    logger.info(
+                        "task %s waits: %d eligible free devices, quorum is %d",
+                        task.id,
+                        len(free),
+                        task.min_updates,
+                    )
+                    self._waiting_logged.add(task.id)
+                continue
+            round_number = self._last_round(task.id) + 1
+            schedule = self.scheduler.configure_round(task, shape_of(task), free, round_number)
+            for device_id, reason in schedule.skipped.items():
+                logger.debug(
+                    "task %s round %d: %s left out: %s", task.id, round_number, device_id, reason
+                )
+            if len(schedule.plans) < task.min_updates:
+                if task.id not in self._waiting_logged:
+                    logger.info(
+                        "task %s waits: only %d devices fit the plan (quorum %d)",
+                        task.id,
+                        len(schedule.plans),
+                        task.min_updates,
+                    )
+                    self._waiting_logged.add(task.id)
+                continue
+            if len(schedule.plans) < task.devices_per_round:
+                first_seen = self._short_since.setdefault(task.id, self.now())
+                if self.now() - first_seen < task.gather_seconds:
+                    continue  # give more devices a moment to come online
+            self._short_since.pop(task.id, None)
+            self._waiting_logged.discard(task.id)
+            plans = {
+                p.device_id: WirePlan(
+                    adapter_rank=p.plan.rank,
+                    local_steps=p.plan.local_steps,
+                    batch_size=p.plan.batch_size,
+                    sequence_length=p.plan.seq_len,
+                    update_encoding=UpdateEncoding(task.update_encoding),
+                    scheme=p.plan.scheme,
+                    learning_rate=task.learning_rate,
+                    predicted_round_seconds=p.prediction.round_seconds,
+                )
+                for p in schedule.plans
+            }
+            record = self.store.open_round(
+                task.id,
+                round_number,
+                base_version=self.store.latest_adapter_version(task.id).version,  # type: ignore[union-attr]
+                deadline=self.now() + task.round_deadline_seconds,
+                plans_json={device: _plan_json(plan) for device, plan in plans.items()},
+            )
+            busy |= set(plans)
+            logger.info(
+                "task %s round %d opened: %d devices (%s), deadline in %.0f s",
+                task.id,
+                round_number,
+                len(plans),
+                ", ".join(sorted(plans)),
+                task.round_deadline_seconds,
+            )
+            outgoing += self._assignment_messages(record)
+        return outgoing
+
+    def _assignment_messages(self, record: RoundRecord) -> list[Outgoing]:
+        task = self.config.task(record.task_id)
+        body = self.current[record.task_id]
+        outgoing = []
+        for device_id, plan_json in self.store.assignments(
+            record.task_id, record.round_number
+        ).items():
+            assignment = TaskAssignment(
+                fleet=self.fleet,
+                task=record.task_id,
+                server_round=record.round_number,
+                device_id=device_id,
+                attempt=0,
+                plan=_plan_from_json(plan_json),
+                deadline=record.deadline,
+                model_version=body.version,
+                spec=wire_task_spec(task),
+            )
+            frame = encode_frame(assignment, sender=COORDINATOR_SENDER, signing_key=self.key)
+            outgoing.append(Outgoing(inbox_topic(self.fleet, device_id, InboxChannel.TASK), frame))
+        return outgoing
+
+    # -- updates ---------------------------------------------------------------------------
+
+    def accept_update(self, update: Update, body: bytes) -> tuple[AckStatus, str, list[Outgoing]]:
+        """Validate and record one device's update; aggregate when the quota is met.
+
+        The sender's identity and signature are checked by the daemon before this call."""
+        record = self.store.round(update.task, update.server_round)
+        if record is None:
+            return AckStatus.REJECTED, f"round {update.server_round} of {update.task} unknown", []
+        plans = self.store.assignments(update.task, update.server_round)
+        if update.device_id not in plans:
+            return AckStatus.REJECTED, "no assignment for this device in that round", []
+        current = self.current[update.task]
+        if record.state is not RoundState.OPEN:
+            stored = {u.update_id for u in self.store.updates(update.task, update.server_round)}
+            if update.message_id in stored:
+                return AckStatus.DUPLICATE, "already counted", []
+            return AckStatus.REJECTED, f"round {update.server_round} is {record.state.value}", []
+        if update.model_version != current.version:
+            return AckStatus.REJECTED, "trained on another model version", []
+        try:
+            delta = decode_update(body, tensor_shapes(current.state()))
+        except CodecError as error:
+            return AckStatus.REJECTED, f"undecodable update: {error}", []
+        del delta  # decoded only to validate before storing; aggregation decodes again
+        outcome = self.store.record_update(
+            StoredUpdate(
+                update_id=update.message_id,
+                task_id=update.task,
+                round_number=update.server_round,
+                device_id=update.device_id,
+                num_samples=update.num_samples,
+                num_steps=update.num_steps,
+                metrics=dict(update.metrics),
+                body=body,
+            )
+        )
+        if outcome is not UpdateOutcome.STORED:
+            return AckStatus.DUPLICATE, outcome.value, []
+        logger.info(
+            "task %s round %d: update from %s (%d samples, %d steps)",
+            update.task,
+            update.server_round,
+            update.device_id,
+            update.num_samples,
+            update.num_steps,
+        )
+        outgoing: list[Outgoing] = []
+        if self.round_is_complete(record):
+            outgoing = self.aggregate(record, reason="all updates in")
+        return AckStatus.ACCEPTED, "", outgoing
+
+    def round_is_complete(self, record: RoundRecord) -> bool:
+        """Quota met, or every assigned device has either reported or declined."""
+        task = self.config.task(record.task_id)
+        reported = {u.device_id for u in self.store.updates(record.task_id, record.round_number)}
+        if len(reported) >= task.devices_per_round:
+            return True
+        assigned = set(self.store.assignments(record.task_id, record.round_number))
+        declined = set(self.store.declined_devices(record.task_id, record.round_number))
+        answered = reported | declined
+        return answered >= assigned and len(reported) >= task.min_updates
+
+    def accept_decline(
+        self, task_id: str, round_number: int, device_id: str, reason: str
+    ) -> list[Outgoing]:
+        """A device said no: note it, and close the round early if nobody is left to wait for."""
+        record = self.store.round(task_id, round_number)
+        if record is None or record.state is not RoundState.OPEN:
+            return []
+        if not self.store.record_decline(task_id, round_number, device_id, reason):
+            return []
+        if self.round_is_complete(record):
+            return self.aggregate(record, reason="every device answered")
+        return []
+
+    # -- closing ---------------------------------------------------------------------------
+
+    def close_due_rounds(self) -> list[Outgoing]:
+        """At the deadline: aggregate with a quorum, or fail the round and keep the model."""
+        outgoing: list[Outgoing] = []
+        for record in self.store.open_rounds():
+            if self.now() < record.deadline:
+                continue
+            task = self.config.task(record.task_id)
+            received = len(self.store.updates(record.task_id, record.round_number))
+            if received >= task.min_updates:
+                outgoing += self.aggregate(record, reason="deadline with quorum")
+            else:
+                reason = (
+                    f"deadline passed with {received} update(s), quorum is {task.min_updates}; "
+                    "global adapter unchanged"
+                )
+                self.store.close_round(
+                    record.task_id, record.round_number, RoundState.FAILED, reason
+                )
+                logger.warning(
+                    "task %s round %d failed: %s", record.task_id, record.round_number, reason
+                )
+        return outgoing
+
+    def aggregate(self, record: RoundRecord, reason: str) -> list[Outgoing]:
+        task = self.config.task(record.task_id)
+        current = self.current[task.id]
+        reference = current.state()
+        updates = [
+            ClientUpdate(
+                u.device_id,
+                decode_update(u.body, tensor_shapes(reference)),
+                num_samples=max(1, u.num_samples),
+                num_steps=u.num_steps,
+            )
+            for u in self.store.updates(task.id, record.round_number)
+        ]
+        result = make_aggregator(task).aggregate(updates, reference)
+        if result.is_empty:
+            why = f"every update refused: {result.rejected_devices}"
+            self.store.close_round(task.id, record.round_number, RoundState.FAILED, why)
+            logger.warning("task %s round %d failed: %s", task.id, record.round_number, why)
+            return []
+        try:
+            new_state = apply_delta(reference, result.delta)
+        except ValueError as error:
+            self.store.close_round(task.id, record.round_number, RoundState.FAILED, str(error))
+            return []
+        body = AdapterBody.of(new_state)
+        version_number = self.store.latest_adapter_version(task.id).version + 1  # type: ignore[union-attr]
+        model = self.model(task.id)
+        folder = self._write_version(task.id, version_number, new_state, body)
+        evaluation = model.evaluate(new_state)
+        metrics = dict(evaluation)
+        metrics.update(
+            {"updates": float(len(result.accepted_devices)), "samples": float(result.total_samples)}
+        )
+        losses = [
+            u.metrics.get("train_loss") for u in self.store.updates(task.id, record.round_number)
+        ]
+        known = [loss for loss in losses if loss is not None]
+        if known:
+            metrics["train_loss"] = sum(known) / len(known)
+        self.store.close_round(
+            task.id,
+            record.round_number,
+            RoundState.COMPLETED,
+            f"{reason}: aggregated {len(result.accepted_devices)} update(s)",
+            AdapterVersion(
+                task.id,
+                version_number,
+                record.round_number,
+                body.version,
+                str(folder),
+                self.now(),
+                metrics=evaluation,
+            ),
+            metrics=metrics,
+        )
+        self.current[task.id] = body
+        logger.info(
+            "task %s round %d completed (%s): version %d %s %s",
+            task.id,
+            record.round_number,
+            reason,
+            version_number,
+            body.version[:12],
+            {k: round(v, 4) for k, v in metrics.items()},
+        )
+        return self.publish_model(task.id, body, server_round=record.round_number)
+
+
+def _plan_json(plan: WirePlan) -> str:
+    return json.dumps(to_json_fields(plan), sort_keys=True)
+
+
+def _plan_from_json(text: str) -> WirePlan:
+    return from_json_fields(WirePlan, json.loads(text), "plan")

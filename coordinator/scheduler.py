@@ -1,0 +1,174 @@
+"""Choosing devices and plans for a round: one small interface, one class per strategy.
+
+A scheduler sees the eligible online devices with their profiles and returns, per chosen
+device, a plan whose predicted completion (download + local steps + upload, from the cost
+model) fits the round deadline and whose predicted peak memory fits the device. Devices it
+cannot use are listed with the reason, so operators can see why a school sat a round out.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+from coordinator.config import TaskConfig
+from device_profiles.cost_model import Prediction, predict
+from device_profiles.plan import TrainingPlan
+from device_profiles.profile import DeviceProfile
+from device_profiles.shapes import ModelShape
+
+logger = logging.getLogger(__name__)
+
+ENCODER_TARGET_ROLES = ("q", "k", "v")
+DECODER_TARGET_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+"""LoRA targets by generic role; they match quantization.adapters' defaults per family."""
+
+DEADLINE_SAFETY = 0.8
+"""A plan must be predicted to finish within this share of the deadline."""
+
+
+@dataclass(frozen=True)
+class DeviceCandidate:
+    """What the coordinator knows about one device when it schedules a round."""
+
+    device_id: str
+    school: str
+    profile: DeviceProfile
+    free_memory_bytes: int | None = None
+    """From the latest heartbeat; None when unknown (then the profile's RAM is used)."""
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    device_id: str
+    plan: TrainingPlan
+    prediction: Prediction
+
+
+@dataclass(frozen=True)
+class RoundSchedule:
+    """A round's selection: who trains what, and who was left out and why."""
+
+    plans: tuple[DevicePlan, ...]
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def device_ids(self) -> tuple[str, ...]:
+        return tuple(p.device_id for p in self.plans)
+
+
+def task_plan(task: TaskConfig, shape: ModelShape) -> TrainingPlan:
+    """The plan a device gets when nothing needs shrinking."""
+    roles = ENCODER_TARGET_ROLES if shape.family == "encoder" else DECODER_TARGET_ROLES
+    return TrainingPlan(
+        scheme=task.scheme,
+        rank=task.rank,
+        batch_size=task.batch_size,
+        seq_len=task.seq_len,
+        local_steps=task.local_steps,
+        target_modules=roles,
+    )
+
+
+def fit_plan_to_deadline(
+    profile: DeviceProfile, shape: ModelShape, plan: TrainingPlan, deadline_seconds: float
+) -> tuple[TrainingPlan, Prediction] | str:
+    """The plan with as many of its local steps as fit the deadline, or why none fits.
+
+    Rank stays the task's (one global adapter shape per task until heterogeneous-rank
+    aggregation lands); steps shrink first, since a short round beats no round.
+    """
+    prediction = predict(profile, shape, plan)
+    if not prediction.fits:
+        return prediction.reason
+    budget = deadline_seconds * DEADLINE_SAFETY
+    if prediction.round_seconds <= budget:
+        return plan, prediction
+    transfer = prediction.download_seconds + prediction.upload_seconds
+    steps = math.floor((budget - transfer) / prediction.step_seconds)
+    if steps < 1:
+        return (
+            f"predicted {prediction.round_seconds:.0f} s per round "
+            f"({prediction.step_seconds:.2f} s per step, {transfer:.0f} s transfer) does not "
+            f"fit {budget:.0f} s of the deadline even with one step"
+        )
+    smaller = replace(plan, local_steps=min(steps, plan.local_steps))
+    return smaller, predict(profile, shape, smaller)
+
+
+class Scheduler(ABC):
+    """Picks a round's devices and their plans."""
+
+    @abstractmethod
+    def configure_round(
+        self,
+        task: TaskConfig,
+        shape: ModelShape,
+        candidates: Sequence[DeviceCandidate],
+        round_number: int,
+    ) -> RoundSchedule:
+        """Choose devices and plans for round `round_number` of `task`.
+
+        Parameters
+        ----------
+        task
+            The task's configuration: quota, over-selection, deadline, default plan.
+        shape
+            The base model's shape, for the cost model.
+        candidates
+            Online, eligible devices that are not busy with another task.
+        round_number
+            Seeds any randomness, so a restarted coordinator schedules the same way.
+
+        Returns
+        -------
+        RoundSchedule
+            At most quota x (1 + over_selection) plans, each predicted to fit the deadline
+            and the device's memory, and the reason for every candidate left out.
+        """
+
+
+class FitFirstScheduler(Scheduler):
+    """Random selection among the devices whose predicted plan fits (Flower's default
+    selection, plus the cost model's feasibility check and deadline-driven step counts)."""
+
+    def configure_round(
+        self,
+        task: TaskConfig,
+        shape: ModelShape,
+        candidates: Sequence[DeviceCandidate],
+        round_number: int,
+    ) -> RoundSchedule:
+        base_plan = task_plan(task, shape)
+        feasible: list[DevicePlan] = []
+        skipped: dict[str, str] = {}
+        for candidate in candidates:
+            fitted = fit_plan_to_deadline(
+                candidate.profile, shape, base_plan, task.round_deadline_seconds
+            )
+            if isinstance(fitted, str):
+                skipped[candidate.device_id] = fitted
+                continue
+            plan, prediction = fitted
+            if (
+                candidate.free_memory_bytes is not None
+                and prediction.peak_bytes > candidate.free_memory_bytes
+            ):
+                skipped[candidate.device_id] = (
+                    f"predicted peak {prediction.peak_bytes / 2**20:.0f} MiB exceeds the "
+                    f"{candidate.free_memory_bytes / 2**20:.0f} MiB free right now"
+                )
+                continue
+            feasible.append(DevicePlan(candidate.device_id, plan, prediction))
+        wanted = math.ceil(task.devices_per_round * (1.0 + task.over_selection))
+        rng = random.Random(f"{task.id}/{round_number}")
+        feasible.sort(key=lambda p: p.device_id)
+        rng.shuffle(feasible)
+        chosen = tuple(sorted(feasible[:wanted], key=lambda p: p.device_id))
+        for left_out in feasible[wanted:]:
+            skipped[left_out.device_id] = "not selected this round (enough devices)"
+        return RoundSchedule(plans=chosen, skipped=skipped)

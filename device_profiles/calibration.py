@@ -1,0 +1,188 @@
+"""Fit a profile's cost-model calibration to measured train steps.
+
+The cost model's step time is linear in six coefficients (1/flop_efficiency,
+1/memory_efficiency, two dequantize factors, per-layer and fixed seconds), and its peak memory
+is linear in two (activation factor, overhead). Both are fitted by non-negative least squares
+on *relative* error, so a 0.1 s point weighs as much as a 20 s point, with a light pull towards
+the default coefficients so that a small grid cannot produce absurd values for a term it
+barely exercises.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from device_profiles.cost_model import count_step
+from device_profiles.plan import TrainingPlan
+from device_profiles.profile import Calibration, DeviceProfile
+from device_profiles.shapes import ModelShape
+
+logger = logging.getLogger(__name__)
+
+PRIOR_WEIGHT = 0.05
+"""Strength of the pull towards default coefficients, relative to one measured point."""
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One measured grid point in the cost model's terms."""
+
+    model_shape: ModelShape
+    plan: TrainingPlan
+    step_seconds: float
+    peak_bytes: float
+
+
+def nonnegative_least_squares(matrix: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Lawson-Hanson active set NNLS (small problems; avoids a scipy dependency)."""
+    rows, columns = matrix.shape
+    solution = np.zeros(columns)
+    passive = np.zeros(columns, dtype=bool)
+    gradient = matrix.T @ (target - matrix @ solution)
+    for _ in range(3 * columns + 10):
+        if passive.all() or gradient[~passive].max(initial=-np.inf) <= 1e-12:
+            break
+        candidate = np.where(~passive, gradient, -np.inf)
+        passive[int(np.argmax(candidate))] = True
+        while True:
+            trial = np.zeros(columns)
+            trial[passive] = np.linalg.lstsq(matrix[:, passive], target, rcond=None)[0]
+            if (trial[passive] > 0).all():
+                solution = trial
+                break
+            negative = passive & (trial <= 0)
+            ratios = solution[negative] / (solution[negative] - trial[negative])
+            alpha = float(ratios.min()) if ratios.size else 0.0
+            solution = solution + alpha * (trial - solution)
+            passive &= solution > 1e-15
+        gradient = matrix.T @ (target - matrix @ solution)
+    return solution
+
+
+def _fit(features: np.ndarray, target: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """Relative-error NNLS with a ridge row per coefficient pulling it towards `prior`."""
+    weights = 1.0 / target
+    matrix = features * weights[:, None]
+    goal = np.ones_like(target)
+    active = np.abs(features).sum(axis=0) > 0
+    solution = prior.copy()
+    if not active.any():
+        return solution
+    scale = np.sqrt(PRIOR_WEIGHT)
+    ridge = np.diag(scale / prior[active])
+    stacked = np.vstack([matrix[:, active], ridge])
+    stacked_goal = np.concatenate([goal, np.full(int(active.sum()), scale)])
+    solution[active] = nonnegative_least_squares(stacked, stacked_goal)
+    return solution
+
+
+def fit_calibration(
+    profile: DeviceProfile, observations: Sequence[Observation], source: str = ""
+) -> Calibration:
+    """Calibration that best explains `observations` on `profile`'s measured rates."""
+    if not observations:
+        raise ValueError("fit_calibration needs at least one observation")
+    throughput = profile.throughput
+    on_gpu = profile.hardware.accelerator == "cuda" and throughput.gpu_fp32_gflops > 0
+    gflops = (throughput.gpu_fp32_gflops if on_gpu else throughput.cpu_fp32_gflops) * 1e9
+    bandwidth = throughput.memory_bandwidth_gbps * 1e9
+    defaults = Calibration()
+    time_rows, time_target, memory_rows, memory_target = [], [], [], []
+    for observation in observations:
+        counts = count_step(observation.model_shape, observation.plan)
+        time_rows.append(
+            [
+                counts.matmul_flops / gflops,
+                counts.elementwise_bytes / bandwidth,
+                counts.dequant_bytes_int8 / bandwidth,
+                counts.dequant_bytes_nf4 / bandwidth,
+                float(counts.layers),
+                1.0,
+            ]
+        )
+        time_target.append(observation.step_seconds)
+        fixed = throughput.baseline_rss_bytes + counts.weight_bytes + counts.trainable_state_bytes
+        encoder = counts.family == "encoder"
+        memory_rows.append(
+            [
+                counts.activation_bytes if encoder else 0.0,
+                0.0 if encoder else counts.activation_bytes,
+                counts.dequant_workspace_bytes,
+                1.0,
+            ]
+        )
+        memory_target.append((observation.peak_bytes, fixed))
+    time_prior = np.array(
+        [
+            1 / defaults.flop_efficiency,
+            1 / defaults.memory_efficiency,
+            defaults.dequant_int8,
+            defaults.dequant_nf4,
+            defaults.per_layer_seconds,
+            defaults.fixed_seconds,
+        ]
+    )
+    time_fit = _fit(np.array(time_rows), np.array(time_target), time_prior)
+    # Peak = fixed + factor * activations + overhead: fit on the part the fixed terms leave.
+    peaks = np.array([peak for peak, _ in memory_target])
+    fixed_parts = np.array([fixed for _, fixed in memory_target])
+    memory_matrix = np.array(memory_rows) / peaks[:, None]
+    memory_goal = (peaks - fixed_parts) / peaks
+    memory_prior = np.array(
+        [
+            defaults.activation_factor_encoder,
+            defaults.activation_factor_decoder,
+            defaults.dequant_memory_fraction,
+            defaults.memory_overhead_bytes,
+        ]
+    )
+    memory_fit = memory_prior.copy()
+    active = np.abs(memory_matrix).sum(axis=0) > 0
+    scale = np.sqrt(PRIOR_WEIGHT) / 10
+    memory_fit[active] = nonnegative_least_squares(
+        np.vstack([memory_matrix[:, active], np.diag(scale / memory_prior[active])]),
+        np.concatenate([memory_goal, np.full(int(active.sum()), scale)]),
+    )
+    calibration = Calibration(
+        flop_efficiency=float(1.0 / max(time_fit[0], 1e-3)),
+        memory_efficiency=float(1.0 / max(time_fit[1], 1e-3)),
+        dequant_int8=float(time_fit[2]),
+        dequant_nf4=float(time_fit[3]),
+        per_layer_seconds=float(time_fit[4]),
+        fixed_seconds=float(time_fit[5]),
+        activation_factor_encoder=max(float(memory_fit[0]), 1e-3),
+        activation_factor_decoder=max(float(memory_fit[1]), 1e-3),
+        dequant_memory_fraction=float(memory_fit[2]),
+        memory_overhead_bytes=float(memory_fit[3]),
+        sources={
+            name: source
+            for name in (
+                "flop_efficiency",
+                "memory_efficiency",
+                "dequant_int8",
+                "dequant_nf4",
+                "per_layer_seconds",
+                "fixed_seconds",
+                "activation_factor_encoder",
+                "activation_factor_decoder",
+                "dequant_memory_fraction",
+                "memory_overhead_bytes",
+            )
+        }
+        if source
+        else {},
+    )
+    logger.info("fitted calibration on %d points: %s", len(observations), calibration)
+    return calibration
+
+
+def calibrated(
+    profile: DeviceProfile, observations: Sequence[Observation], source: str = ""
+) -> DeviceProfile:
+    """A copy of `profile` whose calibration is fitted to `observations`."""
+    return dataclasses.replace(profile, calibration=fit_calibration(profile, observations, source))

@@ -1,0 +1,518 @@
+"""Device profiles: hardware facts, throughput, network and power of one device class.
+
+A profile is a TOML file. Reference profiles (shipped in `device_profiles/reference/`) hold
+published figures, each with a `<field>_source` key beside it naming the datasheet or
+benchmark; measured profiles are written by `schoolfl profile bench` and carry the grid of
+train-step measurements that calibrates the cost model. One field table (`SECTION_FIELDS`)
+drives loading, validation and writing, so the three never disagree.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from device_profiles.errors import ProfileError, ProfileValidationError
+from device_profiles.plan import KNOWN_SCHEMES
+from device_profiles.toml_io import dumps_toml, read_toml, tomllib
+from schoolfl.atomic_files import atomic_write_text
+
+SCHEMA_VERSION = 1
+PROFILE_KINDS = ("reference", "measured")
+POWER_SOURCES = ("mains", "battery", "battery+mains", "poe")
+ACCELERATORS = ("none", "cuda")
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One profile field: its type, bounds and whether a reference profile must cite it."""
+
+    name: str
+    kind: str
+    """"str", "int", "float", "bool", "schemes" (list of scheme names) or "choice"."""
+    help: str
+    required: bool = True
+    minimum: float | None = None
+    strictly_positive: bool = False
+    choices: tuple[str, ...] = ()
+    cited: bool = False
+    """A reference profile must give `<name>_source` for this field."""
+
+
+SECTION_FIELDS: dict[str, tuple[FieldSpec, ...]] = {
+    "hardware": (
+        FieldSpec("architecture", "str", "CPU architecture, e.g. aarch64 or x86_64", cited=True),
+        FieldSpec("cpu_model", "str", "CPU / SoC name", cited=True),
+        FieldSpec(
+            "cores", "int", "CPU cores used for training", strictly_positive=True, cited=True
+        ),
+        FieldSpec("ram_bytes", "int", "installed RAM in bytes", strictly_positive=True, cited=True),
+        FieldSpec(
+            "os_reserved_bytes",
+            "int",
+            "RAM the OS and desktop keep (not available to training)",
+            minimum=0,
+            cited=True,
+        ),
+        FieldSpec("accelerator", "choice", "GPU kind", choices=ACCELERATORS),
+        FieldSpec("accelerator_model", "str", "GPU name, empty when none", required=False),
+    ),
+    "throughput": (
+        FieldSpec(
+            "cpu_fp32_gflops",
+            "float",
+            "fp32 GFLOP/s of the CPU (all cores)",
+            strictly_positive=True,
+            cited=True,
+        ),
+        FieldSpec(
+            "gpu_fp32_gflops",
+            "float",
+            "fp32 GFLOP/s of the GPU, 0 when none",
+            minimum=0,
+            cited=True,
+        ),
+        FieldSpec(
+            "memory_bandwidth_gbps",
+            "float",
+            "memory bandwidth in GB/s (1e9 bytes/s)",
+            strictly_positive=True,
+            cited=True,
+        ),
+        FieldSpec("quant_schemes", "schemes", "quantization schemes usable on this device"),
+        FieldSpec(
+            "baseline_rss_bytes",
+            "int",
+            "RSS of a process that imported torch, transformers, peft",
+            strictly_positive=True,
+            cited=True,
+        ),
+        FieldSpec(
+            "threads",
+            "int",
+            "torch threads used when measuring",
+            required=False,
+            strictly_positive=True,
+        ),
+    ),
+    "network": (
+        FieldSpec(
+            "down_mbps",
+            "float",
+            "typical download Mbit/s to the coordinator",
+            strictly_positive=True,
+            cited=True,
+        ),
+        FieldSpec(
+            "up_mbps",
+            "float",
+            "typical upload Mbit/s to the coordinator",
+            strictly_positive=True,
+            cited=True,
+        ),
+        FieldSpec("rtt_ms", "float", "round-trip time to the broker in ms", minimum=0, cited=True),
+    ),
+    "power": (
+        FieldSpec("source", "choice", "where power comes from", choices=POWER_SOURCES, cited=True),
+        FieldSpec(
+            "typical_watts",
+            "float",
+            "draw under training load",
+            minimum=0,
+            required=False,
+            cited=True,
+        ),
+    ),
+    "calibration": (
+        FieldSpec(
+            "flop_efficiency",
+            "float",
+            "achieved training FLOP/s as a fraction of fp32 GFLOPS",
+            strictly_positive=True,
+        ),
+        FieldSpec(
+            "memory_efficiency",
+            "float",
+            "achieved elementwise bandwidth as a fraction of memory bandwidth",
+            strictly_positive=True,
+        ),
+        FieldSpec(
+            "per_layer_seconds", "float", "fixed framework cost per layer per step", minimum=0
+        ),
+        FieldSpec("fixed_seconds", "float", "fixed cost per step (optimizer, Python)", minimum=0),
+        FieldSpec(
+            "dequant_int8",
+            "float",
+            "int8 dequantize cost, in fp32 weight bytes moved per weight per pass",
+            minimum=0,
+        ),
+        FieldSpec("dequant_nf4", "float", "same for NF4", minimum=0),
+        FieldSpec(
+            "activation_factor_encoder",
+            "float",
+            "measured / counted bytes of activations and backward workspace, encoders",
+            strictly_positive=True,
+        ),
+        FieldSpec(
+            "activation_factor_decoder",
+            "float",
+            "the same for decoders",
+            strictly_positive=True,
+        ),
+        FieldSpec(
+            "dequant_memory_fraction",
+            "float",
+            "resident dequantize workspace as a fraction of the fp32 block weights",
+            minimum=0,
+        ),
+        FieldSpec(
+            "memory_overhead_bytes",
+            "float",
+            "allocator and framework bytes beyond the counted terms",
+            minimum=0,
+        ),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What the device is: CPU, memory, accelerator."""
+
+    architecture: str
+    cpu_model: str
+    cores: int
+    ram_bytes: int
+    os_reserved_bytes: int
+    accelerator: str = "none"
+    accelerator_model: str = ""
+    sources: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """How fast it computes and moves memory, and which schemes it can run."""
+
+    cpu_fp32_gflops: float
+    gpu_fp32_gflops: float
+    memory_bandwidth_gbps: float
+    quant_schemes: tuple[str, ...]
+    baseline_rss_bytes: int
+    threads: int | None = None
+    sources: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Network:
+    """Its link to the coordinator."""
+
+    down_mbps: float
+    up_mbps: float
+    rtt_ms: float
+    sources: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Power:
+    """Battery devices train only when plugged in or above a charge floor (agent eligibility)."""
+
+    source: str
+    typical_watts: float | None = None
+    sources: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Cost-model coefficients; defaults are the x86 fit of 2026-11-27
+    (benchmarks/RESULTS.md, one torch thread, CPU-time medians)."""
+
+    flop_efficiency: float = 0.88
+    memory_efficiency: float = 0.58
+    per_layer_seconds: float = 0.0005
+    fixed_seconds: float = 0.0065
+    dequant_int8: float = 2.3
+    dequant_nf4: float = 9.0
+    activation_factor_encoder: float = 3.1
+    activation_factor_decoder: float = 1.67
+    dequant_memory_fraction: float = 0.64
+    memory_overhead_bytes: float = 34e6
+    sources: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One measured grid point of `schoolfl profile bench` (a fresh process per point)."""
+
+    model: str
+    scheme: str
+    rank: int
+    batch_size: int
+    seq_len: int
+    step_seconds: float
+    peak_rss_bytes: int
+    load_peak_rss_bytes: int = 0
+    """Whole-process peak including building and quantizing the model."""
+    step_seconds_spread: float = 0.0
+    """(max - min) / median of the timed steps: the noise of this point."""
+    step_cpu_seconds: float = 0.0
+    """Median CPU seconds of the process per step; below step_seconds when other processes
+    took the cores (a shared machine), about threads x step_seconds when it had them."""
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """A device class (reference) or one benchmarked machine (measured)."""
+
+    name: str
+    kind: str
+    description: str
+    hardware: Hardware
+    throughput: Throughput
+    network: Network
+    power: Power
+    calibration: Calibration = field(default_factory=Calibration)
+    measurements: tuple[Measurement, ...] = ()
+    measured_at: str = ""
+
+    @property
+    def usable_ram_bytes(self) -> int:
+        return self.hardware.ram_bytes - self.hardware.os_reserved_bytes
+
+    def problems(self) -> list[str]:
+        """Every rule this profile breaks, each naming field, value and expectation."""
+        return _problems(to_dict(self))
+
+    def validate(self) -> DeviceProfile:
+        """Raise `ProfileValidationError` listing all problems; return self when valid."""
+        found = self.problems()
+        if found:
+            raise ProfileValidationError(f"profile {self.name!r}", found)
+        return self
+
+    def save(self, path: Path) -> None:
+        """Validate, then write atomically."""
+        atomic_write_text(Path(path), profile_toml_text(self))
+
+    @classmethod
+    def load(cls, path: Path) -> DeviceProfile:
+        """Read and validate a profile file; errors name the file and every bad field."""
+        path = Path(path)
+        data = read_toml(path)
+        found = _problems(data)
+        if found:
+            raise ProfileValidationError(str(path), found)
+        return from_dict(data)
+
+
+def profile_toml_text(profile: DeviceProfile) -> str:
+    """The profile as TOML text (validated first): what `save` writes and enrollment sends."""
+    profile.validate()
+    header = (
+        f"schoolfl device profile ({profile.kind}). Fields: docs/profile.md.\n"
+        "Each <field>_source names the datasheet, benchmark or measurement behind a figure."
+    )
+    return dumps_toml(to_dict(profile), header=header)
+
+
+def profile_from_toml_text(text: str, source: str = "profile text") -> DeviceProfile:
+    """Parse and validate profile TOML received as text (e.g. from an enrolling device)."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ProfileError(f"{source} is not valid TOML: {error}") from error
+    found = _problems(data)
+    if found:
+        raise ProfileValidationError(source, found)
+    return from_dict(data)
+
+
+def _check_value(where: str, spec: FieldSpec, value: Any) -> str | None:
+    if spec.kind == "str":
+        return None if isinstance(value, str) else f"{where} is {value!r}; expected a string"
+    if spec.kind == "bool":
+        return None if isinstance(value, bool) else f"{where} is {value!r}; expected true/false"
+    if spec.kind == "choice":
+        if value not in spec.choices:
+            return f"{where} is {value!r}; expected one of {', '.join(spec.choices)}"
+        return None
+    if spec.kind == "schemes":
+        if not isinstance(value, (list, tuple)) or not value:
+            return f"{where} is {value!r}; expected a non-empty list of scheme names"
+        unknown = [item for item in value if item not in KNOWN_SCHEMES]
+        if unknown:
+            return (
+                f"{where} has unknown scheme(s) {', '.join(map(repr, unknown))}; "
+                f"expected names from {', '.join(KNOWN_SCHEMES)}"
+            )
+        return None
+    numeric = (int,) if spec.kind == "int" else (int, float)
+    if isinstance(value, bool) or not isinstance(value, numeric):
+        return (
+            f"{where} is {value!r}; expected {'an integer' if spec.kind == 'int' else 'a number'}"
+        )
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{where} is {value!r}; expected a finite number"
+    if spec.strictly_positive and value <= 0:
+        return f"{where} is {value!r}; expected a number > 0"
+    if spec.minimum is not None and value < spec.minimum:
+        return f"{where} is {value!r}; expected a number >= {spec.minimum:g}"
+    return None
+
+
+def _problems(data: Mapping[str, Any]) -> list[str]:
+    found: list[str] = []
+    version = data.get("schema_version", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        found.append(f"schema_version is {version!r}; this schoolfl reads {SCHEMA_VERSION}")
+    for key in ("name", "kind"):
+        if not isinstance(data.get(key), str) or not data.get(key):
+            found.append(f"{key} is missing or empty; expected a string")
+    kind = data.get("kind")
+    if isinstance(kind, str) and kind and kind not in PROFILE_KINDS:
+        found.append(f"kind is {kind!r}; expected one of {', '.join(PROFILE_KINDS)}")
+    for section, specs in SECTION_FIELDS.items():
+        table = data.get(section)
+        if table is None and section == "calibration":
+            continue
+        if not isinstance(table, Mapping):
+            found.append(
+                f"[{section}] table is missing; expected fields "
+                f"{', '.join(s.name for s in specs if s.required)}"
+            )
+            continue
+        known = {spec.name for spec in specs}
+        for key in table:
+            base = key[: -len("_source")] if key.endswith("_source") else key
+            if base not in known and key != "sources":
+                found.append(
+                    f"{section}.{key} is not a known field; expected one of "
+                    f"{', '.join(sorted(known))}"
+                )
+        for spec in specs:
+            where = f"{section}.{spec.name}"
+            if table.get(spec.name) is None:
+                if spec.required:
+                    found.append(f"{where} is missing; expected {spec.help}")
+                continue
+            problem = _check_value(where, spec, table[spec.name])
+            if problem:
+                found.append(problem)
+            source = table.get(f"{spec.name}_source")
+            if kind == "reference" and spec.cited and not (isinstance(source, str) and source):
+                found.append(
+                    f"{where}_source is missing; a reference profile cites a datasheet "
+                    f"or published benchmark for {where}"
+                )
+    if kind == "measured" and not data.get("measurements"):
+        found.append(
+            "measurements is empty; a measured profile carries its grid "
+            "([[measurements]] tables written by `schoolfl profile bench`)"
+        )
+    for index, row in enumerate(data.get("measurements") or []):
+        for key in (
+            "model",
+            "scheme",
+            "rank",
+            "batch_size",
+            "seq_len",
+            "step_seconds",
+            "peak_rss_bytes",
+        ):
+            if key not in row:
+                found.append(f"measurements[{index}].{key} is missing")
+        if row.get("scheme") not in KNOWN_SCHEMES:
+            found.append(
+                f"measurements[{index}].scheme is {row.get('scheme')!r}; expected one "
+                f"of {', '.join(KNOWN_SCHEMES)}"
+            )
+        for key in ("step_seconds", "peak_rss_bytes"):
+            value = row.get(key)
+            if isinstance(value, (int, float)) and value <= 0:
+                found.append(f"measurements[{index}].{key} is {value!r}; expected a number > 0")
+    return found
+
+
+def _section_to_dict(section: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    sources = getattr(section, "sources", {})
+    for item in fields(section):
+        if item.name == "sources":
+            continue
+        value = getattr(section, item.name)
+        out[item.name] = list(value) if isinstance(value, tuple) else value
+        if item.name in sources:
+            out[f"{item.name}_source"] = sources[item.name]
+    return out
+
+
+def _section_from_dict(cls: type, table: Mapping[str, Any]) -> Any:
+    names = {item.name for item in fields(cls)} - {"sources"}
+    values = {k: v for k, v in table.items() if k in names}
+    for key, value in list(values.items()):
+        if isinstance(value, list):
+            values[key] = tuple(value)
+    sources = {k[: -len("_source")]: v for k, v in table.items() if k.endswith("_source")}
+    return cls(**values, sources=sources)
+
+
+def to_dict(profile: DeviceProfile) -> dict[str, Any]:
+    """The TOML document of a profile (sections, then measurement rows)."""
+    data: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "name": profile.name,
+        "kind": profile.kind,
+        "description": profile.description,
+    }
+    if profile.measured_at:
+        data["measured_at"] = profile.measured_at
+    for section in ("hardware", "throughput", "network", "power", "calibration"):
+        data[section] = _section_to_dict(getattr(profile, section))
+    data["measurements"] = [
+        {item.name: getattr(row, item.name) for item in fields(Measurement)}
+        for row in profile.measurements
+    ]
+    return data
+
+
+def from_dict(data: Mapping[str, Any]) -> DeviceProfile:
+    """Build a profile from a parsed TOML document (call `_problems` first for messages)."""
+    return DeviceProfile(
+        name=data["name"],
+        kind=data["kind"],
+        description=data.get("description", ""),
+        measured_at=data.get("measured_at", ""),
+        hardware=_section_from_dict(Hardware, data["hardware"]),
+        throughput=_section_from_dict(Throughput, data["throughput"]),
+        network=_section_from_dict(Network, data["network"]),
+        power=_section_from_dict(Power, data["power"]),
+        calibration=_section_from_dict(Calibration, data.get("calibration", {})),
+        measurements=tuple(Measurement(**row) for row in data.get("measurements", [])),
+    )
+
+
+def reference_profile_paths() -> list[Path]:
+    """The TOML files shipped in `device_profiles/reference/`, sorted by name."""
+    folder = resources.files("device_profiles") / "reference"
+    return sorted(Path(str(item)) for item in folder.iterdir() if item.name.endswith(".toml"))
+
+
+def load_reference_profiles() -> list[DeviceProfile]:
+    return [DeviceProfile.load(path) for path in reference_profile_paths()]
+
+
+def find_profile(name_or_path: str) -> DeviceProfile:
+    """A file path, or the name of a shipped reference profile."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        return DeviceProfile.load(path)
+    for candidate in reference_profile_paths():
+        if candidate.stem == name_or_path:
+            return DeviceProfile.load(candidate)
+    names = ", ".join(p.stem for p in reference_profile_paths())
+    raise ProfileError(
+        f"no profile file or reference profile named {name_or_path!r}; reference profiles: {names}"
+    )

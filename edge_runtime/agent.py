@@ -1,0 +1,517 @@
+"""The edge agent daemon: heartbeats, assignments, local training, durable upload.
+
+One loop drains the broker queue (paho callbacks only enqueue). Training runs inside the
+loop: while it runs, paho's own thread keeps the connection alive and messages queue up.
+The quantized base of each task stays loaded between rounds. An update goes to the outbox
+before its first publish and leaves it only on the coordinator's acknowledgement, so a
+restarted agent re-sends it; the coordinator counts it once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from device_profiles.cost_model import predict
+from device_profiles.plan import TrainingPlan as CostPlan
+from device_profiles.profile import DeviceProfile, find_profile, profile_toml_text
+from device_profiles.shapes import resolve_shape
+from edge_runtime.agent_config import AgentConfig
+from edge_runtime.chunking import DEFAULT_CHUNK_BYTES, ChunkReassembler, ChunkSender
+from edge_runtime.eligibility import check_eligibility, read_device
+from edge_runtime.errors import ProtocolError, SchemaError
+from edge_runtime.messages import AssignmentDecline, TaskSpec
+from edge_runtime.outbox import Outbox, RoundHistory
+from edge_runtime.protocol import (
+    COORDINATOR_SENDER,
+    Acknowledgement,
+    AckStatus,
+    ChunkHeader,
+    DeviceChannel,
+    DeviceState,
+    Frame,
+    PowerSource,
+    TaskAssignment,
+    TransferStatus,
+    TransferStatusRequest,
+    Update,
+    decode_frame,
+    device_subscriptions,
+    device_topic,
+    encode_frame,
+    model_blob_topic,
+    verify_frame,
+)
+from edge_runtime.signing import Ed25519PublicKey, load_private_key, public_key_from_hex
+from edge_runtime.trainer import LocalPlan, LocalTrainer
+from edge_runtime.transport import MqttTransport, ReceivedMessage, WillConfig
+from edge_runtime.update_codec import CodecConfig, decode_update, encode_update
+from quantization.adapters import AdapterConfig, save_adapter
+from quantization.task_data import read_labelled_texts, read_lm_texts
+from quantization.task_model import TaskModelSpec
+from schoolfl.atomic_files import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_SECONDS = 10.0
+RESEND_SECONDS = 20.0
+"""An unacknowledged update is offered again after this long."""
+UPLOAD_MARGIN_SECONDS = 2.0
+"""Training stops this long before the deadline to leave time for the upload."""
+ENROLLMENT_FILE = "enrollment.json"
+
+
+class AgentError(RuntimeError):
+    """The agent cannot run: not enrolled, no key, unreadable state."""
+
+
+@dataclass(frozen=True)
+class Enrollment:
+    """What `schoolfl agent enroll` learned: whom to trust from now on."""
+
+    fleet: str
+    device_id: str
+    coordinator_public_key: str
+    enrolled_at: float
+
+    @classmethod
+    def load(cls, state_dir: Path) -> Enrollment:
+        path = state_dir / ENROLLMENT_FILE
+        if not path.is_file():
+            raise AgentError(
+                f"{path} is missing: enroll this device first with "
+                "`schoolfl agent enroll --token TOKEN`"
+            )
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (ValueError, TypeError) as error:
+            raise AgentError(f"{path} is damaged ({error}); enroll again") from None
+
+    def save(self, state_dir: Path) -> None:
+        atomic_write_text(state_dir / ENROLLMENT_FILE, json.dumps(vars(self), sort_keys=True))
+
+
+def blob_filter(fleet: str, version: str) -> str:
+    """Subscription filter for every retained chunk of one adapter version."""
+    return model_blob_topic(fleet, version, 0).rsplit("/", 1)[0] + "/+"
+
+
+def task_model_spec(task_id: str, spec: TaskSpec, scheme: str, rank: int) -> TaskModelSpec:
+    return TaskModelSpec(
+        task_id=task_id,
+        kind=spec.kind,
+        base_model=spec.base_model,
+        scheme=scheme,
+        adapter=AdapterConfig(rank=rank, alpha=spec.adapter_alpha),
+        labels=tuple(spec.labels),
+    )
+
+
+class AgentDaemon:
+    """One school device's agent."""
+
+    transport_class: type[MqttTransport] = MqttTransport
+    trainer_class: type[LocalTrainer] = LocalTrainer
+
+    def __init__(self, config: AgentConfig, *, now: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.fleet = config.agent.fleet
+        self.device_id = config.agent.device_id
+        self.now = now
+        if not config.key_path.is_file():
+            raise AgentError(f"no device key at {config.key_path}; run `schoolfl agent init`")
+        self.key = load_private_key(config.key_path)
+        self.enrollment = Enrollment.load(config.state_dir)
+        self.coordinator_key: Ed25519PublicKey = public_key_from_hex(
+            self.enrollment.coordinator_public_key
+        )
+        self.profile: DeviceProfile = find_profile(config.agent.profile)
+        self.profile_digest = hashlib.sha256(profile_toml_text(self.profile).encode()).hexdigest()
+        self.outbox = Outbox(config.outbox_path, now=now)
+        self.history = RoundHistory(config.outbox_path, now=now)
+        self.trainers: dict[str, LocalTrainer] = {}
+        self.global_states: dict[str, dict[str, torch.Tensor]] = {}
+        """Downloaded global adapters by version (sha256)."""
+        self.waiting: dict[str, TaskAssignment] = {}
+        """Assignments whose model version is still downloading, by assignment id."""
+        self.downloads = ChunkReassembler()
+        self.uploads: dict[str, ChunkSender] = {}
+        self.stop_requested = threading.Event()
+        self._last_heartbeat = 0.0
+        self._subscribed_blobs: set[str] = set()
+        self._last_sent: dict[str, float] = {}
+        self.transport: MqttTransport | None = None
+        if config.agent.threads:
+            torch.set_num_threads(config.agent.threads)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def _state_frame(self, online: bool) -> bytes:
+        readings = read_device(cpu_sample_seconds=0.0) if online else None
+        eligible, reasons = False, ("offline",)
+        if readings is not None:
+            verdict = check_eligibility(self.config.eligibility, readings)
+            eligible, reasons = verdict.eligible, verdict.reasons
+        state = DeviceState(
+            fleet=self.fleet,
+            device_id=self.device_id,
+            sequence=int(self.now() * 1000),
+            online=online,
+            eligible=eligible,
+            cpu_load=readings.cpu_percent if readings else 0.0,
+            free_memory_bytes=readings.available_memory_bytes if readings else 0,
+            power_source=(
+                PowerSource.UNKNOWN
+                if readings is None
+                else PowerSource.MAINS
+                if readings.on_mains
+                else PowerSource.BATTERY
+            ),
+            profile_digest=self.profile_digest,
+            ineligible_reasons=tuple(reasons),
+            battery_percent=readings.battery_percent if readings else None,
+        )
+        return encode_frame(state, sender=self.device_id, signing_key=self.key)
+
+    def start(self) -> None:
+        will = WillConfig(
+            device_topic(self.fleet, self.device_id, DeviceChannel.STATE), self._state_frame(False)
+        )
+        self.transport = self.transport_class(
+            self.config.broker.transport_config(self.device_id, will)
+        )
+        for topic_filter in device_subscriptions(self.fleet, self.device_id):
+            self.transport.subscribe(topic_filter)
+        self.transport.start(timeout_seconds=30)
+        logger.info(
+            "agent %s (school %s, profile %s) started; %d update(s) waiting in the outbox",
+            self.device_id,
+            self.config.agent.school,
+            self.profile.name,
+            len(self.outbox),
+        )
+        self.heartbeat()
+        self.resend_pending(force=True)
+
+    def stop(self) -> None:
+        if self.transport is not None:
+            self.transport.publish(
+                device_topic(self.fleet, self.device_id, DeviceChannel.STATE),
+                self._state_frame(False),
+                retain=True,
+            )
+            self.transport.stop()
+        self.outbox.close()
+        self.history.close()
+
+    def run(self) -> None:
+        while not self.stop_requested.is_set():
+            assert self.transport is not None
+            try:
+                message = self.transport.received.get(timeout=0.2)
+            except queue.Empty:
+                message = None
+            if message is not None:
+                self.handle(message)
+            self.tick()
+
+    def tick(self) -> None:
+        try:
+            if self.now() - self._last_heartbeat >= HEARTBEAT_SECONDS:
+                self.heartbeat()
+            self.resend_pending()
+        except Exception:  # noqa: BLE001 - the daemon loop boundary: log and go on
+            logger.exception("agent tick failed; continuing")
+
+    def heartbeat(self) -> None:
+        assert self.transport is not None
+        self.transport.publish(
+            device_topic(self.fleet, self.device_id, DeviceChannel.STATE),
+            self._state_frame(True),
+            retain=True,
+        )
+        self._last_heartbeat = self.now()
+
+    # -- receiving -----------------------------------------------------------------------
+
+    def handle(self, received: ReceivedMessage) -> None:
+        """One message from the broker. Never raises: bad input is logged and dropped."""
+        if not received.payload:
+            return
+        try:
+            frame = decode_frame(received.payload)
+            if isinstance(frame.message, ChunkHeader):
+                self._model_chunk(frame)
+                return
+            if frame.sender != COORDINATOR_SENDER:
+                raise SchemaError(f"unexpected sender {frame.sender!r} on {received.topic}")
+            verify_frame(frame, self.coordinator_key)
+            message = frame.message
+            if isinstance(message, TaskAssignment):
+                self._assignment(message)
+            elif isinstance(message, Acknowledgement):
+                self._acknowledgement(message)
+            elif isinstance(message, TransferStatus):
+                self._transfer_status(message)
+        except ProtocolError as error:
+            logger.warning("refused message on %s: %s", received.topic[:200], error)
+        except Exception:  # noqa: BLE001 - the daemon loop boundary
+            logger.exception("failure handling %s; continuing", received.topic[:200])
+
+    def _assignment(self, assignment: TaskAssignment) -> None:
+        if assignment.device_id != self.device_id or assignment.fleet != self.fleet:
+            raise SchemaError("assignment addressed to another device")
+        if self.history.seen(assignment.task, assignment.server_round):
+            logger.debug("assignment %s already handled", assignment.message_id)
+            return
+        allowed = self.config.agent.tasks
+        if allowed and assignment.task not in allowed:
+            self._decline(assignment, [f"task {assignment.task} is not in this device's tasks"])
+            return
+        if assignment.model_version in self.global_states:
+            self._train(assignment)
+            return
+        self.waiting[assignment.message_id] = assignment
+        topic_filter = blob_filter(self.fleet, assignment.model_version)
+        if topic_filter not in self._subscribed_blobs:
+            assert self.transport is not None
+            self.transport.subscribe(topic_filter)
+            self._subscribed_blobs.add(topic_filter)
+        logger.info(
+            "task %s round %d: fetching model %s",
+            assignment.task,
+            assignment.server_round,
+            assignment.model_version[:12],
+        )
+
+    def _model_chunk(self, frame: Frame) -> None:
+        header = frame.expect(ChunkHeader)
+        if header.transfer_id != header.sha256:
+            raise SchemaError("model chunks must be content-addressed (transfer id = sha256)")
+        if header.sha256 in self.global_states:
+            return
+        completed = self.downloads.accept(header, frame.body)
+        if completed is None:
+            return
+        self.global_states[header.sha256] = decode_update(completed.payload)
+        logger.info("model %s downloaded (%d bytes)", header.sha256[:12], len(completed.payload))
+        ready = [a for a in self.waiting.values() if a.model_version == header.sha256]
+        for assignment in ready:
+            del self.waiting[assignment.message_id]
+            self._train(assignment)
+
+    def _acknowledgement(self, ack: Acknowledgement) -> None:
+        if ack.status is AckStatus.REJECTED:
+            logger.warning("coordinator refused %s: %s", ack.acked_message_id, ack.reason)
+        if self.outbox.acknowledge(ack.acked_message_id):
+            logger.info("update %s acknowledged (%s)", ack.acked_message_id, ack.status.value)
+        self.uploads.pop(ack.acked_message_id, None)
+
+    def _transfer_status(self, status: TransferStatus) -> None:
+        for update_id, sender in list(self.uploads.items()):
+            if sender.transfer_id == status.transfer_id:
+                missing = sender.missing_from(status)
+                logger.info("resending %d missing chunk(s) of %s", len(missing), update_id)
+                self._publish_chunks(sender, missing)
+
+    # -- training and upload -------------------------------------------------------------
+
+    def _decline(self, assignment: TaskAssignment, reasons: list[str]) -> None:
+        assert self.transport is not None
+        decline = AssignmentDecline(
+            fleet=self.fleet,
+            task=assignment.task,
+            server_round=assignment.server_round,
+            device_id=self.device_id,
+            attempt=assignment.attempt,
+            reasons=tuple(reasons),
+        )
+        self.transport.publish(
+            device_topic(self.fleet, self.device_id, DeviceChannel.UPDATE),
+            encode_frame(decline, sender=self.device_id, signing_key=self.key),
+        )
+        self.history.record(
+            assignment.task, assignment.server_round, "declined", "; ".join(reasons)
+        )
+        logger.info(
+            "declined task %s round %d: %s",
+            assignment.task,
+            assignment.server_round,
+            "; ".join(reasons),
+        )
+
+    def _trainer(self, assignment: TaskAssignment) -> LocalTrainer:
+        spec = task_model_spec(
+            assignment.task, assignment.spec, assignment.plan.scheme, assignment.plan.adapter_rank
+        )
+        trainer = self.trainers.get(assignment.task)
+        if trainer is None or trainer.spec != spec:
+            data_file = self.config.data_file(assignment.task)
+            examples = (
+                read_labelled_texts(data_file)
+                if spec.kind == "classification"
+                else read_lm_texts(data_file)
+            )
+            logger.info(
+                "loading %s (%s) for task %s with %d local examples",
+                spec.base_model,
+                spec.scheme,
+                spec.task_id,
+                len(examples),
+            )
+            trainer = self.trainer_class(spec, examples)
+            self.trainers[assignment.task] = trainer
+        return trainer
+
+    def _predicted_peak_bytes(self, assignment: TaskAssignment) -> int:
+        plan = assignment.plan
+        try:
+            shape = resolve_shape(assignment.spec.base_model)
+        except Exception:  # noqa: BLE001 - unknown shape: no memory requirement to check
+            return 0
+        cost_plan = CostPlan(
+            scheme=plan.scheme,
+            rank=plan.adapter_rank,
+            batch_size=plan.batch_size,
+            seq_len=plan.sequence_length,
+            local_steps=plan.local_steps,
+        )
+        return predict(self.profile, shape, cost_plan).peak_bytes
+
+    def _train(self, assignment: TaskAssignment) -> None:
+        plan = assignment.plan
+        verdict = check_eligibility(
+            self.config.eligibility, read_device(0.2), self._predicted_peak_bytes(assignment)
+        )
+        if not verdict.eligible:
+            self._decline(assignment, list(verdict.reasons))
+            return
+        seconds_left = assignment.deadline - self.now() - UPLOAD_MARGIN_SECONDS
+        if seconds_left <= 0:
+            self._decline(assignment, ["the deadline has already passed"])
+            return
+        trainer = self._trainer(assignment)
+        started = time.monotonic()
+        result = trainer.train_round(
+            self.global_states[assignment.model_version],
+            LocalPlan(plan.local_steps, plan.batch_size, plan.sequence_length, plan.learning_rate),
+            deadline=trainer.clock() + seconds_left,
+            round_seed=assignment.server_round,
+        )
+        if self.config.agent.emulate_profile and plan.predicted_round_seconds:
+            self._wait_out_emulated_time(plan.predicted_round_seconds, started, seconds_left)
+        encoded = encode_update(
+            result.delta, CodecConfig(plan.update_encoding, plan.top_k_fraction)
+        )
+        update = Update(
+            fleet=self.fleet,
+            task=assignment.task,
+            server_round=assignment.server_round,
+            device_id=self.device_id,
+            attempt=assignment.attempt,
+            model_version=assignment.model_version,
+            num_samples=result.num_examples,
+            num_steps=result.num_steps,
+            encoding=plan.update_encoding,
+            metrics={
+                "train_loss": result.mean_loss if result.num_steps else 0.0,
+                "first_loss": result.first_loss if result.num_steps else 0.0,
+                "last_loss": result.last_loss if result.num_steps else 0.0,
+                "train_seconds": result.seconds,
+                "bytes_up": float(encoded.encoded_bytes),
+            },
+            top_k_fraction=plan.top_k_fraction,
+        )
+        frame = encode_frame(update, sender=self.device_id, body=encoded.body, signing_key=self.key)
+        self.outbox.put(update.message_id, update.task, update.server_round, frame)
+        self.history.record(
+            assignment.task,
+            assignment.server_round,
+            "trained",
+            f"{result.num_steps}/{plan.local_steps} steps, loss {result.first_loss:.3f} -> "
+            f"{result.last_loss:.3f}, {encoded.encoded_bytes} bytes up",
+        )
+        self._save_personal_copy(assignment, trainer)
+        self.send_update(update.message_id, frame)
+        logger.info(
+            "task %s round %d: trained %d steps in %.1f s, loss %.3f -> %.3f, uploading %d bytes",
+            assignment.task,
+            assignment.server_round,
+            result.num_steps,
+            result.seconds,
+            result.first_loss,
+            result.last_loss,
+            encoded.encoded_bytes,
+        )
+
+    def _wait_out_emulated_time(self, predicted: float, started: float, limit: float) -> None:
+        """Demo emulation: a fast machine waits until the emulated device would be done."""
+        remaining = min(predicted, limit) - (time.monotonic() - started)
+        if remaining > 0:
+            self.stop_requested.wait(remaining)
+
+    def _save_personal_copy(self, assignment: TaskAssignment, trainer: LocalTrainer) -> None:
+        """Keep the global adapter the device trained from, for `schoolfl agent predict`."""
+        trainer.load_global(self.global_states[assignment.model_version])
+        save_adapter(trainer.model, self.config.state_dir / "adapters" / assignment.task)
+        atomic_write_text(
+            self.config.state_dir / "adapters" / f"{assignment.task}.json",
+            json.dumps(
+                {
+                    "spec": vars(assignment.spec) | {"labels": list(assignment.spec.labels)},
+                    "scheme": assignment.plan.scheme,
+                    "rank": assignment.plan.adapter_rank,
+                    "version": assignment.model_version,
+                },
+                sort_keys=True,
+            ),
+        )
+
+    def send_update(self, update_id: str, frame: bytes) -> None:
+        """Publish an update frame, in chunks when it is larger than one chunk."""
+        assert self.transport is not None
+        self.outbox.mark_sent(update_id)
+        self._last_sent[update_id] = self.now()
+        if len(frame) <= DEFAULT_CHUNK_BYTES:
+            self.transport.publish(
+                device_topic(self.fleet, self.device_id, DeviceChannel.UPDATE), frame
+            )
+            return
+        sender = self.uploads.get(update_id)
+        if sender is None:
+            transfer_id = hashlib.sha256(frame).hexdigest()[:32]
+            sender = ChunkSender(frame, transfer_id=transfer_id, sender=self.device_id)
+            self.uploads[update_id] = sender
+            self._publish_chunks(sender, range(sender.count))
+        else:  # a resend: ask which chunks the coordinator still lacks
+            request = TransferStatusRequest(
+                transfer_id=sender.transfer_id, request_id=f"r{int(self.now() * 1000)}"
+            )
+            self.transport.publish(
+                device_topic(self.fleet, self.device_id, DeviceChannel.TRANSFER),
+                encode_frame(request, sender=self.device_id, signing_key=self.key),
+            )
+
+    def _publish_chunks(self, sender: ChunkSender, indices: object) -> None:
+        assert self.transport is not None
+        topic = device_topic(self.fleet, self.device_id, DeviceChannel.CHUNK)
+        for _, chunk in sender.frames(indices):  # type: ignore[arg-type]
+            self.transport.publish(topic, chunk)
+
+    def resend_pending(self, force: bool = False) -> None:
+        """Offer again every update the coordinator has not acknowledged for a while (all of
+        them at start-up: the previous run may have died before or after publishing)."""
+        for pending in self.outbox.pending():
+            last = self._last_sent.get(pending.update_id)
+            if force or last is None or self.now() - last >= RESEND_SECONDS:
+                logger.info("sending unacknowledged %s again", pending.update_id)
+                self.send_update(pending.update_id, pending.frame)

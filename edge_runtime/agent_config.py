@@ -1,0 +1,135 @@
+"""`agent.toml`: everything school IT sets for one device, validated with clear messages.
+
+`schoolfl agent init` writes it; `schoolfl agent run` reads it. Unknown keys are errors
+that name the key (a typo in `min_battery_percent` must not silently keep the default).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from device_profiles.toml_io import dumps_toml
+from edge_runtime.broker_settings import BrokerSettings
+from edge_runtime.config_tables import build_dataclass, read_toml_file
+from edge_runtime.eligibility import EligibilityPolicy
+from edge_runtime.messages import check_identifier
+from schoolfl.atomic_files import atomic_write_text
+
+
+class AgentConfigError(ValueError):
+    """agent.toml is missing, unreadable or invalid; the message names file and key."""
+
+
+DATA_SUFFIXES = (".jsonl", ".csv", ".txt")
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """The `[agent]` table."""
+
+    fleet: str
+    """The coordinator's fleet name (topic namespace)."""
+    device_id: str
+    """Unique per device; also its broker username."""
+    school: str
+    """Devices of one school share its network link and its privacy policy."""
+    state_dir: str
+    """Keys, outbox, adapters and logs live here (keep it on persistent storage)."""
+    data_dir: str
+    """Local training data: one file per task, named <task>.jsonl / .csv / .txt."""
+    profile: str = "laptop-mid-16gb"
+    """A reference profile name (schoolfl profile list) or a measured profile TOML path."""
+    threads: int = 0
+    """CPU threads for training; 0 = torch's default (all cores)."""
+    tasks: tuple[str, ...] = ()
+    """Tasks this device may join; empty = any the coordinator assigns."""
+    emulate_profile: bool = False
+    """Demo only: stretch compute to the profile's predicted step time."""
+
+    def __post_init__(self) -> None:
+        for name in ("fleet", "device_id", "school"):
+            try:
+                check_identifier(name, getattr(self, name))
+            except ValueError as error:
+                raise AgentConfigError(f"[agent] {error}") from None
+        if self.threads < 0:
+            raise AgentConfigError(f"[agent] threads must be >= 0, got {self.threads}")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    agent: AgentSettings
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
+    eligibility: EligibilityPolicy = field(default_factory=EligibilityPolicy)
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.agent.state_dir).expanduser()
+
+    @property
+    def key_path(self) -> Path:
+        return self.state_dir / "device_key.pem"
+
+    @property
+    def outbox_path(self) -> Path:
+        return self.state_dir / "outbox.db"
+
+    def data_file(self, task_id: str) -> Path:
+        """The local data file for a task; a clear error lists what was looked for."""
+        folder = Path(self.agent.data_dir).expanduser()
+        for suffix in DATA_SUFFIXES:
+            candidate = folder / f"{task_id}{suffix}"
+            if candidate.is_file():
+                return candidate
+        names = ", ".join(f"{task_id}{s}" for s in DATA_SUFFIXES)
+        raise AgentConfigError(
+            f"no local data for task {task_id!r}: put one of {names} in {folder}"
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "agent.toml") -> AgentConfig:
+        unknown = sorted(set(data) - {"agent", "broker", "eligibility"})
+        if unknown:
+            raise AgentConfigError(f"{source}: unknown tables {unknown}")
+        if "agent" not in data:
+            raise AgentConfigError(f"{source}: missing the [agent] table")
+        try:
+            return cls(
+                agent=build_dataclass(AgentSettings, data["agent"], "[agent]", AgentConfigError),
+                broker=BrokerSettings.from_table(dict(data.get("broker", {}))),
+                eligibility=EligibilityPolicy.from_table(dict(data.get("eligibility", {}))),
+            )
+        except AgentConfigError as error:
+            raise AgentConfigError(f"{source}: {error}") from None
+        except (TypeError, ValueError) as error:
+            raise AgentConfigError(f"{source}: {error}") from None
+
+    @classmethod
+    def load(cls, path: Path) -> AgentConfig:
+        hint = "create it with `schoolfl agent init`"
+        return cls.from_dict(read_toml_file(path, AgentConfigError, hint), str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        policy = self.eligibility
+        return {
+            "agent": {
+                name: (list(value) if isinstance(value, tuple) else value)
+                for name, value in vars(self.agent).items()
+            },
+            "broker": {k: v for k, v in vars(self.broker).items() if v is not None},
+            "eligibility": {
+                "require_mains": policy.require_mains,
+                "min_battery_percent": policy.min_battery_percent,
+                "max_cpu_percent": policy.max_cpu_percent,
+                "memory_margin_bytes": policy.memory_margin_bytes,
+                "max_temperature_celsius": policy.max_temperature_celsius,
+                "allowed_hours": [f"{w.start:%H:%M}-{w.end:%H:%M}" for w in policy.allowed_hours],
+                "allowed_weekdays": list(policy.allowed_weekdays),
+            },
+        }
+
+    def save(self, path: Path) -> None:
+        header = "schoolfl agent configuration; every key is documented in docs/agent.md"
+        atomic_write_text(Path(path), dumps_toml(self.to_dict(), header=header))

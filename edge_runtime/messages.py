@@ -1,0 +1,549 @@
+"""Message schemas: one frozen dataclass per message kind, validated in `__post_init__`.
+
+The dataclass *is* the schema: `edge_runtime.schema` converts to and from JSON driven by the
+annotations (and is re-exported here). `edge_runtime.protocol` re-exports the messages.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from edge_runtime.errors import SchemaError
+from edge_runtime.schema import (
+    MAX_SAFE_INTEGER,
+    check_identifier,
+    check_range,
+    check_sha256,
+    from_json_fields,
+    to_json_fields,
+)
+
+__all__ = [
+    "MAX_SAFE_INTEGER",
+    "MESSAGE_CLASSES",
+    "Acknowledgement",
+    "AckStatus",
+    "AssignmentDecline",
+    "ChunkHeader",
+    "CoordinatorStatus",
+    "DeviceState",
+    "EnrollmentRequest",
+    "EnrollmentResponse",
+    "Message",
+    "MessageKind",
+    "ModelManifest",
+    "PowerSource",
+    "TaskAssignment",
+    "TaskSpec",
+    "TrainingPlan",
+    "TransferStatus",
+    "TransferStatusRequest",
+    "Update",
+    "UpdateEncoding",
+    "check_identifier",
+    "check_range",
+    "check_sha256",
+    "from_json_fields",
+    "to_json_fields",
+    "update_id",
+]
+
+MAX_METRICS = 256
+TASK_KINDS = ("classification", "causal-lm")
+
+
+class MessageKind(enum.Enum):
+    """Every message type on the wire. The value is the serialized `kind` tag."""
+
+    ENROLLMENT_REQUEST = "enrollment_request"
+    ENROLLMENT_RESPONSE = "enrollment_response"
+    DEVICE_STATE = "device_state"
+    COORDINATOR_STATUS = "coordinator_status"
+    TASK_ASSIGNMENT = "task_assignment"
+    ASSIGNMENT_DECLINE = "assignment_decline"
+    UPDATE = "update"
+    ACKNOWLEDGEMENT = "acknowledgement"
+    MODEL_MANIFEST = "model_manifest"
+    CHUNK = "chunk"
+    TRANSFER_STATUS_REQUEST = "transfer_status_request"
+    TRANSFER_STATUS = "transfer_status"
+
+    @property
+    def requires_signature(self) -> bool:
+        """Chunks are the only unsigned kind: the reassembled frame they carry is signed and
+        its sha256 is checked, so signing each chunk would add cost and no protection."""
+        return self is not MessageKind.CHUNK
+
+
+class UpdateEncoding(enum.Enum):
+    """How an update body's tensors are stored (see `edge_runtime.update_codec`)."""
+
+    FP32 = "fp32"
+    INT8 = "int8"
+
+
+class PowerSource(enum.Enum):
+    MAINS = "mains"
+    BATTERY = "battery"
+    UNKNOWN = "unknown"
+
+
+class AckStatus(enum.Enum):
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"
+    """Already recorded; the sender may delete its outbox copy exactly as for ACCEPTED."""
+    REJECTED = "rejected"
+    """Refused for good (bad signature, stale round...); `reason` says why. Do not resend."""
+
+
+# ----------------------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """What the scheduler asks one device to do in one round."""
+
+    adapter_rank: int
+    local_steps: int
+    batch_size: int
+    sequence_length: int
+    update_encoding: UpdateEncoding = UpdateEncoding.INT8
+    """INT8 by default: a quarter of fp32's bytes, which slow school uplinks need."""
+    top_k_fraction: float | None = None
+    """Keep only this fraction of each tensor's largest entries; None sends all."""
+    scheme: str = "nf4"
+    """Quantization of the frozen base on the device (nf4, int8, none, bnb-nf4, ...)."""
+    learning_rate: float = 2e-3
+    predicted_round_seconds: float | None = None
+    """The scheduler's prediction for this device (lets an agent emulate a slower profile)."""
+
+    def __post_init__(self) -> None:
+        check_range("adapter_rank", self.adapter_rank, 1, 1024)
+        check_range("local_steps", self.local_steps, 1, 1_000_000)
+        check_range("batch_size", self.batch_size, 1, 65536)
+        check_range("sequence_length", self.sequence_length, 1, 1_000_000)
+        if self.top_k_fraction is not None:
+            check_range("top_k_fraction", self.top_k_fraction, 1e-6, 1.0)
+        check_identifier("scheme", self.scheme)
+        if not 0.0 < self.learning_rate <= 10.0:
+            raise SchemaError(f"learning_rate must be in (0, 10], got {self.learning_rate!r}")
+        if self.predicted_round_seconds is not None:
+            check_range("predicted_round_seconds", self.predicted_round_seconds, 0.0, 1e7)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a device needs to build the task's model; sent inside every assignment."""
+
+    kind: str
+    """'classification' or 'causal-lm'."""
+    base_model: str
+    """A known model name (minilm-l6, smollm2-135m) or a path on the device."""
+    labels: tuple[str, ...] = ()
+    """Class names in head order (classification only)."""
+    adapter_alpha: float = 16.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in TASK_KINDS:
+            raise SchemaError(f"kind must be one of {list(TASK_KINDS)}, got {self.kind!r:.80}")
+        if not 1 <= len(self.base_model) <= 1024:
+            raise SchemaError(f"base_model must be 1..1024 chars, got {len(self.base_model)}")
+        if len(self.labels) > 4096 or any(not 1 <= len(label) <= 256 for label in self.labels):
+            raise SchemaError("labels: at most 4096 labels of 1..256 chars each")
+        if not (math.isfinite(self.adapter_alpha) and self.adapter_alpha > 0):
+            raise SchemaError(
+                f"adapter_alpha must be a positive number, got {self.adapter_alpha!r}"
+            )
+
+
+@dataclass(frozen=True)
+class EnrollmentRequest:
+    """Device -> coordinator: redeem a one-time token to register `public_key`.
+
+    Signed by the new key itself (proof of possession)."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.ENROLLMENT_REQUEST
+    fleet: str
+    device_id: str
+    request_id: str
+    token: str
+    public_key: str
+    profile_digest: str
+
+    def __post_init__(self) -> None:
+        check_identifier("fleet", self.fleet)
+        check_identifier("device_id", self.device_id)
+        check_identifier("request_id", self.request_id)
+        if not 16 <= len(self.token) <= 256:
+            raise SchemaError(f"token must be 16..256 chars, got {len(self.token)}")
+        if not re.fullmatch(r"[0-9a-f]{64}", self.public_key):
+            raise SchemaError(f"public_key must be 64 hex chars, got {self.public_key!r:.80}")
+        check_sha256("profile_digest", self.profile_digest)
+
+    @property
+    def message_id(self) -> str:
+        return f"enroll/{self.fleet}/{self.device_id}/{self.request_id}"
+
+
+@dataclass(frozen=True)
+class EnrollmentResponse:
+    """Coordinator -> device: the registration result and the key to trust from now on."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.ENROLLMENT_RESPONSE
+    fleet: str
+    device_id: str
+    request_id: str
+    accepted: bool
+    reason: str
+    coordinator_public_key: str
+
+    def __post_init__(self) -> None:
+        check_identifier("fleet", self.fleet)
+        check_identifier("device_id", self.device_id)
+        check_identifier("request_id", self.request_id)
+        if not re.fullmatch(r"[0-9a-f]{64}", self.coordinator_public_key):
+            raise SchemaError("coordinator_public_key must be 64 hex chars")
+
+    @property
+    def message_id(self) -> str:
+        return f"enrolled/{self.fleet}/{self.device_id}/{self.request_id}"
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    """Device heartbeat, retained; the same message with online=False is the last will."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.DEVICE_STATE
+    fleet: str
+    device_id: str
+    sequence: int
+    """Strictly increasing per device (e.g. milliseconds since the epoch)."""
+    online: bool
+    eligible: bool
+    cpu_load: float
+    free_memory_bytes: int
+    power_source: PowerSource
+    profile_digest: str
+    ineligible_reasons: tuple[str, ...] = ()
+    battery_percent: float | None = None
+
+    def __post_init__(self) -> None:
+        check_identifier("fleet", self.fleet)
+        check_identifier("device_id", self.device_id)
+        check_range("sequence", self.sequence, 0, MAX_SAFE_INTEGER)
+        check_range("cpu_load", self.cpu_load, 0.0, 1e6)
+        check_range("free_memory_bytes", self.free_memory_bytes, 0, MAX_SAFE_INTEGER)
+        check_sha256("profile_digest", self.profile_digest)
+        if self.battery_percent is not None:
+            check_range("battery_percent", self.battery_percent, 0.0, 100.0)
+
+    @property
+    def message_id(self) -> str:
+        return f"state/{self.fleet}/{self.device_id}/{self.sequence}"
+
+
+@dataclass(frozen=True)
+class CoordinatorStatus:
+    """Coordinator liveness, retained; online=False is its last will."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.COORDINATOR_STATUS
+    fleet: str
+    sequence: int
+    online: bool
+    public_key: str
+
+    def __post_init__(self) -> None:
+        check_identifier("fleet", self.fleet)
+        check_range("sequence", self.sequence, 0, MAX_SAFE_INTEGER)
+        if not re.fullmatch(r"[0-9a-f]{64}", self.public_key):
+            raise SchemaError("public_key must be 64 hex chars")
+
+    @property
+    def message_id(self) -> str:
+        return f"status/{self.fleet}/{self.sequence}"
+
+
+@dataclass(frozen=True)
+class TaskAssignment:
+    """Coordinator -> device: train `plan` on top of `model_version` before `deadline`."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.TASK_ASSIGNMENT
+    fleet: str
+    task: str
+    server_round: int
+    device_id: str
+    attempt: int
+    plan: TrainingPlan
+    deadline: float
+    """Unix time (seconds) by which the update must have arrived."""
+    model_version: str
+    """sha256 of the global adapter body to start from (see ModelManifest)."""
+    spec: TaskSpec
+
+    def __post_init__(self) -> None:
+        check_identifier("fleet", self.fleet)
+        check_identifier("task", self.task)
+        check_identifier("device_id", self.device_id)
+        check_range("server_round", self.server_round, 0, MAX_SAFE_INTEGER)
+        check_range("attempt", self.attempt, 0, 1000)
+        check_range("deadline", self.deadline, 0.0, 1e11)
+        check_sha256("model_version", self.model_version)
+
+    @property
+    def message_id(self) -> str:
+        return f"task/{self.fleet}/{self.task}/{self.server_round}/{self.device_id}/{self.attempt}"
+
+
+@dataclass(frozen=True)
+class AssignmentDecline:
+    """Device -> coordinator (on its update topic): it will not do this assignment, and why
+    (not eligible, task not allowed here...), so the round need not wait for it."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.ASSIGNMENT_DECLINE
+    fleet: str
+    task: str
+    server_round: int
+    device_id: str
+    attempt: int
+    reasons: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_identifier("fleet", self.fleet)
+        check_identifier("task", self.task)
+        check_identifier("device_id", self.device_id)
+        check_range("server_round", self.server_round, 0, MAX_SAFE_INTEGER)
+        check_range("attempt", self.attempt, 0, 1000)
+        if len(self.reasons) > 64:
+            raise SchemaError(f"at most 64 reasons, got {len(self.reasons)}")
+
+    @property
+    def message_id(self) -> str:
+        return (
+            f"decline/{self.fleet}/{self.task}/{self.server_round}/{self.device_id}/{self.attempt}"
+        )
+
+
+def update_id(fleet: str, task: str, server_round: int, device_id: str, attempt: int) -> str:
+    """The idempotency key of an update (DESIGN invariant 4)."""
+    return f"update/{fleet}/{task}/{server_round}/{device_id}/{attempt}"
+
+
+@dataclass(frozen=True)
+class Update:
+    """Device -> coordinator: an adapter delta (the frame body) plus what produced it."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.UPDATE
+    fleet: str
+    task: str
+    server_round: int
+    device_id: str
+    attempt: int
+    model_version: str
+    num_samples: int
+    num_steps: int
+    encoding: UpdateEncoding
+    metrics: dict[str, float] = field(default_factory=dict)
+    top_k_fraction: float | None = None
+
+    def __post_init__(self) -> None:
+        check_identifier("fleet", self.fleet)
+        check_identifier("task", self.task)
+        check_identifier("device_id", self.device_id)
+        check_range("server_round", self.server_round, 0, MAX_SAFE_INTEGER)
+        check_range("attempt", self.attempt, 0, 1000)
+        check_sha256("model_version", self.model_version)
+        check_range("num_samples", self.num_samples, 0, MAX_SAFE_INTEGER)
+        check_range("num_steps", self.num_steps, 0, MAX_SAFE_INTEGER)
+        if len(self.metrics) > MAX_METRICS:
+            raise SchemaError(f"at most {MAX_METRICS} metrics, got {len(self.metrics)}")
+        for name in self.metrics:
+            check_identifier("metric name", name)
+        if self.top_k_fraction is not None:
+            check_range("top_k_fraction", self.top_k_fraction, 1e-6, 1.0)
+
+    @property
+    def message_id(self) -> str:
+        return update_id(self.fleet, self.task, self.server_round, self.device_id, self.attempt)
+
+
+@dataclass(frozen=True)
+class Acknowledgement:
+    """Coordinator -> device: the fate of one message (the agent clears its outbox on it)."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.ACKNOWLEDGEMENT
+    fleet: str
+    device_id: str
+    acked_message_id: str
+    status: AckStatus
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        check_identifier("fleet", self.fleet)
+        check_identifier("device_id", self.device_id)
+        if not 1 <= len(self.acked_message_id) <= 512:
+            raise SchemaError("acked_message_id must be 1..512 chars")
+
+    @property
+    def message_id(self) -> str:
+        return f"ack/{self.acked_message_id}"
+
+
+@dataclass(frozen=True)
+class ModelManifest:
+    """A global adapter version, retained, published once per version.
+
+    The body is content-addressed: `version` is the sha256 of the encoded adapter, sent in
+    retained chunks on `model_blob_topic(fleet, version, index)`."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.MODEL_MANIFEST
+    fleet: str
+    task: str
+    version: str
+    server_round: int
+    body_bytes: int
+    chunk_bytes: int
+    chunk_count: int
+    encoding: UpdateEncoding = UpdateEncoding.FP32
+    parent_version: str | None = None
+
+    def __post_init__(self) -> None:
+        check_identifier("fleet", self.fleet)
+        check_identifier("task", self.task)
+        check_sha256("version", self.version)
+        if self.parent_version is not None:
+            check_sha256("parent_version", self.parent_version)
+        check_range("server_round", self.server_round, 0, MAX_SAFE_INTEGER)
+        check_range("body_bytes", self.body_bytes, 1, MAX_SAFE_INTEGER)
+        check_range("chunk_bytes", self.chunk_bytes, 1, MAX_SAFE_INTEGER)
+        expected = -(-self.body_bytes // self.chunk_bytes)
+        if self.chunk_count != expected:
+            raise SchemaError(
+                f"chunk_count must be ceil(body_bytes / chunk_bytes) = {expected}, "
+                f"got {self.chunk_count}"
+            )
+
+    @property
+    def message_id(self) -> str:
+        return f"model/{self.fleet}/{self.task}/{self.version}"
+
+
+@dataclass(frozen=True)
+class ChunkHeader:
+    """One piece of a large frame; the frame body is the piece's bytes."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.CHUNK
+    transfer_id: str
+    index: int
+    count: int
+    chunk_bytes: int
+    """Size of every chunk but the last."""
+    total_bytes: int
+    sha256: str
+    """Digest of the whole reassembled payload."""
+
+    def __post_init__(self) -> None:
+        check_identifier("transfer_id", self.transfer_id)
+        check_range("total_bytes", self.total_bytes, 1, MAX_SAFE_INTEGER)
+        check_range("chunk_bytes", self.chunk_bytes, 1, MAX_SAFE_INTEGER)
+        expected = -(-self.total_bytes // self.chunk_bytes)
+        if self.count != expected:
+            raise SchemaError(
+                f"count must be ceil(total_bytes / chunk_bytes) = {expected}, got {self.count}"
+            )
+        check_range("index", self.index, 0, self.count - 1)
+        check_sha256("sha256", self.sha256)
+
+    @property
+    def expected_body_bytes(self) -> int:
+        return min(self.chunk_bytes, self.total_bytes - self.index * self.chunk_bytes)
+
+    @property
+    def message_id(self) -> str:
+        return f"chunk/{self.transfer_id}/{self.index}"
+
+
+@dataclass(frozen=True)
+class TransferStatusRequest:
+    """Sender -> receiver after a reconnect: which chunks of `transfer_id` do you hold?"""
+
+    KIND: ClassVar[MessageKind] = MessageKind.TRANSFER_STATUS_REQUEST
+    transfer_id: str
+    request_id: str
+
+    def __post_init__(self) -> None:
+        check_identifier("transfer_id", self.transfer_id)
+        check_identifier("request_id", self.request_id)
+
+    @property
+    def message_id(self) -> str:
+        return f"transfer-query/{self.transfer_id}/{self.request_id}"
+
+
+@dataclass(frozen=True)
+class TransferStatus:
+    """Receiver -> sender: the chunks still missing, as half-open [start, stop) ranges
+    flattened into `missing_ranges` (start0, stop0, start1, stop1, ...), so a reply stays
+    small however many chunks a transfer has."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.TRANSFER_STATUS
+    transfer_id: str
+    request_id: str
+    known: bool
+    """False when the receiver never saw this transfer: resend everything."""
+    complete: bool
+    missing_ranges: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_identifier("transfer_id", self.transfer_id)
+        check_identifier("request_id", self.request_id)
+        ranges = self.missing_ranges
+        if len(ranges) % 2:
+            raise SchemaError("missing_ranges must hold (start, stop) pairs")
+        previous_stop = -1
+        for start, stop in zip(ranges[::2], ranges[1::2], strict=True):
+            if not previous_stop < start < stop or start < 0:
+                raise SchemaError(
+                    f"missing_ranges must be increasing, non-empty, disjoint; got {ranges!r:.200}"
+                )
+            previous_stop = stop
+
+    @property
+    def message_id(self) -> str:
+        return f"transfer-status/{self.transfer_id}/{self.request_id}"
+
+    def missing_indices(self, count: int) -> list[int]:
+        """The missing chunk indices, refusing ranges beyond `count` (a lying receiver)."""
+        if self.missing_ranges and self.missing_ranges[-1] > count:
+            raise SchemaError(
+                f"missing_ranges reach {self.missing_ranges[-1]} but the transfer has "
+                f"{count} chunks"
+            )
+        return [
+            index
+            for start, stop in zip(self.missing_ranges[::2], self.missing_ranges[1::2], strict=True)
+            for index in range(start, stop)
+        ]
+
+
+Message = (
+    EnrollmentRequest
+    | EnrollmentResponse
+    | DeviceState
+    | CoordinatorStatus
+    | TaskAssignment
+    | AssignmentDecline
+    | Update
+    | Acknowledgement
+    | ModelManifest
+    | ChunkHeader
+    | TransferStatusRequest
+    | TransferStatus
+)
+
+MESSAGE_CLASSES: dict[MessageKind, type[Any]] = {cls.KIND: cls for cls in typing.get_args(Message)}
+"""The one registry the style guide allows: serialized kind tag -> class."""

@@ -1,0 +1,175 @@
+"""Local training of one task's adapter on the device's own data.
+
+The quantized base is loaded once per task and kept between rounds (a round's fixed cost
+matters on a Raspberry Pi); each round starts from the global adapter, runs the plan's
+steps, stops early rather than miss the deadline, and returns the *delta* to the global
+adapter plus what was actually done. Student data stays in this process.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from quantization.adapters import get_adapter_state, set_adapter_state
+from quantization.task_data import LabelledText
+from quantization.task_model import (
+    TaskModelSpec,
+    build_task_model,
+    causal_lm_batch,
+    classification_accuracy,
+    classification_batch,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LocalPlan:
+    """The part of the coordinator's plan that the trainer executes."""
+
+    local_steps: int
+    batch_size: int
+    seq_len: int
+    learning_rate: float
+
+    def __post_init__(self) -> None:
+        for name in ("local_steps", "batch_size", "seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"plan {name} must be a positive integer, got {value!r}")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"plan learning_rate must be > 0, got {self.learning_rate!r}")
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    delta: dict[str, torch.Tensor]
+    """Trained adapter minus the global adapter it started from."""
+    num_examples: int
+    """Size of the local data set: the FedAvg weight."""
+    num_steps: int
+    """Steps actually done (fewer than planned when the deadline came first)."""
+    mean_loss: float
+    first_loss: float
+    last_loss: float
+    seconds: float
+    stopped_early: bool
+
+
+class LocalTrainer:
+    """One task's model, kept loaded across rounds, and the device's examples for it."""
+
+    def __init__(
+        self,
+        spec: TaskModelSpec,
+        examples: Sequence[LabelledText] | Sequence[str],
+        *,
+        seed: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not examples:
+            raise ValueError(f"task {spec.task_id!r}: no local examples to train on")
+        self.spec = spec
+        self.examples = list(examples)
+        self.model, self.tokenizer = build_task_model(spec, seed=seed)
+        self.clock = clock
+        self._seed = seed
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        return get_adapter_state(self.model)
+
+    def load_global(self, state: dict[str, torch.Tensor]) -> None:
+        set_adapter_state(self.model, state)
+
+    def _batch(self, indices: Sequence[int], seq_len: int) -> dict[str, torch.Tensor]:
+        chosen = [self.examples[i] for i in indices]
+        if self.spec.kind == "classification":
+            return classification_batch(self.tokenizer, chosen, self.spec.labels, seq_len)  # type: ignore[arg-type]
+        return causal_lm_batch(self.tokenizer, chosen, seq_len)  # type: ignore[arg-type]
+
+    def _batches(self, plan: LocalPlan, round_seed: int) -> list[list[int]]:
+        """Shuffled passes over the local data, cut into the plan's batches."""
+        rng = random.Random(round_seed)
+        order: list[int] = []
+        while len(order) < plan.local_steps * plan.batch_size:
+            epoch = list(range(len(self.examples)))
+            rng.shuffle(epoch)
+            order.extend(epoch)
+        return [
+            order[step * plan.batch_size : (step + 1) * plan.batch_size]
+            for step in range(plan.local_steps)
+        ]
+
+    def train_round(
+        self,
+        global_state: dict[str, torch.Tensor],
+        plan: LocalPlan,
+        *,
+        deadline: float | None = None,
+        round_seed: int = 0,
+    ) -> TrainingResult:
+        """Train from `global_state` for up to `plan.local_steps` steps.
+
+        `deadline` is a `clock()` time: before each step the trainer predicts its end from
+        the slowest step so far and stops if it would land past the deadline.
+        """
+        self.load_global(global_state)
+        start_state = {name: t.clone() for name, t in global_state.items()}
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=plan.learning_rate, weight_decay=0.0)
+        self.model.train()
+        losses: list[float] = []
+        slowest_step = 0.0
+        started = self.clock()
+        stopped_early = False
+        for indices in self._batches(plan, round_seed):
+            step_start = self.clock()
+            if deadline is not None and step_start + slowest_step > deadline:
+                stopped_early = True
+                break
+            batch = self._batch(indices, plan.seq_len)
+            loss = self.model(**batch).loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"training loss became {loss.item()} at step {len(losses)}"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            slowest_step = max(slowest_step, self.clock() - step_start)
+        self.model.eval()
+        trained = get_adapter_state(self.model)
+        delta = {name: trained[name] - start_state[name] for name in trained}
+        if stopped_early:
+            logger.info(
+                "stopped after %d of %d steps to meet the deadline", len(losses), plan.local_steps
+            )
+        return TrainingResult(
+            delta=delta,
+            num_examples=len(self.examples),
+            num_steps=len(losses),
+            mean_loss=sum(losses) / len(losses) if losses else math.nan,
+            first_loss=losses[0] if losses else math.nan,
+            last_loss=losses[-1] if losses else math.nan,
+            seconds=self.clock() - started,
+            stopped_early=stopped_early,
+        )
+
+    @torch.no_grad()
+    def accuracy(
+        self, examples: Sequence[LabelledText], seq_len: int = 64, batch_size: int = 32
+    ) -> float:
+        """Share of `examples` classified correctly (classification tasks only)."""
+        if self.spec.kind != "classification":
+            raise ValueError("accuracy is defined for classification tasks only")
+        return classification_accuracy(
+            self.model, self.tokenizer, examples, self.spec.labels, seq_len, batch_size
+        )

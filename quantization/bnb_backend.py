@@ -1,0 +1,99 @@
+"""bitsandbytes NF4 / int8 linears, offered only where bitsandbytes imports and self-checks.
+
+bitsandbytes is an optional extra (`schoolfl[bnb]`): on ARM boards without a build it does not
+import, and on some CPUs its kernels import but compute garbage. So every entry point here
+first runs `bnb_unavailable_reason()`, which imports the library and checks a small layer
+against full precision; the result is cached for the process.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+SELF_CHECK_TOLERANCE = {"nf4": 0.2, "int8": 0.05}
+"""Max relative output error of the self-check layer (NF4 typically ~0.09, int8 ~0.004)."""
+
+
+def _import_bnb() -> Any:
+    import bitsandbytes  # noqa: PLC0415 - optional dependency, imported on demand
+
+    return bitsandbytes
+
+
+def _device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def make_bnb_linear(
+    weight: torch.Tensor, bias: torch.Tensor | None, kind: str, device: torch.device | None = None
+) -> nn.Module:
+    """A frozen bitsandbytes Linear4bit (kind='nf4') or Linear8bitLt (kind='int8')."""
+    bnb = _import_bnb()
+    device = device or _device()
+    out_features, in_features = weight.shape
+    w = weight.detach().to(torch.float32).contiguous()
+    if kind == "nf4":
+        layer = bnb.nn.Linear4bit(
+            in_features,
+            out_features,
+            bias=bias is not None,
+            compute_dtype=torch.float32,
+            quant_type="nf4",
+            device="meta",
+        )
+        layer.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4")
+    elif kind == "int8":
+        layer = bnb.nn.Linear8bitLt(
+            in_features, out_features, bias=bias is not None, has_fp16_weights=False, device="meta"
+        )
+        layer.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+    else:
+        raise ValueError(f"bitsandbytes kind must be 'nf4' or 'int8', got {kind!r}")
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().to(torch.float32), requires_grad=False)
+    return layer.to(device)  # quantization happens on this move
+
+
+@functools.cache
+def bnb_unavailable_reason(kind: str) -> str | None:
+    """None when bitsandbytes `kind` works here, else a sentence saying why not."""
+    try:
+        bnb = _import_bnb()
+    except Exception as error:  # noqa: BLE001 - any import failure means "not available"
+        return (
+            f"bitsandbytes does not import ({type(error).__name__}: {error}); "
+            "pip install 'schoolfl[bnb]' on x86 or CUDA"
+        )
+    try:
+        generator = torch.Generator().manual_seed(0)
+        weight = torch.randn(64, 128, generator=generator) * 0.05
+        x = torch.randn(4, 128, generator=generator)
+        reference = x @ weight.T
+        layer = make_bnb_linear(weight, None, kind)
+        with torch.no_grad():
+            got = layer(x.to(_device())).float().cpu()
+        relative_error = ((got - reference).norm() / reference.norm()).item()
+    except Exception as error:  # noqa: BLE001 - a crashing kernel also means "not available"
+        return (
+            f"bitsandbytes {bnb.__version__} imports but its {kind} self-check raised "
+            f"{type(error).__name__}: {error}"
+        )
+    if not relative_error <= SELF_CHECK_TOLERANCE[kind]:
+        return (
+            f"bitsandbytes {bnb.__version__} {kind} self-check relative error "
+            f"{relative_error:.3g} exceeds {SELF_CHECK_TOLERANCE[kind]}"
+        )
+    logger.debug("bitsandbytes %s self-check passed (relative error %.3g)", kind, relative_error)
+    return None
+
+
+def is_bnb_linear(module: nn.Module) -> bool:
+    """True for bitsandbytes quantized linears (without importing bitsandbytes needlessly)."""
+    return type(module).__module__.startswith("bitsandbytes")

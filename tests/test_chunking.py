@@ -1,0 +1,136 @@
+"""Chunk sender and reassembler: pure logic, no broker."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import tracemalloc
+
+import pytest
+
+from edge_runtime.chunking import ChunkReassembler, ChunkSender, indices_to_ranges
+from edge_runtime.errors import ChunkError, LimitExceededError
+from edge_runtime.protocol import (
+    ChunkHeader,
+    Limits,
+    TransferStatus,
+    TransferStatusRequest,
+    decode_frame,
+)
+
+
+def _accept_frame(reassembler: ChunkReassembler, data: bytes):  # noqa: ANN202
+    frame = decode_frame(data)
+    return reassembler.accept(frame.expect(ChunkHeader), frame.body)
+
+
+def test_out_of_order_with_duplicates_reassembles_once() -> None:
+    payload = os.urandom(10_000)
+    sender = ChunkSender(payload, transfer_id="t-1", sender="dev", chunk_bytes=999)
+    frames = [data for _, data in sender.frames()]
+    shuffled = frames + frames[:4]
+    random.Random(1).shuffle(shuffled)
+    reassembler = ChunkReassembler()
+    completed = [r for data in shuffled if (r := _accept_frame(reassembler, data)) is not None]
+    assert len(completed) == 1
+    assert completed[0].payload == payload
+    assert reassembler.duplicates == 4
+    assert _accept_frame(reassembler, frames[0]) is None  # late duplicate after completion
+    assert reassembler.duplicates == 5
+    assert reassembler.buffered_bytes == 0
+
+
+def test_status_reports_missing_ranges_and_sender_resends_only_them() -> None:
+    payload = os.urandom(10 * 100)
+    sender = ChunkSender(payload, transfer_id="t-2", sender="dev", chunk_bytes=100)
+    reassembler = ChunkReassembler()
+    request = TransferStatusRequest("t-2", "q-1")
+    assert reassembler.status(request).known is False
+    assert sender.missing_from(reassembler.status(request)) == list(range(10))
+    for _, data in sender.frames([0, 1, 2, 5, 9]):
+        _accept_frame(reassembler, data)
+    status = reassembler.status(request)
+    assert status.missing_ranges == (3, 5, 6, 9)
+    missing = sender.missing_from(status)
+    assert missing == [3, 4, 6, 7, 8]
+    before = sender.sent_count
+    results = [_accept_frame(reassembler, data) for _, data in sender.frames(missing)]
+    assert sender.sent_count - before == 5
+    assert results[-1] is not None and results[-1].payload == payload
+    assert reassembler.status(request).complete
+    assert sender.missing_from(reassembler.status(request)) == []
+
+
+def test_digest_mismatch_drops_the_transfer() -> None:
+    header = ChunkHeader("t-3", 0, 1, 4, 4, "00" * 32)
+    reassembler = ChunkReassembler()
+    with pytest.raises(ChunkError, match="sha256"):
+        reassembler.accept(header, b"abcd")
+    assert reassembler.status(TransferStatusRequest("t-3", "q")).known is False
+    assert reassembler.rejected == 1
+
+
+def test_inconsistent_chunks_are_refused() -> None:
+    digest = hashlib.sha256(b"x" * 10).hexdigest()
+    reassembler = ChunkReassembler()
+    reassembler.accept(ChunkHeader("t-4", 0, 2, 5, 10, digest), b"x" * 5)
+    with pytest.raises(ChunkError, match="disagrees"):
+        reassembler.accept(ChunkHeader("t-4", 1, 3, 4, 10, digest), b"x" * 4)
+    with pytest.raises(ChunkError, match="carries 4 bytes, expected 5"):
+        reassembler.accept(ChunkHeader("t-4", 1, 2, 5, 10, digest), b"x" * 4)
+
+
+def test_limits_checked_before_storing_anything() -> None:
+    limits = Limits(max_transfer_bytes=1000, max_chunk_bytes=100, max_open_transfers=2)
+    reassembler = ChunkReassembler(limits)
+    digest = "ab" * 32
+    tracemalloc.start()
+    with pytest.raises(LimitExceededError, match="max_transfer_bytes"):
+        reassembler.accept(
+            ChunkHeader("huge", 0, -(-(2**40) // 100), 100, 2**40, digest), b"x" * 100
+        )
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 1_000_000
+    with pytest.raises(LimitExceededError, match="max_chunk_bytes"):
+        reassembler.accept(ChunkHeader("big", 0, 1, 500, 500, digest), b"x" * 500)
+    reassembler.accept(ChunkHeader("a", 0, 2, 100, 200, digest), b"x" * 100)
+    reassembler.accept(ChunkHeader("b", 0, 2, 100, 200, digest), b"x" * 100)
+    with pytest.raises(LimitExceededError, match="max_open_transfers"):
+        reassembler.accept(ChunkHeader("c", 0, 2, 100, 200, digest), b"x" * 100)
+
+
+def test_buffered_bytes_limit() -> None:
+    reassembler = ChunkReassembler(Limits(max_buffered_bytes=150, max_chunk_bytes=100))
+    reassembler.accept(ChunkHeader("a", 0, 2, 100, 200, "ab" * 32), b"x" * 100)
+    with pytest.raises(LimitExceededError, match="max_buffered_bytes"):
+        reassembler.accept(ChunkHeader("b", 0, 2, 100, 200, "ab" * 32), b"x" * 100)
+
+
+def test_idle_transfers_expire_on_an_injected_clock() -> None:
+    clock = [0.0]
+    reassembler = ChunkReassembler(idle_timeout_seconds=60, now=lambda: clock[0])
+    reassembler.accept(ChunkHeader("a", 0, 2, 100, 200, "ab" * 32), b"x" * 100)
+    clock[0] = 59
+    assert reassembler.expire() == []
+    clock[0] = 121
+    assert reassembler.expire() == ["a"]
+    assert reassembler.buffered_bytes == 0
+
+
+def test_ranges() -> None:
+    assert indices_to_ranges([]) == ()
+    assert indices_to_ranges([5, 1, 2, 3, 9]) == (1, 4, 5, 6, 9, 10)
+    status = TransferStatus("t", "q", True, False, indices_to_ranges([0, 7, 8]))
+    assert status.missing_indices(9) == [0, 7, 8]
+
+
+def test_sender_validates_its_inputs() -> None:
+    with pytest.raises(ValueError, match="empty"):
+        ChunkSender(b"", transfer_id="t", sender="d")
+    sender = ChunkSender(b"abc", transfer_id="t", sender="d", chunk_bytes=2)
+    with pytest.raises(ChunkError, match="outside"):
+        list(sender.frames([2]))
+    with pytest.raises(ChunkError, match="expected 't'"):
+        sender.missing_from(TransferStatus("u", "q", True, True))
