@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_protocol import KEY, all_messages
 
 from edge_runtime.chunking import ChunkReassembler, ChunkSender
 from edge_runtime.errors import ProtocolError
@@ -31,6 +30,7 @@ from edge_runtime.protocol import (
 )
 from edge_runtime.signing import public_key_from_hex
 from edge_runtime.update_codec import CodecConfig, UpdateEncoding, decode_update, encode_update
+from tests.test_protocol import KEY, all_messages
 
 FUZZ = settings(
     max_examples=250,
