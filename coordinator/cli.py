@@ -149,18 +149,14 @@ def _when(timestamp: float | None) -> str:
 )
 def serve_command(config_path: Path, exit_when_done: bool) -> None:
     """Run the coordinator daemon in the foreground until SIGTERM or Ctrl-C."""
-    import logging
     import signal
 
     from coordinator.daemon import CoordinatorDaemon
     from edge_runtime.transport import TransportError
+    from schoolfl.daemon_logging import use_info_logging
 
     config = _load_config(config_path)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
-    logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
+    use_info_logging()
     daemon = CoordinatorDaemon(config)
 
     def request_stop(signum: int, frame: object) -> None:

@@ -165,8 +165,10 @@ def run_command(config_path: Path) -> None:
     """Run the agent in the foreground until SIGTERM or Ctrl-C."""
     from edge_runtime.agent import AgentDaemon, AgentError
     from edge_runtime.transport import TransportError
+    from schoolfl.daemon_logging import use_info_logging
 
     config = _load(config_path)
+    use_info_logging()
     try:
         daemon = AgentDaemon(config)
     except (AgentError, ValueError) as error:

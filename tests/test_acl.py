@@ -10,7 +10,6 @@ message that had got through would have arrived too.
 from __future__ import annotations
 
 import json
-import os
 import queue
 import uuid
 from collections.abc import Iterator
@@ -61,10 +60,7 @@ def secured_broker(tmp_path: Path) -> Iterator[tuple[MosquittoProcess, dict[str,
     generated = files.config_path.read_text().splitlines()
     auth_lines = [line for line in generated if line.startswith(("password_file", "acl_file"))]
     assert len(auth_lines) == 2
-    if os.geteuid() == 0:
-        # Started as root, Mosquitto drops to the `mosquitto` user, which cannot read the
-        # 0600 password file inside pytest's 0700 temp folder; stay root in that case only.
-        auth_lines.append("user root")
+    # (As root, MosquittoConfig keeps the broker root so it can read the 0600 files.)
     broker = MosquittoProcess(
         MosquittoConfig(workdir=tmp_path / "broker", allow_anonymous=False, extra_lines=auth_lines)
     )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,8 +78,6 @@ def tls_broker(tmp_path: Path) -> Iterator[tuple[MosquittoProcess, Path, Path]]:
     password_path = tmp_path / "passwd"
     hash_password_file({"pi-1": "correct horse battery"}, password_path)
     lines = [f"certfile {cert_path}", f"keyfile {key_path}", f"password_file {password_path}"]
-    if os.geteuid() == 0:
-        lines.append("user root")  # see tests/test_acl.py: stay root to read 0600 files
     broker = MosquittoProcess(
         MosquittoConfig(workdir=tmp_path / "broker", allow_anonymous=False, extra_lines=lines)
     )
