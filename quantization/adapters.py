@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from quantization.errors import AdapterError, ModelFileError
+from schoolfl.atomic_files import fsync_directory
 
 logger = logging.getLogger(__name__)
 
@@ -140,11 +141,7 @@ def _fsync_tree(folder: Path) -> None:
         if path.is_file():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_directory(folder)
 
 
 def save_adapter(model: nn.Module, folder: str | Path) -> Path:
@@ -166,11 +163,7 @@ def save_adapter(model: nn.Module, folder: str | Path) -> Path:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(temp, folder)
-        fd = os.open(folder.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_directory(folder.parent)
     finally:
         if temp.exists():
             shutil.rmtree(temp, ignore_errors=True)

@@ -12,7 +12,6 @@ import importlib.util
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from quantization.errors import ModelFileError, ModelPackageMissingError
+from schoolfl.atomic_files import atomic_write_bytes, fsync_directory
 
 logger = logging.getLogger(__name__)
 
@@ -126,26 +126,6 @@ def llama_1b_config():  # noqa: ANN201
 # -- writing checkpoints ------------------------------------------------------------------------
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so a crash leaves either the old file or the new one."""
-    path = Path(path)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-        temp = Path(f.name)
-    os.replace(temp, path)
-    _fsync_dir(path.parent)
-
-
 def atomic_save_safetensors(
     tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
 ) -> None:
@@ -156,7 +136,7 @@ def atomic_save_safetensors(
     with open(temp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(temp, path)
-    _fsync_dir(path.parent)
+    fsync_directory(path.parent)
 
 
 def _write_shards(
