@@ -5,6 +5,22 @@ started from, as named tensors. The numerics are free functions so tests (and la
 strategies such as secure aggregation) can call them without a coordinator. Validation
 happens before anything touches the running sum: a non-finite, misnamed or misshapen update
 is refused with a reason, never averaged (DESIGN.md invariant 5).
+
+Updates of different LoRA ranks (slow devices get a smaller rank r than the global R) are
+combined by zero padding ("rank-sliced" averaging, as in HeteroLoRA): a rank-r delta is
+padded with zeros to rank R, and component k of every LoRA factor (lora_A row k, lora_B
+column k) is averaged over only the updates whose rank exceeds k, with the weights
+renormalised over those; tensors without a rank axis (the classification head) are averaged
+over all updates. Why zero padding and not SVD re-factorisation (FlexLoRA): a rank-r device
+starts from the first r components of the global adapter (`truncate_to_rank`), so its delta
+lives in the same basis as the global factors and can be added to them component by
+component; padding costs nothing and is exactly FedAvg when every rank is equal. SVD would
+need the full product B @ A of every layer from every device, and re-factorising the average
+changes the basis every round, so the components a small-rank device holds would not be the
+ones it trained. What we give up: components r..R-1 learn only from devices of rank above r,
+so with few high-rank devices the high components learn slowly (and from a skewed subset of
+schools); the product of averaged factors is also not the average of the products, as in
+any factor-wise FedAvg of LoRA.
 """
 
 from __future__ import annotations
@@ -17,6 +33,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from coordinator.lora_ranks import adapter_rank, pad_to_shapes, rank_axis, truncated_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +49,18 @@ class ClientUpdate:
     delta: TensorMap
     num_samples: int
     num_steps: int
+    rank: int | None = None
+    """LoRA rank of `delta` when the device's plan gave it a smaller rank than the global
+    adapter's; None = the global rank."""
 
     def __post_init__(self) -> None:
+        if self.rank is not None and (
+            not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1
+        ):
+            raise ValueError(
+                f"rank must be a positive int or None for device {self.device_id!r}, "
+                f"got {self.rank!r}"
+            )
         if self.num_samples <= 0:
             raise ValueError(
                 f"num_samples must be positive for device {self.device_id!r}, "
@@ -81,21 +109,44 @@ class NormBound:
 # Numerics
 
 
-def update_problem(delta: TensorMap, reference: TensorMap) -> str | None:
-    """Why `delta` cannot be aggregated against `reference` (names, shapes, dtype, finite);
-    None when it can."""
+def update_problem(delta: TensorMap, reference: TensorMap, rank: int | None = None) -> str | None:
+    """Why `delta` cannot be aggregated against `reference` (names, rank, shapes, dtype,
+    finite); None when it can.
+
+    `rank` is the update's LoRA rank when its plan gave it a smaller one than the global
+    adapter's (None = the reference's own shapes): its LoRA factors must then have the
+    reference's shapes truncated to that rank.
+    """
     missing = sorted(set(reference) - set(delta))
     unexpected = sorted(set(delta) - set(reference))
     if missing:
         return f"missing tensors {missing[:3]}{'...' if len(missing) > 3 else ''}"
     if unexpected:
         return f"unexpected tensors {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
-    for name, expected in reference.items():
-        tensor = delta[name]
-        if tuple(tensor.shape) != tuple(expected.shape):
+    expected_shapes = {name: tuple(tensor.shape) for name, tensor in reference.items()}
+    has_factors = any(rank_axis(name) is not None for name in reference)
+    if rank is not None:
+        if not has_factors:
+            return f"a rank-{rank} update needs LoRA factors, the global adapter has none"
+        full_rank = adapter_rank(reference)
+        if not 1 <= rank <= full_rank:
             return (
-                f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(expected.shape)}"
+                f"rank {rank} is outside 1..{full_rank} (the global adapter's rank); "
+                "the plan that assigned it is wrong"
             )
+        expected_shapes = truncated_shapes(expected_shapes, rank)
+    if has_factors:
+        try:
+            delta_rank = adapter_rank(delta)
+        except ValueError as error:
+            return f"malformed LoRA update: {error}"
+        expected_rank = adapter_rank(reference) if rank is None else rank
+        if delta_rank != expected_rank:
+            return f"update has LoRA rank {delta_rank}, its plan says rank {expected_rank}"
+    for name, expected in expected_shapes.items():
+        tensor = delta[name]
+        if tuple(tensor.shape) != expected:
+            return f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {expected}"
         if not tensor.is_floating_point():
             return f"tensor {name!r} has dtype {tensor.dtype}, expected a floating dtype"
         if not bool(torch.isfinite(tensor).all()):
@@ -138,6 +189,59 @@ def weighted_mean(deltas: Sequence[TensorMap], weights: Sequence[float]) -> dict
     return result
 
 
+def rank_weighted_mean(
+    deltas: Sequence[TensorMap],
+    weights: Sequence[float],
+    ranks: Sequence[int | None],
+    reference: TensorMap,
+) -> dict[str, torch.Tensor]:
+    """Weighted mean of updates of different LoRA ranks, by zero padding.
+
+    Each delta is padded to the reference's shapes; component k of a LoRA factor is averaged
+    over the updates whose rank exceeds k (weights renormalised over those), every other
+    tensor over all updates. A component no update reaches stays zero. `ranks[i]` None means
+    the reference's rank. With every rank equal this performs the same float64 operations
+    as `weighted_mean`, in the same order, so it returns the same bits.
+    """
+    if not deltas:
+        raise ValueError("rank_weighted_mean needs at least one update")
+    if not len(deltas) == len(weights) == len(ranks):
+        raise ValueError(f"{len(deltas)} updates, {len(weights)} weights, {len(ranks)} ranks")
+    total_weight = float(sum(weights))
+    if total_weight <= 0:
+        raise ValueError(f"weights must sum to a positive number, got {total_weight}")
+    full_rank = adapter_rank(reference)
+    effective = [full_rank if rank is None else rank for rank in ranks]
+    if any(not 1 <= rank <= full_rank for rank in effective):
+        raise ValueError(f"ranks {effective} must lie in 1..{full_rank}")
+    component_weights = [
+        float(sum(w for w, rank in zip(weights, effective, strict=True) if rank > k))
+        for k in range(full_rank)
+    ]
+    shapes = {name: tuple(tensor.shape) for name, tensor in reference.items()}
+    padded = [pad_to_shapes(delta, shapes) for delta in deltas]
+    result: dict[str, torch.Tensor] = {}
+    for name, shape in shapes.items():
+        axis = rank_axis(name)
+        accumulator = torch.zeros(shape, dtype=torch.float64)
+        for delta, weight, rank in zip(padded, weights, effective, strict=True):
+            if axis is None:
+                accumulator += delta[name].double() * (weight / total_weight)
+                continue
+            scale = torch.tensor(  # [R]: this update's share of each rank component
+                [
+                    weight / component_weights[k] if k < rank and component_weights[k] > 0 else 0.0
+                    for k in range(full_rank)
+                ],
+                dtype=torch.float64,
+            )
+            view = [1] * len(shape)
+            view[axis] = full_rank
+            accumulator += delta[name].double() * scale.view(view)
+        result[name] = accumulator.float()
+    return result
+
+
 def apply_delta(global_state: TensorMap, delta: TensorMap) -> dict[str, torch.Tensor]:
     """New global adapter = old + delta; refuses a non-finite result (safe merge)."""
     merged = {name: global_state[name].float() + delta[name].float() for name in global_state}
@@ -175,7 +279,10 @@ class Aggregator(ABC):
 
 class FedAvg(Aggregator):
     """Sample-weighted mean of the deltas (McMahan et al. 2017), with an optional L2
-    norm bound that clips or rejects outliers before they enter the mean."""
+    norm bound that clips or rejects outliers before they enter the mean.
+
+    Updates of a smaller LoRA rank are padded and averaged per rank component (see the
+    module docstring); the norm bound applies to the update as sent."""
 
     def __init__(self, norm_bound: NormBound | None = None) -> None:
         self.norm_bound = norm_bound
@@ -191,7 +298,7 @@ class FedAvg(Aggregator):
                 rejected[update.device_id] = "more than one update from this device"
                 continue
             seen_devices.add(update.device_id)
-            problem = update_problem(update.delta, reference)
+            problem = update_problem(update.delta, reference, update.rank)
             if problem is not None:
                 rejected[update.device_id] = problem
                 continue
@@ -212,7 +319,15 @@ class FedAvg(Aggregator):
             logger.warning("update from %s refused: %s", device_id, reason)
         if not accepted:
             return AggregationResult(delta={}, accepted_devices=(), rejected_devices=rejected)
-        mean = weighted_mean(accepted_deltas, [u.num_samples for u in accepted])
+        weights = [u.num_samples for u in accepted]
+        ranks = [u.rank for u in accepted]
+        if any(rank is not None for rank in ranks):  # full rank stated explicitly = None
+            full_rank = adapter_rank(reference)
+            ranks = [None if rank == full_rank else rank for rank in ranks]
+        if all(rank is None for rank in ranks):
+            mean = weighted_mean(accepted_deltas, weights)
+        else:
+            mean = rank_weighted_mean(accepted_deltas, weights, ranks, reference)
         return AggregationResult(
             delta=mean,
             accepted_devices=tuple(u.device_id for u in accepted),

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    from coordinator.config import TaskConfig
+    from coordinator.store import AdapterVersion
 
 
 @click.group("coordinator")
@@ -296,11 +301,26 @@ def revoke_command(config_path: Path, device_id: str) -> None:
     default=None,
     help="Adapter version number (default: the latest).",
 )
+@click.option(
+    "--onnx",
+    is_flag=True,
+    help="Write an ONNX int8 model for classroom inference instead of the PEFT adapter "
+    "(classification tasks; needs the onnx extra).",
+)
 @click.argument("destination", type=click.Path(path_type=Path))
 def export_command(
-    config_path: Path, task_id: str | None, version_number: int | None, destination: Path
+    config_path: Path,
+    task_id: str | None,
+    version_number: int | None,
+    onnx: bool,
+    destination: Path,
 ) -> None:
-    """Copy a global adapter version to DESTINATION as a PEFT adapter folder."""
+    """Copy a global adapter version to DESTINATION as a PEFT adapter folder.
+
+    With --onnx, merge it into the fp32 base instead and write DESTINATION with
+    model.onnx, model.int8.onnx, the tokenizer, labels.json, predict.py and
+    export_report.json (held-out accuracy of PyTorch vs ONNX int8 and their agreement).
+    """
     import shutil
 
     config = _load_config(config_path)
@@ -308,6 +328,15 @@ def export_command(
         if len(config.tasks) != 1:
             raise click.ClickException(f"choose a task with --task: {[t.id for t in config.tasks]}")
         task_id = config.tasks[0].id
+    try:
+        task = config.task(task_id)
+    except KeyError as error:
+        raise click.ClickException(str(error.args[0])) from None
+    if onnx and task.kind != "classification":
+        raise click.ClickException(
+            f"only classification tasks are exported to ONNX; task {task_id!r} is "
+            f"{task.kind!r} (export its PEFT adapter folder without --onnx)"
+        )
     store = _open_store(config_path)
     versions = store.adapter_versions(task_id)
     store.close()
@@ -324,5 +353,52 @@ def export_command(
         )
     if destination.exists():
         raise click.ClickException(f"{destination} exists; choose a new folder")
-    shutil.copytree(chosen.folder, destination)
-    click.echo(f"exported {task_id} v{chosen.version} ({chosen.sha256[:12]}) to {destination}")
+    if not onnx:
+        shutil.copytree(chosen.folder, destination)
+        click.echo(f"exported {task_id} v{chosen.version} ({chosen.sha256[:12]}) to {destination}")
+        return
+    _export_onnx(task, chosen, destination)
+
+
+def _export_onnx(task: TaskConfig, version: AdapterVersion, destination: Path) -> None:
+    """The --onnx branch: merge, export, quantize, score; print the report."""
+    from coordinator.onnx_report import PREDICT_FILE, REPORT_FILE, missing_onnx_packages
+
+    missing = missing_onnx_packages()
+    if missing:
+        raise click.ClickException(
+            f"--onnx needs {', '.join(missing)}; install them with: pip install 'schoolfl[onnx]'"
+        )
+    from coordinator.onnx_export import OnnxExportError, OnnxExportRequest, export_onnx
+
+    click.echo(
+        f"exporting {task.id} v{version.version} ({version.sha256[:12]}) to ONNX; "
+        "this loads the fp32 base and takes a minute..."
+    )
+    try:
+        report = export_onnx(
+            OnnxExportRequest(
+                task=task,
+                adapter_folder=Path(version.folder),
+                destination=destination,
+                version=version.version,
+                adapter_sha256=version.sha256,
+            )
+        )
+    except OnnxExportError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"wrote {destination} with {report.exporter} in {report.seconds:.0f} s:")
+    for line in report.summary_lines():
+        click.echo(f"  {line}")
+    click.echo(f"  report: {destination / REPORT_FILE}")
+    click.echo(f'  try it: python {destination / PREDICT_FILE} "How do plants make food?"')
+
+
+def _register_simulate() -> None:
+    """`simulate` lives in its own module: it pulls in the simulator only when run."""
+    from coordinator.simulate_cli import simulate_command
+
+    coordinator_group.add_command(simulate_command)
+
+
+_register_simulate()

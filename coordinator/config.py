@@ -15,6 +15,8 @@ from edge_runtime.broker_settings import BrokerSettings
 from edge_runtime.config_tables import build_dataclass, read_toml_file
 from edge_runtime.messages import UpdateEncoding, check_identifier
 
+SCHEDULERS = ("equity", "oort", "random", "fit-first")
+
 
 class CoordinatorConfigError(ValueError):
     """coordinator.toml is missing or invalid; the message names file, table and key."""
@@ -66,6 +68,22 @@ class TaskConfig:
     """Held-out JSONL/CSV the coordinator evaluates each new version on; empty = none."""
     seed: int = 0
     """Seed of the initial adapter (version 0)."""
+    scheduler: str = "equity"
+    """How devices are chosen: equity (utility with an equity floor, plans shrunk to fit),
+    oort (utility only, full plans), random (Flower's default: random, full plans) or
+    fit-first (random among devices whose plan fits)."""
+    allowed_ranks: tuple[int, ...] = ()
+    """LoRA ranks a slow device may be given instead of `rank` (each <= rank); empty: only
+    `rank`."""
+    min_local_steps: int = 0
+    """Steps below which a plan first tries a smaller rank or sequence; 0: local_steps / 4."""
+    min_seq_len: int = 0
+    """Shortest sequence a plan may be cut to; 0: seq_len / 2."""
+    equity_rounds: int = 3
+    """Equity floor: every school with an eligible device takes part at least once in this
+    many rounds."""
+    exploration: float = 0.2
+    """Share of a round's slots given to devices never tried before (Oort's exploration)."""
 
     def __post_init__(self) -> None:
         def fail(key: str, problem: str) -> CoordinatorConfigError:
@@ -110,6 +128,36 @@ class TaskConfig:
             raise fail("max_update_norm", f"must be >= 0, got {self.max_update_norm}")
         if self.norm_mode not in ("clip", "reject"):
             raise fail("norm_mode", f"must be clip or reject, got {self.norm_mode!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise fail(
+                "scheduler", f"must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}"
+            )
+        for rank in self.allowed_ranks:
+            if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= self.rank:
+                raise fail(
+                    "allowed_ranks", f"must hold integers in 1..rank ({self.rank}), got {rank!r}"
+                )
+        for name in ("min_local_steps", "min_seq_len", "equity_rounds"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise fail(name, f"must be a non-negative integer, got {value!r}")
+        if self.equity_rounds < 1:
+            raise fail("equity_rounds", f"must be >= 1, got {self.equity_rounds}")
+        if not 0 <= self.exploration <= 1:
+            raise fail("exploration", f"must be within 0..1, got {self.exploration}")
+
+    @property
+    def ladder_ranks(self) -> tuple[int, ...]:
+        """The ranks a plan may use, largest (the task's rank) first."""
+        return tuple(sorted({self.rank, *self.allowed_ranks}, reverse=True))
+
+    @property
+    def ladder_min_local_steps(self) -> int:
+        return self.min_local_steps or max(1, self.local_steps // 4)
+
+    @property
+    def ladder_min_seq_len(self) -> int:
+        return self.min_seq_len or max(1, self.seq_len // 2)
 
 
 @dataclass(frozen=True)
@@ -145,10 +193,31 @@ class CoordinatorSettings:
 
 
 @dataclass(frozen=True)
+class SchoolConfig:
+    """One `[[schools]]` table: a school's internet link, shared by its devices."""
+
+    id: str
+    """The school name devices enrol with."""
+    down_mbps: float
+    """The school's downlink, shared by every device of it that trains in a round."""
+    up_mbps: float
+    """The school's uplink, shared likewise."""
+
+    def __post_init__(self) -> None:
+        for name in ("down_mbps", "up_mbps"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise CoordinatorConfigError(
+                    f"[[schools]] {self.id!r}: {name} must be a positive number, got {value!r}"
+                )
+
+
+@dataclass(frozen=True)
 class CoordinatorConfig:
     coordinator: CoordinatorSettings
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     tasks: tuple[TaskConfig, ...] = ()
+    schools: tuple[SchoolConfig, ...] = ()
 
     def __post_init__(self) -> None:
         ids = [task.id for task in self.tasks]
@@ -169,7 +238,7 @@ class CoordinatorConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "coordinator.toml") -> CoordinatorConfig:
         try:
-            unknown = sorted(set(data) - {"coordinator", "broker", "tasks"})
+            unknown = sorted(set(data) - {"coordinator", "broker", "tasks", "schools"})
             if unknown:
                 raise CoordinatorConfigError(f"unknown tables {unknown}")
             if "coordinator" not in data:
@@ -187,6 +256,12 @@ class CoordinatorConfig:
                         TaskConfig, table, f"[[tasks]] #{index + 1}", CoordinatorConfigError
                     )
                     for index, table in enumerate(data.get("tasks", []))
+                ),
+                schools=tuple(
+                    build_dataclass(
+                        SchoolConfig, table, f"[[schools]] #{index + 1}", CoordinatorConfigError
+                    )
+                    for index, table in enumerate(data.get("schools", []))
                 ),
             )
         except (CoordinatorConfigError, TypeError, ValueError) as error:

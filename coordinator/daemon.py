@@ -21,7 +21,7 @@ from pathlib import Path
 
 from coordinator.config import CoordinatorConfig
 from coordinator.rounds import Outgoing, RoundManager
-from coordinator.scheduler import DeviceCandidate, FitFirstScheduler, Scheduler
+from coordinator.scheduler import DeviceCandidate, Scheduler
 from coordinator.store import CoordinatorStore
 from device_profiles.profile import DeviceProfile, profile_from_toml_text
 from edge_runtime.chunking import ChunkReassembler
@@ -98,9 +98,7 @@ class CoordinatorDaemon:
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = CoordinatorStore(config.state_dir / "coordinator.db", now=now)
         self.key = load_or_create_key(config.state_dir / "coordinator_key.pem")
-        self.rounds = RoundManager(
-            config, self.store, scheduler or FitFirstScheduler(), self.key, now=now
-        )
+        self.rounds = RoundManager(config, self.store, scheduler, self.key, now=now)
         self.reassembler = ChunkReassembler()
         self.liveness: dict[str, DeviceLiveness] = {}
         self.rejected: Counter[str] = Counter()

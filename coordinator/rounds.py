@@ -32,7 +32,10 @@ from coordinator.aggregation import (
     apply_delta,
 )
 from coordinator.config import CoordinatorConfig, TaskConfig
-from coordinator.scheduler import DeviceCandidate, Scheduler
+from coordinator.fleet_history import history_from_store
+from coordinator.lora_ranks import adapter_rank, truncated_shapes
+from coordinator.plan_fitting import SchoolLink
+from coordinator.scheduler import DeviceCandidate, RoundContext, Scheduler
 from coordinator.store import (
     AdapterVersion,
     CoordinatorStore,
@@ -42,6 +45,7 @@ from coordinator.store import (
     UpdateOutcome,
 )
 from coordinator.task_models import AdapterBody, TaskModel, wire_task_spec
+from coordinator.utility_scheduler import scheduler_named
 from device_profiles.shapes import ModelShape, resolve_shape
 from edge_runtime.chunking import ChunkSender
 from edge_runtime.errors import CodecError
@@ -89,6 +93,15 @@ def shape_of(task: TaskConfig) -> ModelShape:
         return resolve_shape(str(source if source.is_dir() else source.parent))
 
 
+def update_shapes(reference: dict[str, torch.Tensor], rank: int) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes of an update from a device whose plan has LoRA rank `rank`: the
+    global adapter's, truncated to that rank (ValueError when it exceeds the global's)."""
+    shapes = tensor_shapes(reference)
+    if rank == adapter_rank(reference):
+        return shapes
+    return truncated_shapes(shapes, rank)
+
+
 def make_aggregator(task: TaskConfig) -> Aggregator:
     if task.max_update_norm > 0:
         return FedAvg(NormBound(task.max_update_norm, NormBoundMode(task.norm_mode)))
@@ -102,7 +115,7 @@ class RoundManager:
         self,
         config: CoordinatorConfig,
         store: CoordinatorStore,
-        scheduler: Scheduler,
+        scheduler: Scheduler | None,
         signing_key: Ed25519PrivateKey,
         *,
         now: Callable[[], float] = time.time,
@@ -112,6 +125,10 @@ class RoundManager:
         self.fleet = config.coordinator.fleet
         self.store = store
         self.scheduler = scheduler
+        """Used for every task when given (tests); otherwise each task's `scheduler` key."""
+        self.school_links = {
+            school.id: SchoolLink(school.down_mbps, school.up_mbps) for school in config.schools
+        }
         self.key = signing_key
         self.now = now
         self._model_factory = model_factory
@@ -243,7 +260,12 @@ class RoundManager:
                     self._waiting_logged.add(task.id)
                 continue
             round_number = self._last_round(task.id) + 1
-            schedule = self.scheduler.configure_round(task, shape_of(task), free, round_number)
+            scheduler = self.scheduler or scheduler_named(task.scheduler)
+            context = RoundContext(
+                history_from_store(self.store, task.id),
+                self.school_links,
+            )
+            schedule = scheduler.configure_round(task, shape_of(task), free, round_number, context)
             for device_id, reason in schedule.skipped.items():
                 logger.debug(
                     "task %s round %d: %s left out: %s", task.id, round_number, device_id, reason
@@ -338,10 +360,13 @@ class RoundManager:
             return AckStatus.REJECTED, f"round {update.server_round} is {record.state.value}", []
         if update.model_version != current.version:
             return AckStatus.REJECTED, "trained on another model version", []
+        rank = _plan_from_json(plans[update.device_id]).adapter_rank
         try:
-            delta = decode_update(body, tensor_shapes(current.state()))
+            delta = decode_update(body, update_shapes(current.state(), rank))
         except CodecError as error:
             return AckStatus.REJECTED, f"undecodable update: {error}", []
+        except ValueError as error:  # the stored plan does not fit the global adapter
+            return AckStatus.REJECTED, f"plan rank {rank} does not fit: {error}", []
         del delta  # decoded only to validate before storing; aggregation decodes again
         outcome = self.store.record_update(
             StoredUpdate(
@@ -423,15 +448,19 @@ class RoundManager:
         task = self.config.task(record.task_id)
         current = self.current[task.id]
         reference = current.state()
-        updates = [
-            ClientUpdate(
-                u.device_id,
-                decode_update(u.body, tensor_shapes(reference)),
-                num_samples=max(1, u.num_samples),
-                num_steps=u.num_steps,
+        plans = self.store.assignments(task.id, record.round_number)
+        updates = []
+        for u in self.store.updates(task.id, record.round_number):
+            rank = _plan_from_json(plans[u.device_id]).adapter_rank  # validated on arrival
+            updates.append(
+                ClientUpdate(
+                    u.device_id,
+                    decode_update(u.body, update_shapes(reference, rank)),
+                    num_samples=max(1, u.num_samples),
+                    num_steps=u.num_steps,
+                    rank=rank,
+                )
             )
-            for u in self.store.updates(task.id, record.round_number)
-        ]
         result = make_aggregator(task).aggregate(updates, reference)
         if result.is_empty:
             why = f"every update refused: {result.rejected_devices}"

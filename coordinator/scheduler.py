@@ -1,9 +1,12 @@
 """Choosing devices and plans for a round: one small interface, one class per strategy.
 
-A scheduler sees the eligible online devices with their profiles and returns, per chosen
-device, a plan whose predicted completion (download + local steps + upload, from the cost
-model) fits the round deadline and whose predicted peak memory fits the device. Devices it
-cannot use are listed with the reason, so operators can see why a school sat a round out.
+A scheduler sees the eligible online devices with their profiles (and, through
+`RoundContext`, what earlier rounds taught about them and the schools' shared links) and
+returns, per chosen device, a plan with the cost model's prediction for it. Devices it
+leaves out are listed with the reason, so operators can see why a school sat a round out.
+
+This module holds the interface, its records and the two simple strategies (random, and
+fit-first); the utility-based ones are in `coordinator.utility_scheduler`.
 """
 
 from __future__ import annotations
@@ -12,10 +15,12 @@ import logging
 import math
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from coordinator.config import TaskConfig
+from coordinator.fleet_history import FleetHistory
+from coordinator.plan_fitting import DEADLINE_SAFETY, SchoolLink
 from device_profiles.cost_model import Prediction, predict
 from device_profiles.plan import TrainingPlan
 from device_profiles.profile import DeviceProfile
@@ -26,9 +31,6 @@ logger = logging.getLogger(__name__)
 ENCODER_TARGET_ROLES = ("q", "k", "v")
 DECODER_TARGET_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 """LoRA targets by generic role; they match quantization.adapters' defaults per family."""
-
-DEADLINE_SAFETY = 0.8
-"""A plan must be predicted to finish within this share of the deadline."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,15 @@ class RoundSchedule:
         return tuple(p.device_id for p in self.plans)
 
 
+@dataclass(frozen=True)
+class RoundContext:
+    """What the scheduler knows beyond the candidates: past rounds and school links."""
+
+    history: FleetHistory = field(default_factory=FleetHistory)
+    schools: Mapping[str, SchoolLink] = field(default_factory=dict)
+    """School id -> its shared link; a school not listed is limited only by device links."""
+
+
 def task_plan(task: TaskConfig, shape: ModelShape) -> TrainingPlan:
     """The plan a device gets when nothing needs shrinking."""
     roles = ENCODER_TARGET_ROLES if shape.family == "encoder" else DECODER_TARGET_ROLES
@@ -79,8 +90,8 @@ def fit_plan_to_deadline(
 ) -> tuple[TrainingPlan, Prediction] | str:
     """The plan with as many of its local steps as fit the deadline, or why none fits.
 
-    Rank stays the task's (one global adapter shape per task until heterogeneous-rank
-    aggregation lands); steps shrink first, since a short round beats no round.
+    Only steps shrink here (the fit-first scheduler keeps the task's rank); the equity
+    scheduler's fuller ladder of steps, rank and sequence is in `coordinator.plan_fitting`.
     """
     prediction = predict(profile, shape, plan)
     if not prediction.fits:
@@ -110,6 +121,7 @@ class Scheduler(ABC):
         shape: ModelShape,
         candidates: Sequence[DeviceCandidate],
         round_number: int,
+        context: RoundContext | None = None,
     ) -> RoundSchedule:
         """Choose devices and plans for round `round_number` of `task`.
 
@@ -123,6 +135,9 @@ class Scheduler(ABC):
             Online, eligible devices that are not busy with another task.
         round_number
             Seeds any randomness, so a restarted coordinator schedules the same way.
+        context
+            Past rounds (losses, drop-outs, observed speed, school participation) and the
+            schools' shared links; None for a scheduler that needs neither.
 
         Returns
         -------
@@ -142,6 +157,7 @@ class FitFirstScheduler(Scheduler):
         shape: ModelShape,
         candidates: Sequence[DeviceCandidate],
         round_number: int,
+        context: RoundContext | None = None,
     ) -> RoundSchedule:
         base_plan = task_plan(task, shape)
         feasible: list[DevicePlan] = []
@@ -172,3 +188,39 @@ class FitFirstScheduler(Scheduler):
         for left_out in feasible[wanted:]:
             skipped[left_out.device_id] = "not selected this round (enough devices)"
         return RoundSchedule(plans=chosen, skipped=skipped)
+
+
+class RandomScheduler(Scheduler):
+    """Flower's and FedML's default: a uniformly random sample of the available devices,
+    each given the task's full plan. Devices are left out only when the plan cannot run at
+    all (scheme or memory); a device too slow for the deadline is still chosen, and misses it.
+    The baseline the fleet simulator measures the other schedulers against."""
+
+    def configure_round(
+        self,
+        task: TaskConfig,
+        shape: ModelShape,
+        candidates: Sequence[DeviceCandidate],
+        round_number: int,
+        context: RoundContext | None = None,
+    ) -> RoundSchedule:
+        plan = task_plan(task, shape)
+        runnable: list[DevicePlan] = []
+        skipped: dict[str, str] = {}
+        for candidate in sorted(candidates, key=lambda c: c.device_id):
+            prediction = predict(candidate.profile, shape, plan)
+            if not prediction.fits:
+                skipped[candidate.device_id] = prediction.reason
+                continue
+            runnable.append(DevicePlan(candidate.device_id, plan, prediction))
+        wanted = math.ceil(task.devices_per_round * (1.0 + task.over_selection))
+        chosen = random.Random(f"{task.id}/{round_number}").sample(
+            runnable, min(wanted, len(runnable))
+        )
+        chosen_ids = {p.device_id for p in chosen}
+        for left_out in runnable:
+            if left_out.device_id not in chosen_ids:
+                skipped[left_out.device_id] = "not selected this round (random sample)"
+        return RoundSchedule(
+            plans=tuple(sorted(chosen, key=lambda p: p.device_id)), skipped=skipped
+        )

@@ -388,6 +388,19 @@ class CoordinatorStore:
             )
         return UpdateOutcome.STORED
 
+    def update_summaries(self, task_id: str, round_number: int) -> list[StoredUpdate]:
+        """The round's updates without their bodies (for the scheduler's history)."""
+        rows = self._db.execute(
+            "SELECT update_id, task_id, round_number, device_id, num_samples, num_steps,"
+            " metrics_json, received_at FROM updates WHERE task_id=? AND round_number=?"
+            " ORDER BY device_id",
+            (task_id, round_number),
+        ).fetchall()
+        return [
+            StoredUpdate(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), b"", r[7])
+            for r in rows
+        ]
+
     def updates(self, task_id: str, round_number: int) -> list[StoredUpdate]:
         rows = self._db.execute(
             "SELECT update_id, task_id, round_number, device_id, num_samples, num_steps,"

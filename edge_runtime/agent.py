@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +56,7 @@ from edge_runtime.trainer import LocalPlan, LocalTrainer
 from edge_runtime.transport import MqttTransport, ReceivedMessage, WillConfig
 from edge_runtime.update_codec import CodecConfig, decode_update, encode_update
 from quantization.adapters import AdapterConfig, save_adapter
+from quantization.lora_ranks import adapter_rank, scaled_alpha, truncate_to_rank
 from quantization.task_data import read_labelled_texts, read_lm_texts
 from quantization.task_model import TaskModelSpec
 from schoolfl.atomic_files import atomic_write_text
@@ -105,15 +106,49 @@ def blob_filter(fleet: str, version: str) -> str:
     return model_blob_topic(fleet, version, 0).rsplit("/", 1)[0] + "/+"
 
 
-def task_model_spec(task_id: str, spec: TaskSpec, scheme: str, rank: int) -> TaskModelSpec:
+def task_model_spec(
+    task_id: str, spec: TaskSpec, scheme: str, rank: int, global_rank: int | None = None
+) -> TaskModelSpec:
+    """The model a device builds for a task at LoRA rank `rank`.
+
+    With `global_rank` (the global adapter's rank), a smaller `rank` gets the alpha under
+    which the first `rank` components of the global adapter compute what they compute in
+    the global adapter (`scaled_alpha`); without it, alpha is the spec's as it stands.
+    """
+    alpha = (
+        spec.adapter_alpha
+        if global_rank is None
+        else scaled_alpha(spec.adapter_alpha, global_rank, rank)
+    )
     return TaskModelSpec(
         task_id=task_id,
         kind=spec.kind,
         base_model=spec.base_model,
         scheme=scheme,
-        adapter=AdapterConfig(rank=rank, alpha=spec.adapter_alpha),
+        adapter=AdapterConfig(rank=rank, alpha=alpha),
         labels=tuple(spec.labels),
     )
+
+
+def start_state_for_rank(
+    global_state: Mapping[str, torch.Tensor], rank: int
+) -> tuple[dict[str, torch.Tensor], int]:
+    """(the adapter a device with plan rank `rank` trains from, the global adapter's rank).
+
+    A plan of the global rank starts from the global adapter itself; a smaller rank starts
+    from its first `rank` components, so the delta it sends lies in the global factors' basis
+    and the coordinator can pad it (coordinator.aggregation). The global rank is read from
+    the downloaded adapter because the wire `TaskSpec` does not carry it. ValueError when
+    `rank` exceeds it: such an assignment is declined.
+    """
+    global_rank = adapter_rank(global_state)
+    if rank > global_rank:
+        raise ValueError(
+            f"the plan's adapter rank {rank} exceeds the global adapter's rank {global_rank}"
+        )
+    if rank == global_rank:
+        return dict(global_state), global_rank
+    return truncate_to_rank(global_state, rank), global_rank
 
 
 class AgentDaemon:
@@ -349,9 +384,13 @@ class AgentDaemon:
             "; ".join(reasons),
         )
 
-    def _trainer(self, assignment: TaskAssignment) -> LocalTrainer:
+    def _trainer(self, assignment: TaskAssignment, global_rank: int) -> LocalTrainer:
         spec = task_model_spec(
-            assignment.task, assignment.spec, assignment.plan.scheme, assignment.plan.adapter_rank
+            assignment.task,
+            assignment.spec,
+            assignment.plan.scheme,
+            assignment.plan.adapter_rank,
+            global_rank,
         )
         trainer = self.trainers.get(assignment.task)
         if trainer is None or trainer.spec != spec:
@@ -389,6 +428,13 @@ class AgentDaemon:
 
     def _train(self, assignment: TaskAssignment) -> None:
         plan = assignment.plan
+        try:
+            start_state, global_rank = start_state_for_rank(
+                self.global_states[assignment.model_version], plan.adapter_rank
+            )
+        except ValueError as error:
+            self._decline(assignment, [str(error)])
+            return
         verdict = check_eligibility(
             self.config.eligibility, read_device(0.2), self._predicted_peak_bytes(assignment)
         )
@@ -399,10 +445,19 @@ class AgentDaemon:
         if seconds_left <= 0:
             self._decline(assignment, ["the deadline has already passed"])
             return
-        trainer = self._trainer(assignment)
+        trainer = self._trainer(assignment, global_rank)
+        if plan.adapter_rank < global_rank:
+            logger.info(
+                "task %s round %d: training rank %d of the global rank %d (alpha %.4g)",
+                assignment.task,
+                assignment.server_round,
+                plan.adapter_rank,
+                global_rank,
+                trainer.spec.adapter.alpha,
+            )
         started = time.monotonic()
         result = trainer.train_round(
-            self.global_states[assignment.model_version],
+            start_state,
             LocalPlan(plan.local_steps, plan.batch_size, plan.sequence_length, plan.learning_rate),
             deadline=trainer.clock() + seconds_left,
             round_seed=assignment.server_round,
@@ -440,7 +495,7 @@ class AgentDaemon:
             f"{result.num_steps}/{plan.local_steps} steps, loss {result.first_loss:.3f} -> "
             f"{result.last_loss:.3f}, {encoded.encoded_bytes} bytes up",
         )
-        self._save_personal_copy(assignment, trainer)
+        self._save_personal_copy(assignment, trainer, start_state)
         self.send_update(update.message_id, frame)
         logger.info(
             "task %s round %d: trained %d steps in %.1f s, loss %.3f -> %.3f, uploading %d bytes",
@@ -459,15 +514,27 @@ class AgentDaemon:
         if remaining > 0:
             self.stop_requested.wait(remaining)
 
-    def _save_personal_copy(self, assignment: TaskAssignment, trainer: LocalTrainer) -> None:
-        """Keep the global adapter the device trained from, for `schoolfl agent predict`."""
-        trainer.load_global(self.global_states[assignment.model_version])
+    def _save_personal_copy(
+        self,
+        assignment: TaskAssignment,
+        trainer: LocalTrainer,
+        start_state: dict[str, torch.Tensor],
+    ) -> None:
+        """Keep the global adapter the device trained from, for `schoolfl agent predict`.
+
+        A device of a smaller rank keeps the first components it trained from, with its
+        scaled alpha (the metadata records both): its rank-r model holds no more."""
+        trainer.load_global(start_state)
         save_adapter(trainer.model, self.config.state_dir / "adapters" / assignment.task)
         atomic_write_text(
             self.config.state_dir / "adapters" / f"{assignment.task}.json",
             json.dumps(
                 {
-                    "spec": vars(assignment.spec) | {"labels": list(assignment.spec.labels)},
+                    "spec": vars(assignment.spec)
+                    | {
+                        "labels": list(assignment.spec.labels),
+                        "adapter_alpha": trainer.spec.adapter.alpha,
+                    },
                     "scheme": assignment.plan.scheme,
                     "rank": assignment.plan.adapter_rank,
                     "version": assignment.model_version,

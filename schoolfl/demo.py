@@ -2,11 +2,14 @@
 
 A broker (embedded amqtt, or any broker with --broker), the coordinator daemon and several
 emulated school devices, each a separate `schoolfl agent run` process with its own non-IID
-shard of the shipped school-questions data, train nf4 + LoRA MiniLM-L6 in federated rounds.
-Each device emulates its reference profile: compute is stretched to the profile's predicted
-round time, and its uplink is limited to the profile's bandwidth. The demo watches the
-coordinator's store and shows every round live, then writes the final adapter (a PEFT
-folder), a plot and a summary.
+shard of shipped data, train in federated rounds: nf4 + LoRA MiniLM-L6 sorting pupils'
+questions by subject (`--task classify`), or nf4 + LoRA SmolLM2-135M learning to explain
+school ideas simply (`--task generate`, slower). Each device emulates its reference
+profile: compute is stretched to the profile's predicted round time, and its uplink is
+limited to the profile's bandwidth. The demo watches the coordinator's store and shows
+every round live, then writes the final adapter (a PEFT folder), a plot and a summary; for
+the classifier it also exports the final model to ONNX int8 for classroom inference, with
+the same `schoolfl coordinator export --onnx` an operator runs.
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ from pathlib import Path
 
 import click
 
+from schoolfl.atomic_files import atomic_write_text
+from schoolfl.demo_tasks import CLASSIFY, DEMO_TASKS, DemoTask, write_task_data
+from schoolfl.demo_view import metric_text, plot_rounds, render_table, round_rows
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_FLEET: tuple[tuple[str, str], ...] = (
@@ -37,7 +44,6 @@ DEFAULT_FLEET: tuple[tuple[str, str], ...] = (
 """Six devices in three schools: two Raspberry Pi 4, a Pi 5, a Jetson Orin Nano, two laptops."""
 
 FLEET = "demo"
-TASK = "subjects"
 
 
 @dataclass(frozen=True)
@@ -50,14 +56,17 @@ class DemoSettings:
     held_out: int
     per_device: int | None
     deadline_seconds: float
+    task: DemoTask = CLASSIFY
+    onnx: bool = True
+    """Export the final classifier to ONNX int8 (classification only)."""
 
 
-def _child_env() -> dict[str, str]:
+def _child_env(threads: int = 1) -> dict[str, str]:
     return {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
-        "OMP_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": str(threads),
     }
 
 
@@ -74,36 +83,36 @@ class DemoFleet:
     # -- configuration ---------------------------------------------------------------------
 
     def write_configs(self) -> tuple[str, ...]:
+        """Coordinator and device configs, keys and data shards; returns the labels."""
         from device_profiles.profile import find_profile
         from edge_runtime.agent_config import AgentConfig, AgentSettings
         from edge_runtime.broker_settings import BrokerSettings
         from edge_runtime.eligibility import EligibilityPolicy
         from edge_runtime.signing import generate_private_key, save_private_key
-        from schoolfl.school_questions import split_questions, write_jsonl
 
         root = self.settings.state_dir
-        split = split_questions(
-            self.settings.devices,
-            held_out=self.settings.held_out,
-            alpha=0.5,
-            seed=0,
-            per_shard=self.settings.per_device,
+        task = self.settings.task
+        eval_file = root / "coordinator" / "held_out.jsonl"
+        shard_writers, labels = write_task_data(
+            task, self.settings.devices, self.settings.held_out, self.settings.per_device, eval_file
         )
-        eval_file = write_jsonl(split.held_out, root / "coordinator" / "held_out.jsonl")
-        labels = ", ".join(f'"{label}"' for label in split.labels)
+        labels_line = (
+            "labels = [" + ", ".join(f'"{label}"' for label in labels) + "]\n" if labels else ""
+        )
         quorum = max(2, (self.settings.devices + 1) // 2)
         (root / "coordinator.toml").write_text(
             f'[coordinator]\nfleet = "{FLEET}"\nstate_dir = "{root / "coordinator"}"\n'
             f"tick_seconds = 0.1\nheartbeat_seconds = 5.0\n\n"
             f'[broker]\nurl = "{self.broker_url}"\n\n'
-            f'[[tasks]]\nid = "{TASK}"\nkind = "classification"\nbase_model = "minilm-l6"\n'
-            f'labels = [{labels}]\nscheme = "nf4"\nrank = 8\nalpha = 16.0\n'
-            f"learning_rate = 0.003\nrounds = {self.settings.rounds}\n"
+            f'[[tasks]]\nid = "{task.task_id}"\nkind = "{task.kind}"\n'
+            f'base_model = "{task.base_model}"\n{labels_line}'
+            f'scheme = "nf4"\nrank = 8\nalpha = 16.0\n'
+            f"learning_rate = {task.learning_rate}\nrounds = {self.settings.rounds}\n"
             f"devices_per_round = {self.settings.devices}\nmin_updates = {quorum}\n"
             f"gather_seconds = 60.0\nover_selection = 0.0\n"
             f"round_deadline_seconds = {self.settings.deadline_seconds}\n"
-            f"local_steps = {self.settings.local_steps}\nbatch_size = 8\nseq_len = 48\n"
-            f'update_encoding = "int8"\neval_file = "{eval_file}"\n'
+            f"local_steps = {self.settings.local_steps}\nbatch_size = {task.batch_size}\n"
+            f'seq_len = {task.seq_len}\nupdate_encoding = "int8"\neval_file = "{eval_file}"\n'
         )
         for index in range(self.settings.devices):
             profile_name, school = DEFAULT_FLEET[index % len(DEFAULT_FLEET)]
@@ -131,20 +140,22 @@ class DemoFleet:
             config.save(folder / "agent.toml")
             if not config.key_path.exists():
                 save_private_key(generate_private_key(), config.key_path)
-            write_jsonl(split.shards[index], folder / "data" / f"{TASK}.jsonl")
+            shard_writers[index](folder / "data" / f"{task.task_id}.jsonl")
             self.agent_configs.append(folder / "agent.toml")
-        return split.labels
+        return labels
 
     # -- processes ---------------------------------------------------------------------------
 
-    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+    def start(self, name: str, *args: str, threads: int = 1) -> subprocess.Popen[bytes]:
+        """Start `schoolfl -v ARGS` logging to logs/NAME.log; one thread unless told more,
+        because every device shares this machine's cores."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = (self.log_dir / f"{name}.log").open("ab")
         process = subprocess.Popen(
             [sys.executable, "-m", "schoolfl", "-v", *args],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=_child_env(),
+            env=_child_env(threads),
         )
         self.processes[name] = process
         pids = {n: p.pid for n, p in self.processes.items()}
@@ -192,90 +203,66 @@ class DemoFleet:
                 process.wait(timeout=10)
 
 
-def _round_rows(store: object, task_id: str) -> list[dict[str, object]]:
-    """What the live view and the summary show, read from the coordinator's store."""
-    rows = []
-    for record in store.rounds(task_id):  # type: ignore[attr-defined]
-        plans = {
-            d: json.loads(p) for d, p in store.assignments(task_id, record.round_number).items()
-        }  # type: ignore[attr-defined]
-        updates = store.updates(task_id, record.round_number)  # type: ignore[attr-defined]
-        predicted = max(
-            (p.get("predicted_round_seconds") or 0.0 for p in plans.values()), default=0.0
+def _wait(process: subprocess.Popen[bytes], stop: threading.Event) -> bool:
+    """Wait for `process`; False if the demo was asked to stop first."""
+    while process.poll() is None:
+        if stop.wait(0.5):
+            return False
+    return True
+
+
+def _export_onnx(
+    fleet: DemoFleet, settings: DemoSettings, console: object, stop: threading.Event
+) -> dict[str, object]:
+    """Run `schoolfl coordinator export --onnx` on the final version, as an operator would.
+
+    Returns the export report (with the folder), or why the export was skipped.
+    """
+    from coordinator.onnx_report import REPORT_FILE, missing_onnx_packages
+
+    task = settings.task
+    if task.kind != "classification":
+        return {"skipped": "only classification tasks are exported to ONNX"}
+    if not settings.onnx:
+        return {"skipped": "--no-onnx"}
+    missing = missing_onnx_packages()
+    if missing:
+        return {"skipped": f"{', '.join(missing)} not installed (pip install 'schoolfl[onnx]')"}
+    folder = settings.state_dir / "export-onnx"
+    with console.status("exporting the final model to ONNX int8 for classroom inference..."):  # type: ignore[attr-defined]
+        process = fleet.start(
+            "export-onnx",
+            "coordinator",
+            "export",
+            "--config",
+            str(settings.state_dir / "coordinator.toml"),
+            "--task",
+            task.task_id,
+            "--onnx",
+            str(folder),
+            threads=os.cpu_count() or 1,  # the devices have stopped: use the whole machine
         )
-        actual = max((u.received_at - record.opened_at for u in updates), default=0.0)
-        rows.append(
-            {
-                "round": record.round_number,
-                "state": record.state.value,
-                "plans": ", ".join(
-                    f"{d}:r{p['adapter_rank']}x{p['local_steps']}" for d, p in sorted(plans.items())
-                ),
-                "updates": f"{len(updates)}/{len(plans)}",
-                "predicted": predicted,
-                "actual": actual,
-                "bytes_up": sum(len(u.body) for u in updates),
-                "accuracy": record.metrics.get("accuracy"),
-                "seconds": (record.closed_at or time.time()) - record.opened_at,
-            }
-        )
-    return rows
+        if not _wait(process, stop):
+            return {"skipped": "stopped"}
+    if process.returncode != 0:
+        log = (fleet.log_dir / "export-onnx.log").read_text(errors="replace")[-2000:]
+        raise click.ClickException(f"the ONNX export failed:\n{log}")
+    return {"folder": str(folder), **json.loads((folder / REPORT_FILE).read_text())}
 
 
-def _table(rows: list[dict[str, object]], before: float | None):  # noqa: ANN202 - rich Table
-    from rich.table import Table
+def _onnx_lines(onnx: dict[str, object]) -> list[str]:
+    """The summary's ONNX part: sizes and agreement, or why there is no export."""
+    from coordinator.onnx_report import PREDICT_FILE, OnnxExportReport
 
-    table = Table(title=f"schoolfl demo: task {TASK} (MiniLM-L6 nf4 + LoRA r=8)")
-    for column in (
-        "round",
-        "state",
-        "devices: rank x steps",
-        "updates",
-        "predicted s",
-        "actual s",
-        "bytes up",
-        "accuracy",
-    ):
-        table.add_column(column)
-    if before is not None:
-        table.add_row("0", "initial", "", "", "", "", "", f"{before:.3f}")
-    for row in rows:
-        accuracy = row["accuracy"]
-        table.add_row(
-            str(row["round"]),
-            str(row["state"]),
-            str(row["plans"]),
-            str(row["updates"]),
-            f"{row['predicted']:.1f}",
-            f"{row['actual']:.1f}",
-            f"{row['bytes_up']:,}",
-            "-" if accuracy is None else f"{accuracy:.3f}",
-        )
-    return table
-
-
-def _plot(rows: list[dict[str, object]], before: float | None, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    completed = [r for r in rows if r["accuracy"] is not None]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    rounds = [0] + [int(r["round"]) for r in completed]  # type: ignore[call-overload]
-    accuracy = [before or 0.0] + [float(r["accuracy"]) for r in completed]  # type: ignore[arg-type]
-    left.plot(rounds, accuracy, marker="o")
-    left.set(
-        title="held-out accuracy", xlabel="round", ylabel="accuracy", ylim=(0, 1), xticks=rounds
-    )
-    right.bar([int(r["round"]) for r in rows], [float(r["seconds"]) for r in rows])  # type: ignore[call-overload, arg-type]
-    right.set(
-        title="round time", xlabel="round", ylabel="seconds", xticks=[int(r["round"]) for r in rows]
-    )  # type: ignore[call-overload]
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    if "skipped" in onnx:
+        return [f"ONNX export skipped: {onnx['skipped']}"]
+    folder = Path(str(onnx["folder"]))
+    report = OnnxExportReport(**{k: v for k, v in onnx.items() if k != "folder"})  # type: ignore[arg-type]
+    return [
+        f"ONNX export for classroom inference ({report.exporter}): {folder}",
+        *(f"  {line}" for line in report.summary_lines()),
+        f'  try it: python {folder / PREDICT_FILE} "How do plants make food?"',
+    ]
 
 
 def run_demo(settings: DemoSettings, broker_url: str | None) -> int:
@@ -286,6 +273,7 @@ def run_demo(settings: DemoSettings, broker_url: str | None) -> int:
     from coordinator.store import CoordinatorStore
 
     console = Console()
+    task = settings.task
     started = time.monotonic()
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     embedded = None
@@ -300,8 +288,8 @@ def run_demo(settings: DemoSettings, broker_url: str | None) -> int:
     try:
         fleet.write_configs()
         console.print(
-            f"{settings.devices} devices, {settings.rounds} rounds; state and logs in "
-            f"{settings.state_dir}"
+            f"task {task.name}: {task.title}; {settings.devices} devices, {settings.rounds} "
+            f"rounds; state and logs in {settings.state_dir}"
         )
         coordinator = fleet.start(
             "coordinator",
@@ -316,21 +304,22 @@ def run_demo(settings: DemoSettings, broker_url: str | None) -> int:
         for index, config_path in enumerate(fleet.agent_configs):
             fleet.start(f"device-{index}", "agent", "run", "--config", str(config_path))
         store = CoordinatorStore(settings.state_dir / "coordinator" / "coordinator.db")
-        versions = store.adapter_versions(TASK)
-        before = versions[0].metrics.get("accuracy") if versions else None
-        with Live(_table([], before), console=console, refresh_per_second=2) as live:
+        versions = store.adapter_versions(task.task_id)
+        metrics_before = dict(versions[0].metrics) if versions else {}
+        before = metrics_before.get(task.metric)
+        with Live(render_table([], before, task), console=console, refresh_per_second=2) as live:
             while coordinator.poll() is None and not stop.is_set():
-                live.update(_table(_round_rows(store, TASK), before))
+                live.update(render_table(round_rows(store, task), before, task))
                 stop.wait(0.5)
-            live.update(_table(_round_rows(store, TASK), before))
+            live.update(render_table(round_rows(store, task), before, task))
         if stop.is_set():
             console.print("stopped")
             return 130
         if coordinator.returncode != 0:
             log = (fleet.log_dir / "coordinator.log").read_text(errors="replace")[-2000:]
             raise click.ClickException(f"the coordinator failed:\n{log}")
-        rows = _round_rows(store, TASK)
-        final = store.latest_adapter_version(TASK)
+        rows = round_rows(store, task)
+        final = store.latest_adapter_version(task.task_id)
         store.close()
         adapter = settings.state_dir / "adapter"
         if final is not None:
@@ -338,26 +327,48 @@ def run_demo(settings: DemoSettings, broker_url: str | None) -> int:
 
             shutil.rmtree(adapter, ignore_errors=True)
             shutil.copytree(final.folder, adapter)
-        _plot(rows, before, settings.plot_path)
-        after = final.metrics.get("accuracy") if final else None
-        summary = {
+        plot_rounds(rows, before, settings.plot_path, task)
+        fleet.stop_all()  # the rounds are over; the export gets the machine to itself
+        onnx = _export_onnx(fleet, settings, console, stop)
+        if stop.is_set():
+            console.print("stopped")
+            return 130
+        metrics_after = dict(final.metrics) if final else {}
+        summary: dict[str, object] = {
+            "task": task.name,
+            "task_id": task.task_id,
+            "base_model": task.base_model,
             "devices": settings.devices,
             "rounds_completed": sum(1 for r in rows if r["state"] == "completed"),
-            "accuracy_before": before,
-            "accuracy_after": after,
-            "bytes_up": sum(int(r["bytes_up"]) for r in rows),  # type: ignore[call-overload]
-            "total_seconds": round(time.monotonic() - started, 1),
-            "adapter": str(adapter),
-            "plot": str(settings.plot_path),
+            "metric": task.metric,
+            "lower_is_better": task.lower_is_better,
         }
-        (settings.state_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        console.print(
-            f"accuracy {before:.3f} -> {after:.3f} on {settings.held_out} held-out questions; "
-            f"{summary['bytes_up']:,} bytes uploaded; {summary['total_seconds']} s in all"
+        for key in sorted(metrics_before.keys() | metrics_after.keys()):
+            summary[f"{key}_before"] = metrics_before.get(key)
+            summary[f"{key}_after"] = metrics_after.get(key)
+        summary.update(
+            {
+                "held_out": settings.held_out,
+                "bytes_up": sum(int(r["bytes_up"]) for r in rows),  # type: ignore[call-overload]
+                "total_seconds": round(time.monotonic() - started, 1),
+                "adapter": str(adapter),
+                "plot": str(settings.plot_path),
+                "onnx": onnx,
+            }
         )
+        atomic_write_text(settings.state_dir / "summary.json", json.dumps(summary, indent=2))
+        # soft_wrap: whole lines, so paths and figures stay greppable in a narrow terminal
+        console.print(
+            f"{metric_text(task, settings.held_out, metrics_before, metrics_after)}; "
+            f"{summary['bytes_up']:,} bytes uploaded; {summary['total_seconds']} s in all",
+            soft_wrap=True,
+        )
+        for line in _onnx_lines(onnx):
+            console.print(line, soft_wrap=True, markup=False)  # "schoolfl[onnx]" is no markup
         console.print(
             f"adapter (PEFT folder): {adapter}\nplot: {settings.plot_path}\n"
-            f"summary: {settings.state_dir / 'summary.json'}"
+            f"summary: {settings.state_dir / 'summary.json'}",
+            soft_wrap=True,
         )
         return 0
     except KeyboardInterrupt:
@@ -371,6 +382,15 @@ def run_demo(settings: DemoSettings, broker_url: str | None) -> int:
 
 
 @click.command("demo")
+@click.option(
+    "--task",
+    "task_name",
+    type=click.Choice(sorted(DEMO_TASKS)),
+    default="classify",
+    show_default=True,
+    help="classify: MiniLM-L6 sorts questions by subject (minutes). generate: SmolLM2-135M "
+    "learns to explain school ideas (slower; see docs/demo.md).",
+)
 @click.option("--devices", default=6, show_default=True, help="Emulated school devices.")
 @click.option("--rounds", default=3, show_default=True, help="Federated rounds to run.")
 @click.option(
@@ -385,28 +405,36 @@ def run_demo(settings: DemoSettings, broker_url: str | None) -> int:
     type=click.Path(path_type=Path),
     default=Path("schoolfl-demo"),
     show_default=True,
-    help="Folder for configs, stores, logs, the adapter and the summary.",
+    help="Folder for configs, stores, logs, the adapter, the ONNX export and the summary.",
 )
 @click.option(
     "--plot",
     "plot_path",
     type=click.Path(path_type=Path),
     default=None,
-    help="PNG with accuracy and round time per round (default STATE/demo.png).",
+    help="PNG with the held-out metric and round time per round (default STATE/demo.png).",
 )
-@click.option("--quick", is_flag=True, help="Fewer steps and questions (for tests).")
+@click.option("--quick", is_flag=True, help="Fewer steps and examples (for tests).")
+@click.option(
+    "--no-onnx",
+    is_flag=True,
+    help="Skip the ONNX int8 export of the final classifier (about half a minute).",
+)
 def demo_command(
+    task_name: str,
     devices: int,
     rounds: int,
     broker_url: str | None,
     state_dir: Path,
     plot_path: Path | None,
     quick: bool,
+    no_onnx: bool,
 ) -> None:
     """Run a broker, the coordinator and emulated school devices on this machine.
 
-    Every device is a separate agent process with its own share of the shipped
-    school-questions data; they train nf4 + LoRA MiniLM-L6 in federated rounds.
+    Every device is a separate agent process with its own share of the shipped data; they
+    train nf4 + LoRA MiniLM-L6 (--task classify) or SmolLM2-135M (--task generate) in
+    federated rounds. The final classifier is also exported to ONNX int8.
     """
     if devices < 2:
         raise click.BadParameter("the demo needs at least 2 devices", param_hint="--devices")
@@ -414,15 +442,18 @@ def demo_command(
         raise click.BadParameter("at least 1 round", param_hint="--rounds")
     if (state_dir / "coordinator").exists():
         raise click.ClickException(f"{state_dir} holds an earlier demo; remove it or pass --state")
+    task = DEMO_TASKS[task_name]
     settings = DemoSettings(
         devices=devices,
         rounds=rounds,
         state_dir=state_dir.resolve(),
         plot_path=(plot_path or state_dir / "demo.png").resolve(),
-        local_steps=6 if quick else 12,
-        held_out=80 if quick else 160,
-        per_device=60 if quick else None,
-        deadline_seconds=240.0,
+        local_steps=task.quick_local_steps if quick else task.local_steps,
+        held_out=task.held_out // 2 if quick else task.held_out,
+        per_device=task.quick_per_device if quick else None,
+        deadline_seconds=task.deadline_seconds,
+        task=task,
+        onnx=not no_onnx,
     )
     status = run_demo(settings, broker_url)
     if status:

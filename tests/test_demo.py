@@ -1,4 +1,9 @@
-"""`schoolfl demo` end to end, reduced (3 devices, 2 rounds, --quick), as CI can afford."""
+"""`schoolfl demo` end to end, reduced (3 devices, 2 rounds, --quick), as CI can afford.
+
+The classifier runs twice (Mosquitto with the ONNX export, the embedded broker without
+it); the SmolLM2 generate task runs once, smallest (2 devices, 1 round): about 4 minutes
+on a busy 2-core machine, most of it loading the GGUF base in three processes.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +23,9 @@ from coordinator.mosquitto import MosquittoProcess
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def _demo(state: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+def _demo(
+    state: Path, *extra: str, devices: int = 3, rounds: int = 2
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
             sys.executable,
@@ -26,9 +33,9 @@ def _demo(state: Path, *extra: str) -> subprocess.CompletedProcess[str]:
             "schoolfl",
             "demo",
             "--devices",
-            "3",
+            str(devices),
             "--rounds",
-            "2",
+            str(rounds),
             "--quick",
             "--state",
             str(state),
@@ -41,24 +48,55 @@ def _demo(state: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _check_outputs(state: Path, completed: subprocess.CompletedProcess[str]) -> None:
+def _check_outputs(
+    state: Path, completed: subprocess.CompletedProcess[str], rounds: int = 2
+) -> dict[str, object]:
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     summary = json.loads((state / "summary.json").read_text())
     print("demo summary:", summary)
-    assert summary["rounds_completed"] == 2
-    assert summary["accuracy_after"] > summary["accuracy_before"]
+    assert summary["rounds_completed"] == rounds
     assert (state / "adapter" / "adapter_config.json").is_file()
     assert (state / "adapter" / "adapter_model.safetensors").is_file()
     assert (state / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "accuracy" in completed.stdout
+    return summary
 
 
 def test_demo_against_mosquitto(tmp_path: Path, mosquitto: MosquittoProcess) -> None:
-    _check_outputs(tmp_path / "demo", _demo(tmp_path / "demo", "--broker", mosquitto.url))
+    state = tmp_path / "demo"
+    completed = _demo(state, "--broker", mosquitto.url)
+    summary = _check_outputs(state, completed)
+    assert summary["accuracy_after"] > summary["accuracy_before"]
+    assert "accuracy" in completed.stdout
+    # The final classifier, exported to ONNX int8 by `schoolfl coordinator export --onnx`.
+    onnx = summary["onnx"]
+    assert (state / "export-onnx" / "model.int8.onnx").is_file()
+    assert (state / "export-onnx" / "predict.py").is_file()
+    assert onnx["agreement"] >= 0.95, onnx
+    assert onnx["eval_examples"] == summary["held_out"]
+    assert onnx["int8_bytes"] < 0.4 * onnx["fp32_bytes"], onnx
+    assert "agrees with PyTorch" in completed.stdout and "MB" in completed.stdout
 
 
 def test_demo_on_the_embedded_broker(tmp_path: Path) -> None:
-    _check_outputs(tmp_path / "demo", _demo(tmp_path / "demo"))
+    state = tmp_path / "demo"
+    completed = _demo(state, "--no-onnx")
+    summary = _check_outputs(state, completed)
+    assert summary["accuracy_after"] > summary["accuracy_before"]
+    assert summary["onnx"] == {"skipped": "--no-onnx"}
+    assert not (state / "export-onnx").exists()
+
+
+def test_generate_demo_against_mosquitto(tmp_path: Path, mosquitto: MosquittoProcess) -> None:
+    """SmolLM2-135M + LoRA on the shipped instructions: held-out loss must fall."""
+    state = tmp_path / "demo"
+    completed = _demo(state, "--task", "generate", "--broker", mosquitto.url, devices=2, rounds=1)
+    summary = _check_outputs(state, completed, rounds=1)
+    assert summary["metric"] == "eval_loss" and summary["lower_is_better"] is True
+    assert summary["eval_loss_after"] < summary["eval_loss_before"], summary
+    assert summary["perplexity_after"] < summary["perplexity_before"], summary
+    assert "lower is better" in completed.stdout
+    assert "ONNX export skipped: only classification tasks" in completed.stdout
+    assert "skipped" in summary["onnx"] and not (state / "export-onnx").exists()
 
 
 def test_ctrl_c_stops_every_child(tmp_path: Path) -> None:
