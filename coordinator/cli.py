@@ -9,7 +9,7 @@ import click
 
 if TYPE_CHECKING:
     from coordinator.config import TaskConfig
-    from coordinator.store import AdapterVersion
+    from coordinator.store import AdapterVersion, PrivacyStop
 
 
 @click.group("coordinator")
@@ -246,7 +246,17 @@ def rounds_command(config_path: Path, task_id: str | None) -> None:
             f"{record.task_id} round {record.round_number}: {record.state.value:9} "
             f"updates={updates} {record.reason or ''} {metrics}".rstrip()
         )
+    for task in _load_config(config_path).tasks:
+        stop = store.privacy_stop(task.id)
+        if (task_id is None or task.id == task_id) and _stop_holds(task, stop):
+            click.echo(f"{task.id} stopped: {stop.reason}")  # type: ignore[union-attr]
     store.close()
+
+
+def _stop_holds(task: TaskConfig, stop: PrivacyStop | None) -> bool:
+    from coordinator.privacy import stop_holds
+
+    return stop_holds(task, stop)
 
 
 @coordinator_group.command("status")
@@ -271,11 +281,63 @@ def status_command(config_path: Path) -> None:
             f"task {task.id}: {completed}/{task.rounds} rounds completed, adapter "
             f"{version}, open rounds {open_rounds or 'none'}"
         )
+        if task.dp_mode != "off":
+            ledger = store.privacy_rounds(task.id)
+            spent = ledger[-1].epsilon if ledger else 0.0
+            click.echo(
+                f"  privacy ({task.dp_mode} DP): epsilon {spent:.4g} of budget "
+                f"{task.dp_epsilon_budget:g} at delta {task.dp_delta:g}"
+            )
+            stop = store.privacy_stop(task.id)
+            if _stop_holds(task, stop):
+                click.echo(f"  stopped: {stop.reason}")  # type: ignore[union-attr]
     counts = store.rejection_counts()
     click.echo("refused messages: " + (", ".join(f"{k}={v}" for k, v in counts.items()) or "none"))
     for at, device, category, reason in store.recent_rejections(5):
         click.echo(f"  {_when(at)} {device or '?'} {category}: {reason}")
     store.close()
+
+
+@coordinator_group.command("privacy-report")
+@CONFIG_OPTION
+@click.argument("task_id")
+def privacy_report_command(config_path: Path, task_id: str) -> None:
+    """Per completed round of TASK_ID: participants, clipping bound, noise multiplier,
+    cumulative (epsilon, delta), secure aggregation on/off."""
+    config = _load_config(config_path)
+    try:
+        task = config.task(task_id)
+    except KeyError as error:
+        raise click.ClickException(str(error.args[0])) from None
+    if task.dp_mode == "off":
+        raise click.ClickException(
+            f"task {task_id!r} has dp_mode = 'off': no privacy accounting; set dp_mode, "
+            "dp_clip_norm, dp_noise_multiplier and dp_epsilon_budget in its [[tasks]] table"
+        )
+    store = _open_store(config_path)
+    ledger = store.privacy_rounds(task_id)
+    stop = store.privacy_stop(task_id)
+    store.close()
+    click.echo(
+        f"task {task_id}: {task.dp_mode} DP, budget epsilon {task.dp_epsilon_budget:g} "
+        f"at delta {task.dp_delta:g}"
+    )
+    if not ledger:
+        click.echo("no completed rounds yet: epsilon 0")
+    else:
+        click.echo(
+            f"{'round':>5} {'devices':>7} {'eligible':>8} {'q':>6} {'clip':>8} {'noise z':>7} "
+            f"{'epsilon':>9} {'delta':>8} secure-agg"
+        )
+    for entry in ledger:
+        click.echo(
+            f"{entry.round_number:>5} {entry.participants:>7} {entry.eligible_devices:>8} "
+            f"{entry.sampling_probability:>6.3f} {entry.clip_norm:>8.4g} "
+            f"{entry.noise_multiplier:>7.4g} {entry.epsilon:>9.4f} {entry.delta:>8.1e} "
+            f"{'on' if entry.secure_aggregation else 'off'}"
+        )
+    if _stop_holds(task, stop):
+        click.echo(f"stopped: {stop.reason}")  # type: ignore[union-attr]
 
 
 @coordinator_group.command("revoke")

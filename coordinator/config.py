@@ -7,6 +7,7 @@ Every key is documented where it is declared and in docs/coordinator.md.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from edge_runtime.config_tables import build_dataclass, read_toml_file
 from edge_runtime.messages import UpdateEncoding, check_identifier
 
 SCHEDULERS = ("equity", "oort", "random", "fit-first")
+DP_MODES = ("off", "central", "local")
 
 
 class CoordinatorConfigError(ValueError):
@@ -84,6 +86,21 @@ class TaskConfig:
     many rounds."""
     exploration: float = 0.2
     """Share of a round's slots given to devices never tried before (Oort's exploration)."""
+    dp_mode: str = "off"
+    """Client-level differential privacy (DP-FedAvg): off, central (the coordinator noises
+    the aggregate) or local (each device noises its own update). See docs/coordinator.md."""
+    dp_clip_norm: float = 0.0
+    """DP: L2 bound every update is clipped to, on the device and again on the coordinator
+    (the sensitivity the accountant assumes); required (> 0) when dp_mode is not off."""
+    dp_noise_multiplier: float = 0.0
+    """DP: Gaussian noise standard deviation as a multiple of dp_clip_norm (z); > 0 when
+    dp_mode is not off."""
+    dp_epsilon_budget: float = 0.0
+    """DP: the task's total epsilon; a round that would take the cumulative epsilon past it
+    is not opened. Required (> 0) when dp_mode is not off."""
+    dp_delta: float = 1e-5
+    """DP: the delta at which epsilon is reported and budgeted; keep it well below
+    1 / number of devices."""
 
     def __post_init__(self) -> None:
         def fail(key: str, problem: str) -> CoordinatorConfigError:
@@ -145,6 +162,46 @@ class TaskConfig:
             raise fail("equity_rounds", f"must be >= 1, got {self.equity_rounds}")
         if not 0 <= self.exploration <= 1:
             raise fail("exploration", f"must be within 0..1, got {self.exploration}")
+        self._check_privacy(fail)
+
+    def _check_privacy(self, fail: Callable[[str, str], CoordinatorConfigError]) -> None:
+        """The dp_* keys: all-or-nothing, so a half-configured private task cannot start."""
+        if self.dp_mode not in DP_MODES:
+            raise fail("dp_mode", f"must be one of {', '.join(DP_MODES)}, got {self.dp_mode!r}")
+        for name in ("dp_clip_norm", "dp_noise_multiplier", "dp_epsilon_budget", "dp_delta"):
+            value = getattr(self, name)
+            if not (
+                isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+                and value >= 0
+            ):
+                raise fail(name, f"must be a finite number >= 0, got {value!r}")
+        if not 0 < self.dp_delta < 1:
+            raise fail("dp_delta", f"must be within (0, 1), got {self.dp_delta!r}")
+        if self.dp_mode == "off":
+            return
+        for name, why in (
+            ("dp_clip_norm", "the L2 bound every update is clipped to"),
+            (
+                "dp_noise_multiplier",
+                "without noise epsilon is infinite; for clipping alone "
+                "use dp_mode = 'off' with max_update_norm",
+            ),
+            ("dp_epsilon_budget", "the total epsilon the task may spend"),
+        ):
+            if getattr(self, name) <= 0:
+                raise fail(
+                    name,
+                    f"must be > 0 when dp_mode is {self.dp_mode!r} ({why}), "
+                    f"got {getattr(self, name)!r}",
+                )
+        if self.max_update_norm > 0:
+            raise fail(
+                "max_update_norm",
+                f"must be 0 when dp_mode is {self.dp_mode!r}: dp_clip_norm is the bound "
+                "(two bounds would make the sensitivity ambiguous)",
+            )
 
     @property
     def ladder_ranks(self) -> tuple[int, ...]:

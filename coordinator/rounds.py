@@ -35,10 +35,19 @@ from coordinator.config import CoordinatorConfig, TaskConfig
 from coordinator.fleet_history import history_from_store
 from coordinator.lora_ranks import adapter_rank, truncated_shapes
 from coordinator.plan_fitting import SchoolLink
+from coordinator.privacy import (
+    DpFedAvg,
+    DpPolicy,
+    budget_refusal,
+    next_round_privacy,
+    stop_holds,
+)
 from coordinator.scheduler import DeviceCandidate, RoundContext, Scheduler
 from coordinator.store import (
     AdapterVersion,
     CoordinatorStore,
+    PrivacyRound,
+    PrivacyStop,
     RoundRecord,
     RoundState,
     StoredUpdate,
@@ -103,6 +112,9 @@ def update_shapes(reference: dict[str, torch.Tensor], rank: int) -> dict[str, tu
 
 
 def make_aggregator(task: TaskConfig) -> Aggregator:
+    policy = DpPolicy.of(task)
+    if policy is not None:
+        return DpFedAvg(policy)
     if task.max_update_norm > 0:
         return FedAvg(NormBound(task.max_update_norm, NormBoundMode(task.norm_mode)))
     return FedAvg()
@@ -238,7 +250,45 @@ class RoundManager:
         return sum(1 for r in self.store.rounds(task_id) if r.state is RoundState.COMPLETED)
 
     def task_finished(self, task_id: str) -> bool:
-        return self.completed_rounds(task_id) >= self.config.task(task_id).rounds
+        """All configured rounds completed, or the privacy budget allows no more."""
+        if self.completed_rounds(task_id) >= self.config.task(task_id).rounds:
+            return True
+        return self.privacy_blocked(task_id)
+
+    def privacy_blocked(self, task_id: str) -> bool:
+        """A recorded budget stop that the configured budget still upholds (an operator
+        who raises dp_epsilon_budget lets the task go on)."""
+        return stop_holds(self.config.task(task_id), self.store.privacy_stop(task_id))
+
+    def _privacy_plan(
+        self, task: TaskConfig, round_number: int, participants: int, eligible_devices: int
+    ) -> PrivacyRound | None:
+        """The planned ledger row of a DP task's round about to open, or None when one more
+        round would exceed the budget: the stop is then recorded (the task counts as
+        finished from then on, so this is logged once)."""
+        policy = DpPolicy.of(task)
+        assert policy is not None  # callers check dp_mode first
+        ledger = self.store.privacy_rounds(task.id)
+        planned = next_round_privacy(
+            policy, ledger, task.id, round_number, participants, eligible_devices
+        )
+        if planned.epsilon <= policy.epsilon_budget:
+            self.store.clear_privacy_stop(task.id)
+            return planned
+        reason = budget_refusal(task.id, round_number, planned.epsilon, policy)
+        logger.warning("%s", reason)
+        self.store.set_privacy_stop(
+            PrivacyStop(
+                task.id,
+                round_number,
+                planned.epsilon,
+                policy.epsilon_budget,
+                policy.delta,
+                reason,
+                self.now(),
+            )
+        )
+        return None
 
     def open_rounds_if_possible(self, candidates: Sequence[DeviceCandidate]) -> list[Outgoing]:
         """Open a round for every unfinished task without one, if enough devices fit."""
@@ -299,12 +349,18 @@ class RoundManager:
                 )
                 for p in schedule.plans
             }
+            privacy = None
+            if task.dp_mode != "off":
+                privacy = self._privacy_plan(task, round_number, len(plans), len(free))
+                if privacy is None:
+                    continue
             record = self.store.open_round(
                 task.id,
                 round_number,
                 base_version=self.store.latest_adapter_version(task.id).version,  # type: ignore[union-attr]
                 deadline=self.now() + task.round_deadline_seconds,
                 plans_json={device: _plan_json(plan) for device, plan in plans.items()},
+                privacy=privacy,
             )
             busy |= set(plans)
             logger.info(
@@ -487,6 +543,9 @@ class RoundManager:
         known = [loss for loss in losses if loss is not None]
         if known:
             metrics["train_loss"] = sum(known) / len(known)
+        privacy = self._privacy_spent(task, record.round_number, len(result.accepted_devices))
+        if privacy is not None:
+            metrics["epsilon"] = privacy.epsilon
         self.store.close_round(
             task.id,
             record.round_number,
@@ -502,6 +561,7 @@ class RoundManager:
                 metrics=evaluation,
             ),
             metrics=metrics,
+            privacy=privacy,
         )
         self.current[task.id] = body
         logger.info(
@@ -514,6 +574,19 @@ class RoundManager:
             {k: round(v, 4) for k, v in metrics.items()},
         )
         return self.publish_model(task.id, body, server_round=record.round_number)
+
+    def _privacy_spent(
+        self, task: TaskConfig, round_number: int, participants: int
+    ) -> PrivacyRound | None:
+        """The final ledger row of a DP round: actual participants, cumulative epsilon."""
+        policy = DpPolicy.of(task)
+        planned = self.store.privacy_round(task.id, round_number)
+        if policy is None or planned is None:
+            return None
+        ledger = self.store.privacy_rounds(task.id)
+        return next_round_privacy(
+            policy, ledger, task.id, round_number, participants, planned.eligible_devices
+        )
 
 
 def _plan_json(plan: WirePlan) -> str:

@@ -89,6 +89,28 @@ CREATE TABLE IF NOT EXISTS adapter_versions (
     metrics_json TEXT NOT NULL DEFAULT '{}',
     PRIMARY KEY (task_id, version)
 );
+CREATE TABLE IF NOT EXISTS privacy_rounds (
+    task_id TEXT NOT NULL,
+    round_number INTEGER NOT NULL,
+    eligible_devices INTEGER NOT NULL,
+    participants INTEGER NOT NULL,
+    sampling_probability REAL NOT NULL,
+    clip_norm REAL NOT NULL,
+    noise_multiplier REAL NOT NULL,
+    epsilon REAL NOT NULL,
+    delta REAL NOT NULL,
+    secure_aggregation INTEGER NOT NULL,
+    PRIMARY KEY (task_id, round_number)
+);
+CREATE TABLE IF NOT EXISTS privacy_stops (
+    task_id TEXT PRIMARY KEY,
+    round_number INTEGER NOT NULL,
+    epsilon REAL NOT NULL,
+    budget REAL NOT NULL,
+    delta REAL NOT NULL,
+    reason TEXT NOT NULL,
+    at REAL NOT NULL
+);
 """
 
 
@@ -153,6 +175,40 @@ class AdapterVersion:
     created_at: float
     metrics: dict[str, float] = field(default_factory=dict)
     """Held-out evaluation of this version (accuracy, eval loss), when the task has one."""
+
+
+@dataclass(frozen=True)
+class PrivacyRound:
+    """One row of a DP task's privacy ledger. Written when the round opens (planned
+    participants, projected epsilon) and rewritten when it completes (actual figures);
+    only completed rounds count (`privacy_rounds`)."""
+
+    task_id: str
+    round_number: int
+    eligible_devices: int
+    """Devices the round was drawn from (the denominator of the sampling probability)."""
+    participants: int
+    """Updates aggregated (planned assignments while the round is open)."""
+    sampling_probability: float
+    clip_norm: float
+    noise_multiplier: float
+    epsilon: float
+    """Cumulative epsilon of the task after this round, at `delta`."""
+    delta: float
+    secure_aggregation: bool = False
+
+
+@dataclass(frozen=True)
+class PrivacyStop:
+    """A DP task whose next round would exceed its epsilon budget."""
+
+    task_id: str
+    round_number: int
+    epsilon: float
+    budget: float
+    delta: float
+    reason: str
+    at: float
 
 
 class UpdateOutcome(enum.Enum):
@@ -286,9 +342,13 @@ class CoordinatorStore:
         base_version: int,
         deadline: float,
         plans_json: dict[str, str],
+        privacy: PrivacyRound | None = None,
     ) -> RoundRecord:
-        """Persist a new round and its assignments in one transaction."""
+        """Persist a new round, its assignments and (DP tasks) its planned ledger row in
+        one transaction."""
         with self._transaction() as db:
+            if privacy is not None:
+                _write_privacy_round(db, privacy)
             db.execute(
                 "INSERT INTO rounds(task_id, round_number, state, base_version, opened_at,"
                 " deadline) VALUES (?,?,?,?,?,?)",
@@ -421,8 +481,10 @@ class CoordinatorStore:
         reason: str,
         new_version: AdapterVersion | None = None,
         metrics: dict[str, float] | None = None,
+        privacy: PrivacyRound | None = None,
     ) -> None:
-        """Close a round and, on success, record the new adapter version, atomically."""
+        """Close a round and, on success, record the new adapter version and (DP tasks)
+        the round's final privacy ledger row, atomically."""
         if state is RoundState.OPEN:
             raise ValueError("close_round needs COMPLETED or FAILED")
         with self._transaction() as db:
@@ -443,6 +505,8 @@ class CoordinatorStore:
                 raise ValueError(f"round {round_number} of task {task_id!r} is not open")
             if new_version is not None:
                 _insert_version(db, new_version)
+            if privacy is not None:
+                _write_privacy_round(db, privacy)
 
     # -- rejections ------------------------------------------------------------------
 
@@ -482,6 +546,82 @@ class CoordinatorStore:
     def latest_adapter_version(self, task_id: str) -> AdapterVersion | None:
         versions = self.adapter_versions(task_id)
         return versions[-1] if versions else None
+
+    # -- privacy ledger --------------------------------------------------------------
+
+    def privacy_round(self, task_id: str, round_number: int) -> PrivacyRound | None:
+        """The ledger row of one round, whatever its state."""
+        row = self._db.execute(
+            f"SELECT {_PRIVACY_COLUMNS} FROM privacy_rounds WHERE task_id=? AND round_number=?",
+            (task_id, round_number),
+        ).fetchone()
+        return None if row is None else _privacy_round(row)
+
+    def privacy_rounds(self, task_id: str) -> list[PrivacyRound]:
+        """The ledger of a task's *completed* rounds, in order: what the accountant counts
+        (an open or failed round published nothing)."""
+        columns = ", ".join(f"p.{c.strip()}" for c in _PRIVACY_COLUMNS.split(","))
+        rows = self._db.execute(
+            f"SELECT {columns} FROM privacy_rounds p JOIN rounds r ON p.task_id=r.task_id"
+            " AND p.round_number=r.round_number WHERE p.task_id=? AND r.state=?"
+            " ORDER BY p.round_number",
+            (task_id, RoundState.COMPLETED.value),
+        ).fetchall()
+        return [_privacy_round(row) for row in rows]
+
+    def set_privacy_stop(self, stop: PrivacyStop) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO privacy_stops(task_id, round_number, epsilon, budget,"
+            " delta, reason, at) VALUES (?,?,?,?,?,?,?)",
+            (
+                stop.task_id,
+                stop.round_number,
+                stop.epsilon,
+                stop.budget,
+                stop.delta,
+                stop.reason,
+                stop.at,
+            ),
+        )
+
+    def clear_privacy_stop(self, task_id: str) -> None:
+        self._db.execute("DELETE FROM privacy_stops WHERE task_id=?", (task_id,))
+
+    def privacy_stop(self, task_id: str) -> PrivacyStop | None:
+        row = self._db.execute(
+            "SELECT task_id, round_number, epsilon, budget, delta, reason, at"
+            " FROM privacy_stops WHERE task_id=?",
+            (task_id,),
+        ).fetchone()
+        return None if row is None else PrivacyStop(*row)
+
+
+_PRIVACY_COLUMNS = (
+    "task_id, round_number, eligible_devices, participants, sampling_probability, clip_norm,"
+    " noise_multiplier, epsilon, delta, secure_aggregation"
+)
+
+
+def _privacy_round(row: tuple) -> PrivacyRound:  # type: ignore[type-arg]
+    return PrivacyRound(*row[:9], secure_aggregation=bool(row[9]))
+
+
+def _write_privacy_round(db: sqlite3.Connection, entry: PrivacyRound) -> None:
+    db.execute(
+        f"INSERT OR REPLACE INTO privacy_rounds({_PRIVACY_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+        (
+            entry.task_id,
+            entry.round_number,
+            entry.eligible_devices,
+            entry.participants,
+            entry.sampling_probability,
+            entry.clip_norm,
+            entry.noise_multiplier,
+            entry.epsilon,
+            entry.delta,
+            int(entry.secure_aggregation),
+        ),
+    )
 
 
 def _round_record(row: tuple) -> RoundRecord:  # type: ignore[type-arg]

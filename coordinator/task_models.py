@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from coordinator.config import TaskConfig
+from coordinator.privacy import DpPolicy
 from edge_runtime.messages import TaskSpec, UpdateEncoding
 from edge_runtime.update_codec import CodecConfig, decode_update, encode_update
 from quantization.adapters import (
@@ -38,11 +39,13 @@ logger = logging.getLogger(__name__)
 
 def wire_task_spec(task: TaskConfig) -> TaskSpec:
     """What a device needs to build the task's model: sent inside every assignment."""
+    policy = DpPolicy.of(task)
     return TaskSpec(
         kind=task.kind,
         base_model=task.base_model,
         labels=task.labels,
         adapter_alpha=task.alpha,
+        privacy=None if policy is None else policy.device_instructions(),
     )
 
 

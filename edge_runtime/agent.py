@@ -29,6 +29,7 @@ from edge_runtime.agent_config import AgentConfig
 from edge_runtime.chunking import DEFAULT_CHUNK_BYTES, ChunkReassembler, ChunkSender
 from edge_runtime.eligibility import check_eligibility, read_device
 from edge_runtime.errors import ProtocolError, SchemaError
+from edge_runtime.local_privacy import privatize_update
 from edge_runtime.messages import AssignmentDecline, TaskSpec
 from edge_runtime.outbox import Outbox, RoundHistory
 from edge_runtime.protocol import (
@@ -464,9 +465,10 @@ class AgentDaemon:
         )
         if self.config.agent.emulate_profile and plan.predicted_round_seconds:
             self._wait_out_emulated_time(plan.predicted_round_seconds, started, seconds_left)
-        encoded = encode_update(
-            result.delta, CodecConfig(plan.update_encoding, plan.top_k_fraction)
-        )
+        delta = result.delta
+        if assignment.spec.privacy is not None:  # clip (and under local DP, noise) on device
+            delta = privatize_update(delta, assignment.spec.privacy)
+        encoded = encode_update(delta, CodecConfig(plan.update_encoding, plan.top_k_fraction))
         update = Update(
             fleet=self.fleet,
             task=assignment.task,
@@ -530,8 +532,9 @@ class AgentDaemon:
             self.config.state_dir / "adapters" / f"{assignment.task}.json",
             json.dumps(
                 {
-                    "spec": vars(assignment.spec)
-                    | {
+                    "spec": {  # what `agent predict` rebuilds the model from; no DP policy
+                        "kind": assignment.spec.kind,
+                        "base_model": assignment.spec.base_model,
                         "labels": list(assignment.spec.labels),
                         "adapter_alpha": trainer.spec.adapter.alpha,
                     },

@@ -31,6 +31,7 @@ __all__ = [
     "AssignmentDecline",
     "ChunkHeader",
     "CoordinatorStatus",
+    "DevicePrivacy",
     "DeviceState",
     "EnrollmentRequest",
     "EnrollmentResponse",
@@ -38,6 +39,7 @@ __all__ = [
     "MessageKind",
     "ModelManifest",
     "PowerSource",
+    "PrivacyMode",
     "TaskAssignment",
     "TaskSpec",
     "TrainingPlan",
@@ -101,6 +103,18 @@ class AckStatus(enum.Enum):
     """Refused for good (bad signature, stale round...); `reason` says why. Do not resend."""
 
 
+class PrivacyMode(enum.Enum):
+    """Where a differentially private task adds its Gaussian noise (clipping is always on
+    the device and again on the coordinator)."""
+
+    CENTRAL = "central"
+    """The coordinator noises the aggregate: less noise in the model, but the coordinator
+    sees each clipped update."""
+    LOCAL = "local"
+    """Each device noises its own update before upload: the coordinator never sees an
+    un-noised update, at the price of much more noise in the average."""
+
+
 # ----------------------------------------------------------------------------- messages
 
 
@@ -137,6 +151,22 @@ class TrainingPlan:
 
 
 @dataclass(frozen=True)
+class DevicePrivacy:
+    """A differentially private task's instructions to the device (see
+    `edge_runtime.local_privacy`): clip every update to `clip_norm`; under LOCAL also add
+    N(0, (noise_multiplier * clip_norm)^2) to each coordinate before encoding."""
+
+    mode: PrivacyMode
+    clip_norm: float
+    noise_multiplier: float
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
+            raise SchemaError(f"clip_norm must be a positive number, got {self.clip_norm!r}")
+        check_range("noise_multiplier", self.noise_multiplier, 0.0, 1e6)
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     """What a device needs to build the task's model; sent inside every assignment."""
 
@@ -147,6 +177,11 @@ class TaskSpec:
     labels: tuple[str, ...] = ()
     """Class names in head order (classification only)."""
     adapter_alpha: float = 16.0
+    privacy: DevicePrivacy | None = field(default=None, metadata={"omit_if_none": True})
+    """Client-level DP instructions; None (and then absent from the JSON, so agents that
+    predate it still parse assignments of non-private tasks) when the task has DP off. An
+    agent too old to know the field refuses a private task's assignment rather than
+    sending an unclipped update."""
 
     def __post_init__(self) -> None:
         if self.kind not in TASK_KINDS:

@@ -54,8 +54,16 @@ T = TypeVar("T")
 
 
 def to_json_fields(message: Any) -> dict[str, Any]:
-    """A message (or plan) as JSON-ready fields; enums become their values."""
-    return {f.name: _to_json(getattr(message, f.name)) for f in dataclasses.fields(message)}
+    """A message (or plan) as JSON-ready fields; enums become their values.
+
+    A field declared with `metadata={"omit_if_none": True}` is left out while it is None:
+    that is how an optional field is added without breaking peers that predate it (they
+    refuse unknown fields)."""
+    return {
+        f.name: _to_json(getattr(message, f.name))
+        for f in dataclasses.fields(message)
+        if not (f.metadata.get("omit_if_none") and getattr(message, f.name) is None)
+    }
 
 
 def _to_json(value: Any) -> Any:

@@ -1,0 +1,254 @@
+"""Client-level differential privacy (DP-FedAvg, McMahan et al. 2018) and its accountant.
+
+What is protected: the participation of one *device* (all of its examples at once) in the
+published global adapters: "client-level" DP under add/remove-one-device adjacency. What
+bounds one device's influence: its update is clipped to L2 norm `clip_norm` on the device
+and again here (a device is not trusted to have done it), and the mean is unweighted (a
+sample-weighted mean would let a device with many samples move the model further, and the
+sample counts themselves are data). Where the noise goes:
+
+- central: the coordinator adds N(0, (z * C / n)^2) to each coordinate of the mean of n
+  clipped updates (the Gaussian mechanism on the sum, sensitivity C, noise z * C, divided
+  by n). The coordinator sees the clipped, un-noised updates: it is trusted.
+- local: each device adds N(0, (z * C)^2) to its own clipped update before upload
+  (`edge_runtime.local_privacy`); the coordinator only clips and averages.
+
+The accountant is Google's maintained `dp-accounting` package (RDP accountant, Mironov
+2017; Mironov, Talwar, Zhang 2019), not our own arithmetic. Each completed round is
+composed as one event:
+
+- central: PoissonSampledDpEvent(q, GaussianDpEvent(z)) with q = devices aggregated /
+  eligible devices the round was drawn from: privacy amplification by sampling, the
+  accounting DP-FedAvg itself uses. Honest caveat: the analysis assumes each device is in a
+  round independently with probability q; our schedulers choose by utility, speed and the
+  equity floor, not by coin flips, so the amplification is an approximation that favours
+  the system. Set the scheduler to `random` for the closest match, or read the epsilon
+  with q = 1 (no amplification) as the conservative figure: `epsilon_for_rounds` gives it.
+- local: GaussianDpEvent(z) per round, no amplification: the coordinator sees each noised
+  update, so sampling hides nothing from it.
+
+Integer RDP orders are used because the library computes those exactly; fractional orders
+make its series fail to converge at small q and log warnings.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import dp_accounting
+import torch
+from dp_accounting import rdp
+
+from coordinator.aggregation import (
+    AggregationResult,
+    Aggregator,
+    ClientUpdate,
+    TensorMap,
+    update_problem,
+    weighted_mean,
+)
+from coordinator.config import TaskConfig
+from coordinator.lora_ranks import pad_to_shapes
+from coordinator.store import PrivacyRound, PrivacyStop
+from edge_runtime.local_privacy import (
+    add_gaussian_noise,
+    clip_update,
+    secure_generator,
+    update_l2_norm,
+)
+from edge_runtime.messages import DevicePrivacy, PrivacyMode
+
+logger = logging.getLogger(__name__)
+
+RDP_ORDERS: tuple[int, ...] = (*range(2, 65), 80, 96, 128, 256, 512, 1024)
+"""Rényi orders the accountant optimises over."""
+
+
+@dataclass(frozen=True)
+class DpPolicy:
+    """A task's client-level DP settings (the `dp_*` keys of its `[[tasks]]` table)."""
+
+    mode: PrivacyMode
+    clip_norm: float
+    noise_multiplier: float
+    epsilon_budget: float
+    delta: float
+
+    @classmethod
+    def of(cls, task: TaskConfig) -> DpPolicy | None:
+        """The task's policy; None when `dp_mode` is off (validated by TaskConfig)."""
+        if task.dp_mode == "off":
+            return None
+        return cls(
+            PrivacyMode(task.dp_mode),
+            task.dp_clip_norm,
+            task.dp_noise_multiplier,
+            task.dp_epsilon_budget,
+            task.dp_delta,
+        )
+
+    def device_instructions(self) -> DevicePrivacy:
+        """What devices are told (inside the wire TaskSpec)."""
+        return DevicePrivacy(self.mode, self.clip_norm, self.noise_multiplier)
+
+    @property
+    def central_noise(self) -> bool:
+        return self.mode is PrivacyMode.CENTRAL
+
+
+# ---------------------------------------------------------------------------------------
+# Numerics
+
+
+def central_noise_std(noise_multiplier: float, clip_norm: float, participants: int) -> float:
+    """Per-coordinate standard deviation of the noise on the mean of `participants` updates."""
+    if participants < 1:
+        raise ValueError(f"participants must be >= 1, got {participants}")
+    return noise_multiplier * clip_norm / participants
+
+
+def round_event(
+    mode: PrivacyMode, sampling_probability: float, noise_multiplier: float
+) -> dp_accounting.DpEvent:
+    """One round's mechanism as the accountant sees it (see the module docstring)."""
+    if not 0 < sampling_probability <= 1:
+        raise ValueError(f"sampling probability must be in (0, 1], got {sampling_probability}")
+    gaussian = dp_accounting.GaussianDpEvent(noise_multiplier)
+    if mode is PrivacyMode.LOCAL or sampling_probability >= 1:
+        return gaussian
+    return dp_accounting.PoissonSampledDpEvent(sampling_probability, gaussian)
+
+
+def epsilon_for_rounds(
+    mode: PrivacyMode, rounds: Sequence[tuple[float, float]], delta: float
+) -> float:
+    """Cumulative epsilon at `delta` after rounds given as (sampling probability, noise
+    multiplier) pairs, by the RDP accountant; 0 for no rounds, inf without noise."""
+    if not rounds:
+        return 0.0
+    accountant = rdp.RdpAccountant(list(RDP_ORDERS))
+    for sampling_probability, noise_multiplier in rounds:
+        accountant.compose(round_event(mode, sampling_probability, noise_multiplier))
+    return float(accountant.get_epsilon(delta))
+
+
+def next_round_privacy(
+    policy: DpPolicy,
+    ledger: Sequence[PrivacyRound],
+    task_id: str,
+    round_number: int,
+    participants: int,
+    eligible_devices: int,
+) -> PrivacyRound:
+    """The ledger row of one more round after the completed rounds of `ledger`: its
+    sampling probability and the task's cumulative epsilon once it is done. Used with the
+    planned assignments before a round opens (the budget check) and with the updates
+    actually aggregated when it completes (the figure recorded)."""
+    q = sampling_probability(participants, eligible_devices)
+    rounds = [(entry.sampling_probability, entry.noise_multiplier) for entry in ledger]
+    epsilon = epsilon_for_rounds(policy.mode, [*rounds, (q, policy.noise_multiplier)], policy.delta)
+    return PrivacyRound(
+        task_id,
+        round_number,
+        eligible_devices,
+        participants,
+        q,
+        policy.clip_norm,
+        policy.noise_multiplier,
+        epsilon,
+        policy.delta,
+        secure_aggregation=False,  # secure aggregation is not wired into rounds yet
+    )
+
+
+def sampling_probability(participants: int, eligible_devices: int) -> float:
+    """q = devices aggregated / devices the round was drawn from, capped at 1."""
+    if participants < 1 or eligible_devices < 1:
+        raise ValueError(
+            f"need >= 1 participant and eligible device, got {participants}, {eligible_devices}"
+        )
+    return min(1.0, participants / eligible_devices)
+
+
+# ---------------------------------------------------------------------------------------
+# Strategy
+
+
+class DpFedAvg(Aggregator):
+    """DP-FedAvg: clip every update to `clip_norm`, take the unweighted mean, and under
+    central DP add Gaussian noise of standard deviation z * C / n to every coordinate.
+
+    Updates of a smaller LoRA rank are zero padded to the global rank and averaged over all
+    n updates (not per rank component as FedAvg does): a per-component mean would divide a
+    component by fewer than n updates, raising its sensitivity above C / n. The padded
+    update has the same norm, so the bound holds; the price is that high components learn
+    more slowly when few devices train them.
+    """
+
+    def __init__(self, policy: DpPolicy, generator: torch.Generator | None = None) -> None:
+        self.policy = policy
+        self.generator = generator
+        """Noise source; None draws a fresh OS-seeded one per aggregate (tests fix it)."""
+
+    def aggregate(self, updates: Sequence[ClientUpdate], reference: TensorMap) -> AggregationResult:
+        shapes = {name: tuple(tensor.shape) for name, tensor in reference.items()}
+        accepted: list[str] = []
+        deltas: list[dict[str, torch.Tensor]] = []
+        rejected: dict[str, str] = {}
+        clipped: list[str] = []
+        for update in updates:
+            if update.device_id in rejected or update.device_id in accepted:
+                rejected[update.device_id] = "more than one update from this device"
+                continue
+            problem = update_problem(update.delta, reference, update.rank)
+            if problem is not None:
+                rejected[update.device_id] = problem
+                continue
+            if update_l2_norm(update.delta) > self.policy.clip_norm:
+                clipped.append(update.device_id)
+            bounded = clip_update(update.delta, self.policy.clip_norm)
+            deltas.append(pad_to_shapes(bounded, shapes) if update.rank is not None else bounded)
+            accepted.append(update.device_id)
+        for device_id, reason in rejected.items():
+            logger.warning("update from %s refused: %s", device_id, reason)
+        if not accepted:
+            return AggregationResult(delta={}, accepted_devices=(), rejected_devices=rejected)
+        mean = weighted_mean(deltas, [1.0] * len(deltas))
+        if self.policy.central_noise and self.policy.noise_multiplier > 0:
+            std = central_noise_std(
+                self.policy.noise_multiplier, self.policy.clip_norm, len(deltas)
+            )
+            mean = add_gaussian_noise(mean, std, self.generator or secure_generator())
+        if clipped:
+            logger.info(
+                "DP clipping: %d of %d updates scaled to the bound %.4g",
+                len(clipped),
+                len(accepted),
+                self.policy.clip_norm,
+            )
+        by_device = {u.device_id: u for u in updates}
+        return AggregationResult(
+            delta=mean,
+            accepted_devices=tuple(accepted),
+            rejected_devices=rejected,
+            clipped_devices=tuple(clipped),
+            total_samples=sum(by_device[d].num_samples for d in accepted),
+        )
+
+
+def budget_refusal(task_id: str, round_number: int, epsilon: float, policy: DpPolicy) -> str:
+    """The operator-facing reason a round was not opened."""
+    shown = "inf" if math.isinf(epsilon) else f"{epsilon:.4g}"
+    return (
+        f"task {task_id}: round {round_number} would spend epsilon {shown} > budget "
+        f"{policy.epsilon_budget:g} (delta {policy.delta:g}); no more rounds"
+    )
+
+
+def stop_holds(task: TaskConfig, stop: PrivacyStop | None) -> bool:
+    """A recorded budget stop still applies: the task has DP on and the epsilon the refused
+    round needed exceeds the *configured* budget (raising the budget lets the task go on)."""
+    return task.dp_mode != "off" and stop is not None and stop.epsilon > task.dp_epsilon_budget
