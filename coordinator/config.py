@@ -101,6 +101,9 @@ class TaskConfig:
     dp_delta: float = 1e-5
     """DP: the delta at which epsilon is reported and budgeted; keep it well below
     1 / number of devices."""
+    secure_aggregation: bool = False
+    """Run rounds with secure aggregation. Not available yet: true is refused, because the
+    secure aggregation library is not wired into MQTT rounds (see docs/secagg.md)."""
 
     def __post_init__(self) -> None:
         def fail(key: str, problem: str) -> CoordinatorConfigError:
@@ -163,6 +166,12 @@ class TaskConfig:
         if not 0 <= self.exploration <= 1:
             raise fail("exploration", f"must be within 0..1, got {self.exploration}")
         self._check_privacy(fail)
+        if self.secure_aggregation is not False:
+            raise fail(
+                "secure_aggregation",
+                f"= {self.secure_aggregation!r} refused: secure aggregation is not wired into "
+                "rounds yet (see docs/secagg.md); leave it false",
+            )
 
     def _check_privacy(self, fail: Callable[[str, str], CoordinatorConfigError]) -> None:
         """The dp_* keys: all-or-nothing, so a half-configured private task cannot start."""
@@ -251,22 +260,69 @@ class CoordinatorSettings:
 
 @dataclass(frozen=True)
 class SchoolConfig:
-    """One `[[schools]]` table: a school's internet link, shared by its devices."""
+    """One `[[schools]]` table: a school's internet link, shared by its devices, and its
+    privacy policy. Every key but `id` is optional, and each default means "no restriction",
+    so a school listed only for its link (or only for its policy) keeps the other as is."""
 
     id: str
     """The school name devices enrol with."""
-    down_mbps: float
-    """The school's downlink, shared by every device of it that trains in a round."""
-    up_mbps: float
-    """The school's uplink, shared likewise."""
+    down_mbps: float = 0.0
+    """The school's downlink, shared by every device of it that trains in a round; 0 =
+    unknown (only the devices' own links limit them)."""
+    up_mbps: float = 0.0
+    """The school's uplink, shared likewise; 0 = unknown."""
+    max_epsilon: float = 0.0
+    """Policy: 0 = no DP required. Above 0, the school's devices join only tasks with DP on
+    (dp_mode central or local) whose dp_epsilon_budget <= max_epsilon and dp_delta <=
+    max_delta."""
+    max_delta: float = 1e-5
+    """Policy: the largest dp_delta the school accepts (checked only when max_epsilon > 0)."""
+    require_secure_aggregation: bool = False
+    """Policy: the school's devices join only tasks that run with secure aggregation. None
+    does yet (see docs/secagg.md), so such a school's devices join no task."""
+    min_devices_per_aggregate: int = 0
+    """Policy: a round that includes this school's devices must aggregate at least this
+    many devices in all (its devices hide in a crowd); 0 = no minimum."""
+    allowed_tasks: tuple[str, ...] = ()
+    """Policy: task ids the school's devices may join; empty = every task."""
 
     def __post_init__(self) -> None:
-        for name in ("down_mbps", "up_mbps"):
+        def fail(key: str, problem: str) -> CoordinatorConfigError:
+            return CoordinatorConfigError(f"[[schools]] {self.id!r}: {key} {problem}")
+
+        try:
+            check_identifier("id", self.id)
+        except ValueError as error:
+            raise CoordinatorConfigError(f"[[schools]]: {error}") from None
+        for name in ("down_mbps", "up_mbps", "max_epsilon"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise CoordinatorConfigError(
-                    f"[[schools]] {self.id!r}: {name} must be a positive number, got {value!r}"
-                )
+            if not _finite_number(value) or value < 0:
+                raise fail(name, f"must be a finite number >= 0 (0 = none), got {value!r}")
+        if not (_finite_number(self.max_delta) and 0 < self.max_delta < 1):
+            raise fail("max_delta", f"must be within (0, 1), got {self.max_delta!r}")
+        if not isinstance(self.require_secure_aggregation, bool):
+            raise fail(
+                "require_secure_aggregation",
+                f"must be true or false, got {self.require_secure_aggregation!r}",
+            )
+        value = self.min_devices_per_aggregate
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise fail(
+                "min_devices_per_aggregate", f"must be an integer >= 0 (0 = none), got {value!r}"
+            )
+        if not isinstance(self.allowed_tasks, tuple) or not all(
+            isinstance(task_id, str) for task_id in self.allowed_tasks
+        ):
+            raise fail("allowed_tasks", f"must be a list of task ids, got {self.allowed_tasks!r}")
+
+    @property
+    def link_known(self) -> bool:
+        """Both link figures given: only then does the scheduler share a school link."""
+        return self.down_mbps > 0 and self.up_mbps > 0
+
+
+def _finite_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -281,6 +337,13 @@ class CoordinatorConfig:
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         if duplicates:
             raise CoordinatorConfigError(f"task ids must be unique; repeated: {duplicates}")
+        for school in self.schools:
+            unknown = sorted(set(school.allowed_tasks) - set(ids))
+            if unknown:
+                raise CoordinatorConfigError(
+                    f"[[schools]] {school.id!r}: allowed_tasks names unknown tasks {unknown}; "
+                    f"configured tasks: {ids}"
+                )
 
     @property
     def state_dir(self) -> Path:

@@ -43,6 +43,7 @@ from coordinator.privacy import (
     stop_holds,
 )
 from coordinator.scheduler import DeviceCandidate, RoundContext, Scheduler
+from coordinator.school_policy import schools_below_minimum, split_by_policy
 from coordinator.store import (
     AdapterVersion,
     CoordinatorStore,
@@ -139,8 +140,13 @@ class RoundManager:
         self.scheduler = scheduler
         """Used for every task when given (tests); otherwise each task's `scheduler` key."""
         self.school_links = {
-            school.id: SchoolLink(school.down_mbps, school.up_mbps) for school in config.schools
+            school.id: SchoolLink(school.down_mbps, school.up_mbps)
+            for school in config.schools
+            if school.link_known
         }
+        self.schools = {school.id: school for school in config.schools}
+        """School id -> its policy (see coordinator.school_policy)."""
+        self._policy_logged: set[tuple[str, str, str]] = set()
         self.key = signing_key
         self.now = now
         self._model_factory = model_factory
@@ -298,7 +304,10 @@ class RoundManager:
         for task in self.config.tasks:
             if task.id in open_tasks or self.task_finished(task.id):
                 continue
-            free = [c for c in candidates if c.device_id not in busy]
+            free, excluded = split_by_policy(
+                self.schools, task, [c for c in candidates if c.device_id not in busy]
+            )
+            self._log_policy_exclusions(task.id, excluded)
             if len(free) < task.min_updates:
                 if task.id not in self._waiting_logged:
                     logger.info(
@@ -320,17 +329,24 @@ class RoundManager:
                 logger.debug(
                     "task %s round %d: %s left out: %s", task.id, round_number, device_id, reason
                 )
-            if len(schedule.plans) < task.min_updates:
+            school_of = {c.device_id: c.school for c in free}
+            too_small = schools_below_minimum(
+                self.schools, [school_of[p.device_id] for p in schedule.plans]
+            )
+            self._log_policy_exclusions(task.id, too_small)
+            chosen = [p for p in schedule.plans if school_of[p.device_id] not in too_small]
+            if len(chosen) < task.min_updates:
                 if task.id not in self._waiting_logged:
                     logger.info(
-                        "task %s waits: only %d devices fit the plan (quorum %d)",
+                        "task %s waits: only %d devices fit the plan and the schools' "
+                        "policies (quorum %d)",
                         task.id,
-                        len(schedule.plans),
+                        len(chosen),
                         task.min_updates,
                     )
                     self._waiting_logged.add(task.id)
                 continue
-            if len(schedule.plans) < task.devices_per_round:
+            if len(chosen) < task.devices_per_round:
                 first_seen = self._short_since.setdefault(task.id, self.now())
                 if self.now() - first_seen < task.gather_seconds:
                     continue  # give more devices a moment to come online
@@ -347,7 +363,7 @@ class RoundManager:
                     learning_rate=task.learning_rate,
                     predicted_round_seconds=p.prediction.round_seconds,
                 )
-                for p in schedule.plans
+                for p in chosen
             }
             privacy = None
             if task.dp_mode != "off":
@@ -373,6 +389,16 @@ class RoundManager:
             )
             outgoing += self._assignment_messages(record)
         return outgoing
+
+    def _log_policy_exclusions(self, task_id: str, excluded: dict[str, str]) -> None:
+        """INFO once per task, school and reason: a policy exclusion is configuration
+        working as intended, not a failure, so it is neither repeated nor counted."""
+        for school_id, reason in sorted(excluded.items()):
+            if (task_id, school_id, reason) not in self._policy_logged:
+                self._policy_logged.add((task_id, school_id, reason))
+                logger.info(
+                    "task %s: devices of school %s excluded: %s", task_id, school_id, reason
+                )
 
     def _assignment_messages(self, record: RoundRecord) -> list[Outgoing]:
         task = self.config.task(record.task_id)
@@ -500,6 +526,28 @@ class RoundManager:
                 )
         return outgoing
 
+    def _respect_minimum_sizes(
+        self, task_id: str, round_number: int, updates: list[ClientUpdate]
+    ) -> list[ClientUpdate]:
+        """Leave out the updates of schools whose min_devices_per_aggregate the arrived
+        updates do not reach: drop-outs can shrink a round that was assigned enough devices,
+        and the school's minimum is about the aggregate, not the assignment."""
+        school_of = {u.device_id: self._school_of(u.device_id) for u in updates}
+        too_small = schools_below_minimum(self.schools, [school_of[u.device_id] for u in updates])
+        for school, why in too_small.items():
+            logger.warning(
+                "task %s round %d: updates of school %s left out: %s",
+                task_id,
+                round_number,
+                school,
+                why,
+            )
+        return [u for u in updates if school_of[u.device_id] not in too_small]
+
+    def _school_of(self, device_id: str) -> str:
+        record = self.store.device(device_id)
+        return record.school if record is not None else ""
+
     def aggregate(self, record: RoundRecord, reason: str) -> list[Outgoing]:
         task = self.config.task(record.task_id)
         current = self.current[task.id]
@@ -517,9 +565,14 @@ class RoundManager:
                     rank=rank,
                 )
             )
+        updates = self._respect_minimum_sizes(task.id, record.round_number, updates)
         result = make_aggregator(task).aggregate(updates, reference)
         if result.is_empty:
-            why = f"every update refused: {result.rejected_devices}"
+            why = (
+                f"every update refused: {result.rejected_devices}"
+                if updates
+                else "no update left after the schools' min_devices_per_aggregate"
+            )
             self.store.close_round(task.id, record.round_number, RoundState.FAILED, why)
             logger.warning("task %s round %d failed: %s", task.id, record.round_number, why)
             return []

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from coordinator.aggregation import ClientUpdate, FedAvg, apply_delta
+from coordinator.aggregation import Aggregator, ClientUpdate, FedAvg, apply_delta
 from coordinator.config import TaskConfig
 from coordinator.fleet_history import FleetHistory, RoundOutcome
 from coordinator.plan_fitting import LadderLimits, PlanFitter, SchoolLink
@@ -185,11 +185,12 @@ def simulate(
     *,
     seed: int = 0,
     time_limit_seconds: float | None = None,
+    aggregator: Aggregator | None = None,
     on_round: Callable[[str, EvalPoint], None] | None = None,
 ) -> SimulationResult:
     """Run `task.rounds` rounds of `scheduler` on `fleet`, or fewer if the simulated clock
     passes `time_limit_seconds` first (compare schedulers on equal time, not equal rounds),
-    and record what happened."""
+    and record what happened. `aggregator` replaces FedAvg (e.g. DP-FedAvg)."""
     rng = random.Random(f"{seed}/simulation")
     trainer = ProxyTrainer(
         data.held_out_embeddings.shape[1], len(fleet.labels), task.rank, task.alpha, seed
@@ -289,7 +290,7 @@ def simulate(
                         predicted_seconds=p.predicted_seconds,
                     )
                 )
-            aggregated = FedAvg().aggregate(updates, global_state)
+            aggregated = (aggregator or FedAvg()).aggregate(updates, global_state)
             global_state = apply_delta(global_state, aggregated.delta)
             result.rounds_completed += 1
             result.aggregated_updates += len(aggregated.accepted_devices)

@@ -32,6 +32,7 @@ from edge_runtime.errors import ProtocolError, SchemaError
 from edge_runtime.local_privacy import privatize_update
 from edge_runtime.messages import AssignmentDecline, TaskSpec
 from edge_runtime.outbox import Outbox, RoundHistory
+from edge_runtime.privacy_policy import privacy_refusals
 from edge_runtime.protocol import (
     COORDINATOR_SENDER,
     Acknowledgement,
@@ -312,6 +313,10 @@ class AgentDaemon:
         allowed = self.config.agent.tasks
         if allowed and assignment.task not in allowed:
             self._decline(assignment, [f"task {assignment.task} is not in this device's tasks"])
+            return
+        refusals = privacy_refusals(self.config.privacy, assignment.task, assignment.spec)
+        if refusals:  # before the model download: the school's policy rules the task out
+            self._decline(assignment, refusals)
             return
         if assignment.model_version in self.global_states:
             self._train(assignment)

@@ -15,6 +15,7 @@ from edge_runtime.broker_settings import BrokerSettings
 from edge_runtime.config_tables import build_dataclass, read_toml_file
 from edge_runtime.eligibility import EligibilityPolicy
 from edge_runtime.messages import check_identifier
+from edge_runtime.privacy_policy import PrivacyPolicy
 from schoolfl.atomic_files import atomic_write_text
 
 
@@ -63,6 +64,8 @@ class AgentConfig:
     agent: AgentSettings
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     eligibility: EligibilityPolicy = field(default_factory=EligibilityPolicy)
+    privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
+    """The school's privacy policy, enforced on this device; the default allows any task."""
 
     @property
     def state_dir(self) -> Path:
@@ -90,7 +93,7 @@ class AgentConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "agent.toml") -> AgentConfig:
-        unknown = sorted(set(data) - {"agent", "broker", "eligibility"})
+        unknown = sorted(set(data) - {"agent", "broker", "eligibility", "privacy"})
         if unknown:
             raise AgentConfigError(f"{source}: unknown tables {unknown}")
         if "agent" not in data:
@@ -100,6 +103,7 @@ class AgentConfig:
                 agent=build_dataclass(AgentSettings, data["agent"], "[agent]", AgentConfigError),
                 broker=BrokerSettings.from_table(dict(data.get("broker", {}))),
                 eligibility=EligibilityPolicy.from_table(dict(data.get("eligibility", {}))),
+                privacy=PrivacyPolicy.from_table(dict(data.get("privacy", {}))),
             )
         except AgentConfigError as error:
             raise AgentConfigError(f"{source}: {error}") from None
@@ -113,7 +117,7 @@ class AgentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         policy = self.eligibility
-        return {
+        tables: dict[str, Any] = {
             "agent": {
                 name: (list(value) if isinstance(value, tuple) else value)
                 for name, value in vars(self.agent).items()
@@ -129,6 +133,9 @@ class AgentConfig:
                 "allowed_weekdays": list(policy.allowed_weekdays),
             },
         }
+        if self.privacy != PrivacyPolicy():  # written only when set, like an optional table
+            tables["privacy"] = self.privacy.to_table()
+        return tables
 
     def save(self, path: Path) -> None:
         header = "schoolfl agent configuration; every key is documented in docs/agent.md"
