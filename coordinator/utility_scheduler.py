@@ -157,58 +157,10 @@ class EquityScheduler(Scheduler):
         fitter = PlanFitter(shape, full_plan, limits, task.round_deadline_seconds)
         utilities = statistical_utilities(candidates, history, round_number)
         mean_utility = sum(utilities.values()) / len(utilities) if utilities else 1.0
-        skipped: dict[str, str] = {}
-        feasible: list[_Pick] = []
-        full_seconds: list[float] = []
-        for candidate in sorted(candidates, key=lambda c: c.device_id):
-            link = context.schools.get(candidate.school)
-            speed = _speed(history, candidate.device_id)
-            fitted = fitter.fit(candidate.profile, link, speed, candidate.free_memory_bytes)
-            if isinstance(fitted, str):
-                skipped[candidate.device_id] = fitted
-                continue
-            plan, prediction = fitted
-            utility = utilities.get(candidate.device_id, -1.0)
-            feasible.append(_Pick(candidate, plan, prediction, utility))
-            if plan is fitter.full_plan:
-                full_seconds.append(prediction.round_seconds)
-            else:
-                full_seconds.append(fitter.full_round_seconds(candidate.profile, link, speed))
-        # The preferred round time: what the quota's fastest devices need for the full plan.
-        # Devices that can do at least min_local_steps within it compete on utility; the
-        # others take part through the equity floor.
         quota = task.devices_per_round
-        full_seconds.sort()
-        preferred = fitter.budget_seconds
-        if full_seconds:
-            quick_time = full_seconds[min(quota, len(full_seconds)) - 1] * PREFERRED_SLACK
-            preferred = min(fitter.budget_seconds, quick_time)
-        for index, pick in enumerate(feasible):
-            if pick.prediction.round_seconds <= preferred:  # already quick enough
-                utility = pick.utility
-                if utility >= 0:
-                    utility *= math.sqrt(work_fraction(pick.plan, full_plan))
-                feasible[index] = _Pick(
-                    pick.candidate, pick.plan, pick.prediction, utility, preferred
-                )
-                continue
-            quick = fitter.fit(
-                pick.candidate.profile,
-                context.schools.get(pick.candidate.school),
-                _speed(history, pick.candidate.device_id),
-                pick.candidate.free_memory_bytes,
-                budget_seconds=preferred,
-            )
-            if isinstance(quick, str) or quick[0].local_steps < limits.min_local_steps:
-                feasible[index] = _Pick(
-                    pick.candidate, pick.plan, pick.prediction, pick.utility, None
-                )
-                continue
-            utility = pick.utility
-            if utility >= 0:
-                utility *= math.sqrt(work_fraction(quick[0], full_plan))
-            feasible[index] = _Pick(pick.candidate, quick[0], quick[1], utility, preferred)
-
+        feasible, skipped, preferred = _fit_candidates(
+            fitter, candidates, utilities, context, quota
+        )
         selection = _Selection(fitter, context.schools, history, task)
         # 1. The equity floor: each school that has waited equity_rounds gets its best device.
         by_school: dict[str, list[_Pick]] = {}
@@ -231,9 +183,9 @@ class EquityScheduler(Scheduler):
                     break
         # 2. Exploitation and exploration, until enough updates are expected to arrive.
         rng = random.Random(f"{task.id}/{round_number}")
-        quick = [p for p in feasible if p.budget is not None]
-        explored = _sample_by_utility([p for p in quick if p.utility >= 0], rng)
-        unexplored = [p for p in quick if p.utility < 0]
+        competing = [p for p in feasible if p.budget is not None]
+        explored = _sample_by_utility([p for p in competing if p.utility >= 0], rng)
+        unexplored = [p for p in competing if p.utility < 0]
         rng.shuffle(unexplored)
         unexplored.sort(key=lambda p: -work_fraction(p.plan, full_plan))
         explore_slots = _explore_slots(quota, task.exploration, len(explored), len(unexplored))
@@ -248,6 +200,69 @@ class EquityScheduler(Scheduler):
             selection.try_add(pick)
         chosen = _align_finish_times(selection, preferred)
         return _schedule(chosen, feasible, skipped, selection.refused)
+
+
+def _fit_candidates(
+    fitter: PlanFitter,
+    candidates: Sequence[DeviceCandidate],
+    utilities: Mapping[str, float],
+    context: RoundContext,
+    quota: int,
+) -> tuple[list[_Pick], dict[str, str], float]:
+    """(the feasible picks, why the others were left out, the preferred round seconds).
+
+    Every candidate is first fitted to the deadline. The preferred round time is what the
+    quota's fastest devices need for the full plan, x PREFERRED_SLACK. Devices that can do
+    at least `min_local_steps` within it get that plan and compete on utility
+    (`budget` = preferred); the others keep their deadline plan and take part only through
+    the equity floor (`budget` = None).
+    """
+    history = context.history
+    full_plan = fitter.full_plan
+    skipped: dict[str, str] = {}
+    fitted_picks: list[_Pick] = []
+    full_seconds: list[float] = []
+    for candidate in sorted(candidates, key=lambda c: c.device_id):
+        link = context.schools.get(candidate.school)
+        speed = _speed(history, candidate.device_id)
+        fitted = fitter.fit(candidate.profile, link, speed, candidate.free_memory_bytes)
+        if isinstance(fitted, str):
+            skipped[candidate.device_id] = fitted
+            continue
+        plan, prediction = fitted
+        fitted_picks.append(
+            _Pick(candidate, plan, prediction, utilities.get(candidate.device_id, -1.0))
+        )
+        if plan is full_plan:
+            full_seconds.append(prediction.round_seconds)
+        else:
+            full_seconds.append(fitter.full_round_seconds(candidate.profile, link, speed))
+    full_seconds.sort()
+    preferred = fitter.budget_seconds
+    if full_seconds:
+        quick_time = full_seconds[min(quota, len(full_seconds)) - 1] * PREFERRED_SLACK
+        preferred = min(fitter.budget_seconds, quick_time)
+
+    feasible = []
+    for pick in fitted_picks:
+        plan, prediction = pick.plan, pick.prediction
+        if prediction.round_seconds > preferred:
+            quick = fitter.fit(
+                pick.candidate.profile,
+                context.schools.get(pick.candidate.school),
+                _speed(history, pick.candidate.device_id),
+                pick.candidate.free_memory_bytes,
+                budget_seconds=preferred,
+            )
+            if isinstance(quick, str) or quick[0].local_steps < fitter.limits.min_local_steps:
+                feasible.append(pick)  # budget None: only the equity floor brings it in
+                continue
+            plan, prediction = quick
+        utility = pick.utility
+        if utility >= 0:
+            utility *= math.sqrt(work_fraction(plan, full_plan))
+        feasible.append(_Pick(pick.candidate, plan, prediction, utility, preferred))
+    return feasible, skipped, preferred
 
 
 class _Selection:
