@@ -32,7 +32,7 @@ from coordinator.aggregation import (
     apply_delta,
 )
 from coordinator.config import CoordinatorConfig, TaskConfig
-from coordinator.fleet_history import history_from_store
+from coordinator.fleet_history import FleetHistory, history_from_store
 from coordinator.lora_ranks import adapter_rank, truncated_shapes
 from coordinator.plan_fitting import SchoolLink
 from coordinator.privacy import (
@@ -147,6 +147,8 @@ class RoundManager:
         self.schools = {school.id: school for school in config.schools}
         """School id -> its policy (see coordinator.school_policy)."""
         self._policy_logged: set[tuple[str, str, str]] = set()
+        self._histories: dict[str, tuple[tuple[tuple[int, str], ...], FleetHistory]] = {}
+        """Task id -> (its rounds' numbers and states, the history replayed from them)."""
         self.key = signing_key
         self.now = now
         self._model_factory = model_factory
@@ -321,7 +323,7 @@ class RoundManager:
             round_number = self._last_round(task.id) + 1
             scheduler = self.scheduler or scheduler_named(task.scheduler)
             context = RoundContext(
-                history_from_store(self.store, task.id),
+                self._history(task.id),
                 self.school_links,
             )
             schedule = scheduler.configure_round(task, shape_of(task), free, round_number, context)
@@ -389,6 +391,17 @@ class RoundManager:
             )
             outgoing += self._assignment_messages(record)
         return outgoing
+
+    def _history(self, task_id: str) -> FleetHistory:
+        """The scheduler's history of the task, replayed from the store only when a round
+        has opened or closed since the last replay: a task waiting for devices asks for it
+        on every tick."""
+        key = tuple((r.round_number, r.state.value) for r in self.store.rounds(task_id))
+        cached = self._histories.get(task_id)
+        if cached is None or cached[0] != key:
+            cached = (key, history_from_store(self.store, task_id))
+            self._histories[task_id] = cached
+        return cached[1]
 
     def _log_policy_exclusions(self, task_id: str, excluded: dict[str, str]) -> None:
         """INFO once per task, school and reason: a policy exclusion is configuration
