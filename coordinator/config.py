@@ -102,8 +102,18 @@ class TaskConfig:
     """DP: the delta at which epsilon is reported and budgeted; keep it well below
     1 / number of devices."""
     secure_aggregation: bool = False
-    """Run rounds with secure aggregation. Not available yet: true is refused, because the
-    secure aggregation library is not wired into MQTT rounds (see docs/secagg.md)."""
+    """Run rounds with secure aggregation (docs/secagg.md): devices send masked inputs and
+    the coordinator learns only their sum. Only devices whose agent can do it are chosen;
+    every device trains the task's full rank; the mean is unweighted (the coordinator sees
+    no single update to weigh)."""
+    secagg_clip_bound: float = 1.0
+    """Secure aggregation: each coordinate of a delta is clipped to [-bound, bound] before
+    it is encoded into the ring; the resolution is about bound * 5e-7. Keep it above the
+    largest coordinate a delta can have (with DP, dp_clip_norm is such a bound)."""
+    secagg_step_seconds: float = 30.0
+    """Secure aggregation: the longest the coordinator waits for the devices' answers in
+    each key-exchange step and in the unmasking step; it goes on with those that answered
+    (and aborts the round when fewer than the threshold did)."""
 
     def __post_init__(self) -> None:
         def fail(key: str, problem: str) -> CoordinatorConfigError:
@@ -166,11 +176,37 @@ class TaskConfig:
         if not 0 <= self.exploration <= 1:
             raise fail("exploration", f"must be within 0..1, got {self.exploration}")
         self._check_privacy(fail)
-        if self.secure_aggregation is not False:
+        self._check_secure_aggregation(fail)
+
+    def _check_secure_aggregation(self, fail: Callable[[str, str], CoordinatorConfigError]) -> None:
+        """Secure rounds need one tensor layout for every device and leave the coordinator
+        nothing to inspect per update, so the keys that rely on either are refused."""
+        if not isinstance(self.secure_aggregation, bool):
             raise fail(
-                "secure_aggregation",
-                f"= {self.secure_aggregation!r} refused: secure aggregation is not wired into "
-                "rounds yet (see docs/secagg.md); leave it false",
+                "secure_aggregation", f"must be true or false, got {self.secure_aggregation!r}"
+            )
+        for name in ("secagg_clip_bound", "secagg_step_seconds"):
+            value = getattr(self, name)
+            if not (
+                isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+                and value > 0
+            ):
+                raise fail(name, f"must be a positive number, got {value!r}")
+        if not self.secure_aggregation:
+            return
+        if set(self.allowed_ranks) - {self.rank}:
+            raise fail(
+                "allowed_ranks",
+                f"must be empty with secure_aggregation: every masked input must have the "
+                f"global adapter's layout (rank {self.rank}), got {list(self.allowed_ranks)}",
+            )
+        if self.max_update_norm > 0:
+            raise fail(
+                "max_update_norm",
+                "must be 0 with secure_aggregation: the coordinator never sees a single update "
+                "to check its norm; use dp_clip_norm, which devices apply before masking",
             )
 
     def _check_privacy(self, fail: Callable[[str, str], CoordinatorConfigError]) -> None:
@@ -278,8 +314,7 @@ class SchoolConfig:
     max_delta: float = 1e-5
     """Policy: the largest dp_delta the school accepts (checked only when max_epsilon > 0)."""
     require_secure_aggregation: bool = False
-    """Policy: the school's devices join only tasks that run with secure aggregation. None
-    does yet (see docs/secagg.md), so such a school's devices join no task."""
+    """Policy: the school's devices join only tasks that run with secure aggregation."""
     min_devices_per_aggregate: int = 0
     """Policy: a round that includes this school's devices must aggregate at least this
     many devices in all (its devices hide in a crowd); 0 = no minimum."""

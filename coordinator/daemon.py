@@ -39,6 +39,8 @@ from edge_runtime.protocol import (
     EnrollmentResponse,
     Frame,
     InboxChannel,
+    SecAggEnvelope,
+    SecAggStep,
     TransferStatusRequest,
     Update,
     coordinator_status_topic,
@@ -143,6 +145,7 @@ class CoordinatorDaemon:
                 coordinator_status_topic(self.fleet), self._status_frame(False), retain=True
             )
             self.transport.stop()
+        self.rounds.secure.secure_store.close()
         self.store.close()
 
     def run(self, exit_when_done: bool = False) -> None:
@@ -198,7 +201,11 @@ class CoordinatorDaemon:
             profile = self._profile(record.profile_toml)
             result.append(
                 DeviceCandidate(
-                    record.device_id, record.school, profile, live.state.free_memory_bytes
+                    record.device_id,
+                    record.school,
+                    profile,
+                    live.state.free_memory_bytes,
+                    frozenset(live.state.capabilities or ()),
                 )
             )
         return result
@@ -287,6 +294,8 @@ class CoordinatorDaemon:
             self._publish_all(
                 self.rounds.accept_decline(message.task, message.server_round, device_id, reasons)
             )
+        elif isinstance(message, SecAggEnvelope):
+            self._secure_step(frame, message)
         elif isinstance(message, TransferStatusRequest):
             status = self.reassembler.status(message)
             self._send(device_id, InboxChannel.TRANSFER, status)
@@ -315,6 +324,28 @@ class CoordinatorDaemon:
                 reason=reason,
             ),
         )
+        self._publish_all(outgoing)
+
+    def _secure_step(self, frame: Frame, envelope: SecAggEnvelope) -> None:
+        """A secure-aggregation step; a masked input is acknowledged like an update (the
+        agent keeps it in its outbox until then), the other steps are not."""
+        if envelope.fleet != self.fleet or envelope.device_id != frame.sender:
+            raise SchemaError("secure-aggregation message names another fleet or device")
+        status, reason, outgoing = self.rounds.accept_secure(envelope, frame.body)
+        if status is AckStatus.REJECTED:
+            self.reject(envelope.device_id, "secagg-refused", reason)
+        if envelope.step is SecAggStep.MASKED_INPUT:
+            self._send(
+                envelope.device_id,
+                InboxChannel.ACK,
+                Acknowledgement(
+                    fleet=self.fleet,
+                    device_id=envelope.device_id,
+                    acked_message_id=envelope.message_id,
+                    status=status,
+                    reason=reason,
+                ),
+            )
         self._publish_all(outgoing)
 
     def _enroll(self, frame: Frame, request: EnrollmentRequest) -> None:

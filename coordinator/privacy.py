@@ -142,6 +142,7 @@ def next_round_privacy(
     round_number: int,
     participants: int,
     eligible_devices: int,
+    secure_aggregation: bool = False,
 ) -> PrivacyRound:
     """The ledger row of one more round after the completed rounds of `ledger`: its
     sampling probability and the task's cumulative epsilon once it is done. Used with the
@@ -160,7 +161,7 @@ def next_round_privacy(
         policy.noise_multiplier,
         epsilon,
         policy.delta,
-        secure_aggregation=False,  # secure aggregation is not wired into rounds yet
+        secure_aggregation=secure_aggregation,
     )
 
 

@@ -18,7 +18,6 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,16 +33,20 @@ from coordinator.aggregation import (
 from coordinator.config import CoordinatorConfig, TaskConfig
 from coordinator.fleet_history import FleetHistory, history_from_store
 from coordinator.lora_ranks import adapter_rank, truncated_shapes
+from coordinator.outgoing import Outgoing
 from coordinator.plan_fitting import SchoolLink
 from coordinator.privacy import (
     DpFedAvg,
     DpPolicy,
     budget_refusal,
+    central_noise_std,
     next_round_privacy,
     stop_holds,
 )
 from coordinator.scheduler import DeviceCandidate, RoundContext, Scheduler
 from coordinator.school_policy import schools_below_minimum, split_by_policy
+from coordinator.secure_rounds import SecureOutcome, SecureRounds
+from coordinator.secure_store import SecureRoundStore
 from coordinator.store import (
     AdapterVersion,
     CoordinatorStore,
@@ -59,8 +62,14 @@ from coordinator.utility_scheduler import scheduler_named
 from device_profiles.shapes import ModelShape, resolve_shape
 from edge_runtime.chunking import ChunkSender
 from edge_runtime.errors import CodecError
+from edge_runtime.local_privacy import add_gaussian_noise, secure_generator
+from edge_runtime.messages import (
+    SECURE_AGGREGATION_CAPABILITY,
+    SecAggEnvelope,
+    from_json_fields,
+    to_json_fields,
+)
 from edge_runtime.messages import TrainingPlan as WirePlan
-from edge_runtime.messages import from_json_fields, to_json_fields
 from edge_runtime.protocol import (
     COORDINATOR_SENDER,
     AckStatus,
@@ -74,6 +83,7 @@ from edge_runtime.protocol import (
     model_blob_topic,
     model_manifest_topic,
 )
+from edge_runtime.secagg_quantize import TensorLayout
 from edge_runtime.signing import Ed25519PrivateKey
 from edge_runtime.update_codec import decode_update, tensor_shapes
 from quantization.task_model import resolve_base_model
@@ -83,15 +93,6 @@ logger = logging.getLogger(__name__)
 
 MODEL_CHUNK_BYTES = 256 * 1024
 """Global adapters are published in retained chunks of this size."""
-
-
-@dataclass(frozen=True)
-class Outgoing:
-    """A message for the daemon to publish (QoS 1)."""
-
-    topic: str
-    payload: bytes
-    retain: bool = False
 
 
 def shape_of(task: TaskConfig) -> ModelShape:
@@ -158,6 +159,22 @@ class RoundManager:
         self._waiting_logged: set[str] = set()
         self._short_since: dict[str, float] = {}
         """Task id -> when it first could open a round, but with fewer than the quota."""
+        self.secure = SecureRounds(
+            config,
+            store,
+            SecureRoundStore(config.state_dir / "secure_rounds.db", now=now),
+            signing_key,
+            self._layout,
+            now=now,
+        )
+        self._layouts: dict[str, TensorLayout] = {}
+        """Global adapter version -> its tensor layout (what masked inputs encode)."""
+
+    def _layout(self, task_id: str) -> TensorLayout:
+        body = self.current[task_id]
+        if body.version not in self._layouts:
+            self._layouts[body.version] = TensorLayout.of(body.state())
+        return self._layouts[body.version]
 
     # -- models and versions -------------------------------------------------------------
 
@@ -190,6 +207,8 @@ class RoundManager:
             outgoing += self.publish_model(task.id, body, server_round=self._last_round(task.id))
         for record in self.store.open_rounds():
             outgoing += self._assignment_messages(record)
+        self.secure.forget_closed_rounds()
+        outgoing += self.secure.phase_messages()
         return outgoing
 
     def _write_version(
@@ -278,7 +297,13 @@ class RoundManager:
         assert policy is not None  # callers check dp_mode first
         ledger = self.store.privacy_rounds(task.id)
         planned = next_round_privacy(
-            policy, ledger, task.id, round_number, participants, eligible_devices
+            policy,
+            ledger,
+            task.id,
+            round_number,
+            participants,
+            eligible_devices,
+            secure_aggregation=task.secure_aggregation,
         )
         if planned.epsilon <= policy.epsilon_budget:
             self.store.clear_privacy_stop(task.id)
@@ -310,6 +335,8 @@ class RoundManager:
                 self.schools, task, [c for c in candidates if c.device_id not in busy]
             )
             self._log_policy_exclusions(task.id, excluded)
+            if task.secure_aggregation:
+                free = self._secure_capable(task.id, free)
             if len(free) < task.min_updates:
                 if task.id not in self._waiting_logged:
                     logger.info(
@@ -381,6 +408,8 @@ class RoundManager:
                 privacy=privacy,
             )
             busy |= set(plans)
+            if task.secure_aggregation:
+                self.secure.open(task, round_number)
             logger.info(
                 "task %s round %d opened: %d devices (%s), deadline in %.0f s",
                 task.id,
@@ -402,6 +431,25 @@ class RoundManager:
             cached = (key, history_from_store(self.store, task_id))
             self._histories[task_id] = cached
         return cached[1]
+
+    def _secure_capable(
+        self, task_id: str, candidates: list[DeviceCandidate]
+    ) -> list[DeviceCandidate]:
+        """The candidates whose agent can take part in secure aggregation. The others are
+        left out of the task's rounds (logged once per device): a secure round never
+        includes a device that would send its update in the clear."""
+        capable = []
+        for candidate in candidates:
+            if SECURE_AGGREGATION_CAPABILITY in candidate.capabilities:
+                capable.append(candidate)
+            elif (task_id, candidate.device_id, "secagg") not in self._policy_logged:
+                self._policy_logged.add((task_id, candidate.device_id, "secagg"))
+                logger.info(
+                    "task %s: %s left out: its agent cannot do secure aggregation",
+                    task_id,
+                    candidate.device_id,
+                )
+        return capable
 
     def _log_policy_exclusions(self, task_id: str, excluded: dict[str, str]) -> None:
         """INFO once per task, school and reason: a policy exclusion is configuration
@@ -448,6 +496,8 @@ class RoundManager:
         if update.device_id not in plans:
             return AckStatus.REJECTED, "no assignment for this device in that round", []
         current = self.current[update.task]
+        if self.config.task(update.task).secure_aggregation:
+            return AckStatus.REJECTED, "the task runs secure aggregation: send a masked input", []
         if record.state is not RoundState.OPEN:
             stored = {u.update_id for u in self.store.updates(update.task, update.server_round)}
             if update.message_id in stored:
@@ -510,6 +560,10 @@ class RoundManager:
             return []
         if not self.store.record_decline(task_id, round_number, device_id, reason):
             return []
+        task = self.config.task(task_id)
+        if task.secure_aggregation:
+            outgoing, outcomes = self.secure.accept_decline(task, round_number)
+            return outgoing + self._finish_secure(outcomes)
         if self.round_is_complete(record):
             return self.aggregate(record, reason="every device answered")
         return []
@@ -518,11 +572,12 @@ class RoundManager:
 
     def close_due_rounds(self) -> list[Outgoing]:
         """At the deadline: aggregate with a quorum, or fail the round and keep the model."""
-        outgoing: list[Outgoing] = []
+        outgoing, outcomes = self.secure.tick()
+        outgoing += self._finish_secure(outcomes)
         for record in self.store.open_rounds():
-            if self.now() < record.deadline:
-                continue
             task = self.config.task(record.task_id)
+            if self.now() < record.deadline or task.secure_aggregation:
+                continue  # secure rounds end through their phases (self.secure.tick)
             received = len(self.store.updates(record.task_id, record.round_number))
             if received >= task.min_updates:
                 outgoing += self.aggregate(record, reason="deadline with quorum")
@@ -589,34 +644,53 @@ class RoundManager:
             self.store.close_round(task.id, record.round_number, RoundState.FAILED, why)
             logger.warning("task %s round %d failed: %s", task.id, record.round_number, why)
             return []
+        return self._complete_round(
+            record,
+            reference,
+            result.delta,
+            len(result.accepted_devices),
+            result.total_samples,
+            reason,
+        )
+
+    def _complete_round(
+        self,
+        record: RoundRecord,
+        reference: dict[str, torch.Tensor],
+        delta: dict[str, torch.Tensor],
+        aggregated: int,
+        total_samples: int,
+        reason: str,
+    ) -> list[Outgoing]:
+        """Apply the aggregate, write and evaluate the new version, close the round with
+        its metrics and ledger row, and return the new model's messages."""
+        task = self.config.task(record.task_id)
         try:
-            new_state = apply_delta(reference, result.delta)
+            new_state = apply_delta(reference, delta)
         except ValueError as error:
             self.store.close_round(task.id, record.round_number, RoundState.FAILED, str(error))
             return []
         body = AdapterBody.of(new_state)
         version_number = self.store.latest_adapter_version(task.id).version + 1  # type: ignore[union-attr]
-        model = self.model(task.id)
         folder = self._write_version(task.id, version_number, new_state, body)
-        evaluation = model.evaluate(new_state)
+        evaluation = self.model(task.id).evaluate(new_state)
         metrics = dict(evaluation)
-        metrics.update(
-            {"updates": float(len(result.accepted_devices)), "samples": float(result.total_samples)}
-        )
+        metrics.update({"updates": float(aggregated), "samples": float(total_samples)})
         losses = [
-            u.metrics.get("train_loss") for u in self.store.updates(task.id, record.round_number)
+            u.metrics.get("train_loss")
+            for u in self.store.update_summaries(task.id, record.round_number)
         ]
         known = [loss for loss in losses if loss is not None]
         if known:
             metrics["train_loss"] = sum(known) / len(known)
-        privacy = self._privacy_spent(task, record.round_number, len(result.accepted_devices))
+        privacy = self._privacy_spent(task, record.round_number, aggregated)
         if privacy is not None:
             metrics["epsilon"] = privacy.epsilon
         self.store.close_round(
             task.id,
             record.round_number,
             RoundState.COMPLETED,
-            f"{reason}: aggregated {len(result.accepted_devices)} update(s)",
+            f"{reason}: aggregated {aggregated} update(s)",
             AdapterVersion(
                 task.id,
                 version_number,
@@ -641,6 +715,69 @@ class RoundManager:
         )
         return self.publish_model(task.id, body, server_round=record.round_number)
 
+    # -- secure aggregation ----------------------------------------------------------------
+
+    def accept_secure(
+        self, envelope: SecAggEnvelope, body: bytes
+    ) -> tuple[AckStatus, str, list[Outgoing]]:
+        """One device's secure-aggregation step (identity and signature checked by the
+        daemon); the status is what a masked input is acknowledged with."""
+        record = self.store.round(envelope.task, envelope.server_round)
+        if record is None or record.state is not RoundState.OPEN:
+            state = "unknown" if record is None else record.state.value
+            return AckStatus.REJECTED, f"round {envelope.server_round} is {state}", []
+        status, reason, outgoing, outcomes = self.secure.accept(envelope, body)
+        return status, reason, outgoing + self._finish_secure(outcomes)
+
+    def _finish_secure(self, outcomes: Sequence[SecureOutcome]) -> list[Outgoing]:
+        """Close the secure rounds that ended: the mean of the survivors' sum (plus central
+        DP noise) becomes the new version, or an abort fails the round."""
+        outgoing: list[Outgoing] = []
+        for outcome in outcomes:
+            record = self.store.round(outcome.task_id, outcome.round_number)
+            if record is None or record.state is not RoundState.OPEN:
+                continue
+            if outcome.result is None:
+                reason = f"secure aggregation aborted: {outcome.reason}"
+                self.store.close_round(
+                    outcome.task_id, outcome.round_number, RoundState.FAILED, reason
+                )
+                logger.warning(
+                    "task %s round %d failed: %s", outcome.task_id, outcome.round_number, reason
+                )
+                outgoing += self.secure.abort_messages(
+                    outcome.task_id, outcome.round_number, outcome.reason
+                )
+                self.secure.finish(outcome.task_id, outcome.round_number, False, reason)
+                continue
+            outgoing += self._complete_round(
+                record,
+                self.current[outcome.task_id].state(),
+                self._secure_mean(outcome),
+                outcome.result.num_inputs,
+                sum(
+                    u.num_samples
+                    for u in self.store.update_summaries(outcome.task_id, outcome.round_number)
+                    if u.device_id in outcome.result.contributors
+                ),
+                outcome.reason,
+            )
+            self.secure.finish(outcome.task_id, outcome.round_number, True, outcome.reason)
+        return outgoing
+
+    def _secure_mean(self, outcome: SecureOutcome) -> dict[str, torch.Tensor]:
+        """Unweighted mean of the survivors' deltas; under central DP with noise of
+        standard deviation z * C / n, as DpFedAvg adds it. The coordinator cannot clip
+        what it cannot see: devices clip before masking."""
+        assert outcome.result is not None
+        count = outcome.result.num_inputs
+        mean = {name: tensor / count for name, tensor in outcome.result.total.items()}
+        policy = DpPolicy.of(self.config.task(outcome.task_id))
+        if policy is not None and policy.central_noise and policy.noise_multiplier > 0:
+            std = central_noise_std(policy.noise_multiplier, policy.clip_norm, count)
+            mean = add_gaussian_noise(mean, std, secure_generator())
+        return mean
+
     def _privacy_spent(
         self, task: TaskConfig, round_number: int, participants: int
     ) -> PrivacyRound | None:
@@ -651,7 +788,13 @@ class RoundManager:
             return None
         ledger = self.store.privacy_rounds(task.id)
         return next_round_privacy(
-            policy, ledger, task.id, round_number, participants, planned.eligible_devices
+            policy,
+            ledger,
+            task.id,
+            round_number,
+            participants,
+            planned.eligible_devices,
+            secure_aggregation=task.secure_aggregation,
         )
 
 

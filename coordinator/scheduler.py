@@ -42,6 +42,8 @@ class DeviceCandidate:
     profile: DeviceProfile
     free_memory_bytes: int | None = None
     """From the latest heartbeat; None when unknown (then the profile's RAM is used)."""
+    capabilities: frozenset[str] = frozenset()
+    """Optional protocol features its agent announced (DeviceState.capabilities)."""
 
 
 @dataclass(frozen=True)

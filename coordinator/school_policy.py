@@ -13,8 +13,7 @@ from coordinator.config import SchoolConfig, TaskConfig
 from coordinator.scheduler import DeviceCandidate
 
 SECURE_AGGREGATION_MISSING = (
-    "the school requires secure aggregation, which is not wired into rounds yet "
-    "(see docs/secagg.md), so its devices join no task"
+    "the school requires secure aggregation and the task has secure_aggregation = false"
 )
 
 

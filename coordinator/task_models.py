@@ -18,7 +18,7 @@ import torch
 
 from coordinator.config import TaskConfig
 from coordinator.privacy import DpPolicy
-from edge_runtime.messages import TaskSpec, UpdateEncoding
+from edge_runtime.messages import SecureAggregationSpec, TaskSpec, UpdateEncoding
 from edge_runtime.update_codec import CodecConfig, decode_update, encode_update
 from quantization.adapters import (
     AdapterConfig,
@@ -46,6 +46,11 @@ def wire_task_spec(task: TaskConfig) -> TaskSpec:
         labels=task.labels,
         adapter_alpha=task.alpha,
         privacy=None if policy is None else policy.device_instructions(),
+        secure_aggregation=(
+            SecureAggregationSpec(clip_bound=task.secagg_clip_bound)
+            if task.secure_aggregation
+            else None
+        ),
     )
 
 

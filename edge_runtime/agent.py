@@ -30,7 +30,13 @@ from edge_runtime.chunking import DEFAULT_CHUNK_BYTES, ChunkReassembler, ChunkSe
 from edge_runtime.eligibility import check_eligibility, read_device
 from edge_runtime.errors import ProtocolError, SchemaError
 from edge_runtime.local_privacy import privatize_update
-from edge_runtime.messages import AssignmentDecline, TaskSpec
+from edge_runtime.messages import (
+    SECURE_AGGREGATION_CAPABILITY,
+    AssignmentDecline,
+    SecAggEnvelope,
+    SecAggStep,
+    TaskSpec,
+)
 from edge_runtime.outbox import Outbox, RoundHistory
 from edge_runtime.privacy_policy import privacy_refusals
 from edge_runtime.protocol import (
@@ -53,6 +59,8 @@ from edge_runtime.protocol import (
     model_blob_topic,
     verify_frame,
 )
+from edge_runtime.secagg_messages import SecAggError
+from edge_runtime.secagg_session import SecureSession
 from edge_runtime.signing import Ed25519PublicKey, load_private_key, public_key_from_hex
 from edge_runtime.trainer import LocalPlan, LocalTrainer
 from edge_runtime.transport import MqttTransport, ReceivedMessage, WillConfig
@@ -179,7 +187,10 @@ class AgentDaemon:
         self.global_states: dict[str, dict[str, torch.Tensor]] = {}
         """Downloaded global adapters by version (sha256)."""
         self.waiting: dict[str, TaskAssignment] = {}
-        """Assignments whose model version is still downloading, by assignment id."""
+        """Assignments waiting for their model version to download, or (secure rounds) for
+        the peers' share boxes, by assignment id."""
+        self.secure_sessions: dict[tuple[str, int], SecureSession] = {}
+        """(task, round) -> this device's secure-aggregation state; memory only."""
         self.downloads = ChunkReassembler()
         self.uploads: dict[str, ChunkSender] = {}
         self.stop_requested = threading.Event()
@@ -216,6 +227,7 @@ class AgentDaemon:
             profile_digest=self.profile_digest,
             ineligible_reasons=tuple(reasons),
             battery_percent=readings.battery_percent if readings else None,
+            capabilities=(SECURE_AGGREGATION_CAPABILITY,),
         )
         return encode_frame(state, sender=self.device_id, signing_key=self.key)
 
@@ -299,7 +311,9 @@ class AgentDaemon:
                 self._acknowledgement(message)
             elif isinstance(message, TransferStatus):
                 self._transfer_status(message)
-        except ProtocolError as error:
+            elif isinstance(message, SecAggEnvelope):
+                self._secure_step(message, frame.body)
+        except (ProtocolError, SecAggError) as error:
             logger.warning("refused message on %s: %s", received.topic[:200], error)
         except Exception:  # noqa: BLE001 - the daemon loop boundary
             logger.exception("failure handling %s; continuing", received.topic[:200])
@@ -318,10 +332,12 @@ class AgentDaemon:
         if refusals:  # before the model download: the school's policy rules the task out
             self._decline(assignment, refusals)
             return
-        if assignment.model_version in self.global_states:
-            self._train(assignment)
-            return
+        if assignment.spec.secure_aggregation is not None:
+            self._join_secure_round(assignment)
         self.waiting[assignment.message_id] = assignment
+        if assignment.model_version in self.global_states:
+            self._train_ready()
+            return
         topic_filter = blob_filter(self.fleet, assignment.model_version)
         if topic_filter not in self._subscribed_blobs:
             assert self.transport is not None
@@ -345,10 +361,70 @@ class AgentDaemon:
             return
         self.global_states[header.sha256] = decode_update(completed.payload)
         logger.info("model %s downloaded (%d bytes)", header.sha256[:12], len(completed.payload))
-        ready = [a for a in self.waiting.values() if a.model_version == header.sha256]
-        for assignment in ready:
+        self._train_ready()
+
+    def _train_ready(self) -> None:
+        """Train every waiting assignment whose model is here and, in a secure round, whose
+        share exchange is done (the masks must be fixed before the delta is masked)."""
+        for assignment in list(self.waiting.values()):
+            if assignment.model_version not in self.global_states:
+                continue
+            session = self.secure_sessions.get((assignment.task, assignment.server_round))
+            if assignment.spec.secure_aggregation is not None and (
+                session is None or not session.ready_to_mask
+            ):
+                continue
             del self.waiting[assignment.message_id]
             self._train(assignment)
+
+    # -- secure aggregation ------------------------------------------------------------
+
+    def _join_secure_round(self, assignment: TaskAssignment) -> None:
+        """Advertise this round's keys (again, for a repeated assignment), before the
+        model download: the key exchange runs while the model downloads."""
+        key = (assignment.task, assignment.server_round)
+        for task, server_round in list(self.secure_sessions):
+            if task == assignment.task and server_round < assignment.server_round:
+                del self.secure_sessions[(task, server_round)]  # an older round's secrets
+        session = self.secure_sessions.get(key)
+        if session is None:
+            session = SecureSession(assignment, self.device_id, self.key)
+            self.secure_sessions[key] = session
+        self._publish_secure(session.advertise_frame())
+
+    def _secure_step(self, envelope: SecAggEnvelope, body: bytes) -> None:
+        if envelope.device_id != self.device_id or envelope.fleet != self.fleet:
+            raise SchemaError("secure-aggregation message addressed to another device")
+        key = (envelope.task, envelope.server_round)
+        session = self.secure_sessions.get(key)
+        if envelope.step is SecAggStep.ABORT:
+            logger.warning(
+                "task %s round %d: secure aggregation aborted by the coordinator: %s",
+                envelope.task,
+                envelope.server_round,
+                envelope.reason,
+            )
+            self.secure_sessions.pop(key, None)
+            for assignment_id, assignment in list(self.waiting.items()):
+                if (assignment.task, assignment.server_round) == key:
+                    del self.waiting[assignment_id]
+            return
+        if session is None:
+            raise SchemaError(
+                f"{envelope.step.value} for round {envelope.server_round} of {envelope.task}, "
+                "which this device holds no secure-aggregation keys for (restarted?)"
+            )
+        reply = session.answer(envelope.step, body)
+        if reply is not None:
+            self._publish_secure(reply)
+        if session.ready_to_mask:
+            self._train_ready()
+
+    def _publish_secure(self, frame: bytes) -> None:
+        assert self.transport is not None
+        self.transport.publish(
+            device_topic(self.fleet, self.device_id, DeviceChannel.SECAGG), frame
+        )
 
     def _acknowledgement(self, ack: Acknowledgement) -> None:
         if ack.status is AckStatus.REJECTED:
@@ -473,37 +549,49 @@ class AgentDaemon:
         delta = result.delta
         if assignment.spec.privacy is not None:  # clip (and under local DP, noise) on device
             delta = privatize_update(delta, assignment.spec.privacy)
-        encoded = encode_update(delta, CodecConfig(plan.update_encoding, plan.top_k_fraction))
-        update = Update(
-            fleet=self.fleet,
-            task=assignment.task,
-            server_round=assignment.server_round,
-            device_id=self.device_id,
-            attempt=assignment.attempt,
-            model_version=assignment.model_version,
-            num_samples=result.num_examples,
-            num_steps=result.num_steps,
-            encoding=plan.update_encoding,
-            metrics={
-                "train_loss": result.mean_loss if result.num_steps else 0.0,
-                "first_loss": result.first_loss if result.num_steps else 0.0,
-                "last_loss": result.last_loss if result.num_steps else 0.0,
-                "train_seconds": result.seconds,
-                "bytes_up": float(encoded.encoded_bytes),
-            },
-            top_k_fraction=plan.top_k_fraction,
-        )
-        frame = encode_frame(update, sender=self.device_id, body=encoded.body, signing_key=self.key)
-        self.outbox.put(update.message_id, update.task, update.server_round, frame)
+        metrics = {
+            "train_loss": result.mean_loss if result.num_steps else 0.0,
+            "first_loss": result.first_loss if result.num_steps else 0.0,
+            "last_loss": result.last_loss if result.num_steps else 0.0,
+            "train_seconds": result.seconds,
+        }
+        session = self.secure_sessions.get((assignment.task, assignment.server_round))
+        if session is not None:  # secure round: only the masked delta leaves the device
+            message_id, frame = session.masked_input(
+                delta, result.num_examples, result.num_steps, metrics
+            )
+            bytes_up = len(frame)
+        else:
+            encoded = encode_update(delta, CodecConfig(plan.update_encoding, plan.top_k_fraction))
+            bytes_up = encoded.encoded_bytes
+            update = Update(
+                fleet=self.fleet,
+                task=assignment.task,
+                server_round=assignment.server_round,
+                device_id=self.device_id,
+                attempt=assignment.attempt,
+                model_version=assignment.model_version,
+                num_samples=result.num_examples,
+                num_steps=result.num_steps,
+                encoding=plan.update_encoding,
+                metrics={**metrics, "bytes_up": float(bytes_up)},
+                top_k_fraction=plan.top_k_fraction,
+            )
+            message_id = update.message_id
+            frame = encode_frame(
+                update, sender=self.device_id, body=encoded.body, signing_key=self.key
+            )
+        self.outbox.put(message_id, assignment.task, assignment.server_round, frame)
         self.history.record(
             assignment.task,
             assignment.server_round,
             "trained",
             f"{result.num_steps}/{plan.local_steps} steps, loss {result.first_loss:.3f} -> "
-            f"{result.last_loss:.3f}, {encoded.encoded_bytes} bytes up",
+            f"{result.last_loss:.3f}, {bytes_up} bytes up"
+            + (" (masked for secure aggregation)" if session is not None else ""),
         )
         self._save_personal_copy(assignment, trainer, start_state)
-        self.send_update(update.message_id, frame)
+        self.send_update(message_id, frame)
         logger.info(
             "task %s round %d: trained %d steps in %.1f s, loss %.3f -> %.3f, uploading %d bytes",
             assignment.task,
@@ -512,7 +600,7 @@ class AgentDaemon:
             result.seconds,
             result.first_loss,
             result.last_loss,
-            encoded.encoded_bytes,
+            bytes_up,
         )
 
     def _wait_out_emulated_time(self, predicted: float, started: float, limit: float) -> None:

@@ -40,6 +40,10 @@ __all__ = [
     "ModelManifest",
     "PowerSource",
     "PrivacyMode",
+    "SecAggEnvelope",
+    "SecAggStep",
+    "SECURE_AGGREGATION_CAPABILITY",
+    "SecureAggregationSpec",
     "TaskAssignment",
     "TaskSpec",
     "TrainingPlan",
@@ -56,6 +60,8 @@ __all__ = [
 ]
 
 MAX_METRICS = 256
+SECURE_AGGREGATION_CAPABILITY = "secagg-v1"
+"""The `DeviceState.capabilities` entry of an agent that can take part in secure rounds."""
 TASK_KINDS = ("classification", "causal-lm")
 
 
@@ -74,6 +80,7 @@ class MessageKind(enum.Enum):
     CHUNK = "chunk"
     TRANSFER_STATUS_REQUEST = "transfer_status_request"
     TRANSFER_STATUS = "transfer_status"
+    SECURE_AGGREGATION = "secure_aggregation"
 
     @property
     def requires_signature(self) -> bool:
@@ -101,6 +108,28 @@ class AckStatus(enum.Enum):
     """Already recorded; the sender may delete its outbox copy exactly as for ACCEPTED."""
     REJECTED = "rejected"
     """Refused for good (bad signature, stale round...); `reason` says why. Do not resend."""
+
+
+class SecAggStep(enum.Enum):
+    """The messages of a secure-aggregation round, in protocol order (docs/secagg.md). The
+    frame body carries the step's content (`edge_runtime.secagg_wire`)."""
+
+    ADVERTISE_KEYS = "advertise_keys"
+    """Device -> coordinator: this round's two X25519 public keys."""
+    ROSTER = "roster"
+    """Coordinator -> device: every advertised key pair and the threshold t."""
+    SHARE_KEYS = "share_keys"
+    """Device -> coordinator: one sealed share box per peer."""
+    FORWARDED_SHARES = "forwarded_shares"
+    """Coordinator -> device: the boxes the other devices addressed to it."""
+    MASKED_INPUT = "masked_input"
+    """Device -> coordinator: the masked ring vector (acknowledged like an update)."""
+    UNMASK_REQUEST = "unmask_request"
+    """Coordinator -> surviving device: whose shares to reveal."""
+    UNMASK_RESPONSE = "unmask_response"
+    """Device -> coordinator: the requested shares."""
+    ABORT = "abort"
+    """Coordinator -> device: the round ended without a sum; forget its secrets."""
 
 
 class PrivacyMode(enum.Enum):
@@ -167,6 +196,21 @@ class DevicePrivacy:
 
 
 @dataclass(frozen=True)
+class SecureAggregationSpec:
+    """How a secure-aggregation task's devices encode their delta into the ring
+    (`edge_runtime.secagg_quantize.QuantizationConfig`); both sides must agree on it."""
+
+    clip_bound: float
+    """Every coordinate is clipped to [-clip_bound, clip_bound] before masking."""
+    ring_bits: int = 32
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.clip_bound) and self.clip_bound > 0):
+            raise SchemaError(f"clip_bound must be a positive number, got {self.clip_bound!r}")
+        check_range("ring_bits", self.ring_bits, 8, 32)
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     """What a device needs to build the task's model; sent inside every assignment."""
 
@@ -182,6 +226,11 @@ class TaskSpec:
     predate it still parse assignments of non-private tasks) when the task has DP off. An
     agent too old to know the field refuses a private task's assignment rather than
     sending an unclipped update."""
+    secure_aggregation: SecureAggregationSpec | None = field(
+        default=None, metadata={"omit_if_none": True}
+    )
+    """Set when the task's rounds run secure aggregation: the device sends a masked input
+    instead of an update. None (absent) for plain tasks, as for `privacy`."""
 
     def __post_init__(self) -> None:
         if self.kind not in TASK_KINDS:
@@ -266,6 +315,9 @@ class DeviceState:
     profile_digest: str
     ineligible_reasons: tuple[str, ...] = ()
     battery_percent: float | None = None
+    capabilities: tuple[str, ...] | None = field(default=None, metadata={"omit_if_none": True})
+    """Optional protocol features the agent speaks, e.g. SECURE_AGGREGATION_CAPABILITY.
+    None (absent) from agents that predate it: they can do none."""
 
     def __post_init__(self) -> None:
         check_identifier("fleet", self.fleet)
@@ -276,6 +328,11 @@ class DeviceState:
         check_sha256("profile_digest", self.profile_digest)
         if self.battery_percent is not None:
             check_range("battery_percent", self.battery_percent, 0.0, 100.0)
+        if self.capabilities is not None:
+            if len(self.capabilities) > 64:
+                raise SchemaError(f"at most 64 capabilities, got {len(self.capabilities)}")
+            for capability in self.capabilities:
+                check_identifier("capabilities", capability)
 
     @property
     def message_id(self) -> str:
@@ -565,6 +622,50 @@ class TransferStatus:
         ]
 
 
+@dataclass(frozen=True)
+class SecAggEnvelope:
+    """One secure-aggregation step of one device in one round (either direction).
+
+    The header names the round and the step; the body holds the step's content, parsed by
+    `edge_runtime.secagg_wire` into the typed messages of `edge_runtime.secagg_messages`.
+    A masked input also carries, in the clear as a plain update does, the samples and steps
+    trained and the training metrics (the scheduler's utility needs them)."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.SECURE_AGGREGATION
+    fleet: str
+    task: str
+    server_round: int
+    device_id: str
+    """The sending device, or for coordinator steps the addressed one."""
+    step: SecAggStep
+    num_samples: int = 0
+    num_steps: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    reason: str = ""
+    """ABORT only: why the round ended without a sum."""
+
+    def __post_init__(self) -> None:
+        check_identifier("fleet", self.fleet)
+        check_identifier("task", self.task)
+        check_identifier("device_id", self.device_id)
+        check_range("server_round", self.server_round, 1, MAX_SAFE_INTEGER)
+        check_range("num_samples", self.num_samples, 0, MAX_SAFE_INTEGER)
+        check_range("num_steps", self.num_steps, 0, MAX_SAFE_INTEGER)
+        if len(self.metrics) > MAX_METRICS:
+            raise SchemaError(f"at most {MAX_METRICS} metrics, got {len(self.metrics)}")
+        for name in self.metrics:
+            check_identifier("metric name", name)
+        if len(self.reason) > 1024:
+            raise SchemaError(f"reason must be at most 1024 chars, got {len(self.reason)}")
+
+    @property
+    def message_id(self) -> str:
+        return (
+            f"secagg/{self.fleet}/{self.task}/{self.server_round}/{self.device_id}/"
+            f"{self.step.value}"
+        )
+
+
 Message = (
     EnrollmentRequest
     | EnrollmentResponse
@@ -578,6 +679,7 @@ Message = (
     | ChunkHeader
     | TransferStatusRequest
     | TransferStatus
+    | SecAggEnvelope
 )
 
 MESSAGE_CLASSES: dict[MessageKind, type[Any]] = {cls.KIND: cls for cls in typing.get_args(Message)}

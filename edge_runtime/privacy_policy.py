@@ -27,10 +27,16 @@ class PrivacyPolicy:
     DP the coordinator adds the noise, so the device checks the figure it was told."""
     allowed_tasks: tuple[str, ...] = ()
     """Task ids this device may join for its school; empty = every task."""
+    require_secure_aggregation: bool = False
+    """Decline assignments of tasks that do not run secure aggregation (the device would
+    send its update where the coordinator can read it)."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.require_dp, bool):
-            raise ValueError(f"[privacy] require_dp must be true or false, got {self.require_dp!r}")
+        for name in ("require_dp", "require_secure_aggregation"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(
+                    f"[privacy] {name} must be true or false, got {getattr(self, name)!r}"
+                )
         value = self.min_noise_multiplier
         if not (
             isinstance(value, (int, float))
@@ -69,6 +75,7 @@ class PrivacyPolicy:
             "require_dp": self.require_dp,
             "min_noise_multiplier": self.min_noise_multiplier,
             "allowed_tasks": list(self.allowed_tasks),
+            "require_secure_aggregation": self.require_secure_aggregation,
         }
 
 
@@ -78,6 +85,8 @@ def privacy_refusals(policy: PrivacyPolicy, task_id: str, spec: TaskSpec) -> lis
     reasons = []
     if policy.allowed_tasks and task_id not in policy.allowed_tasks:
         reasons.append(f"task {task_id} is not in the school's [privacy] allowed_tasks")
+    if policy.require_secure_aggregation and spec.secure_aggregation is None:
+        reasons.append(f"the school requires secure aggregation; task {task_id} runs without it")
     if policy.require_dp and spec.privacy is None:
         reasons.append(f"the school requires differential privacy; task {task_id} has none")
     if spec.privacy is not None and spec.privacy.noise_multiplier < policy.min_noise_multiplier:

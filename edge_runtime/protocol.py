@@ -54,6 +54,9 @@ from edge_runtime.messages import (
     MessageKind,
     ModelManifest,
     PowerSource,
+    SecAggEnvelope,
+    SecAggStep,
+    SecureAggregationSpec,
     TaskAssignment,
     TaskSpec,
     TrainingPlan,
@@ -98,6 +101,9 @@ __all__ = [
     "ModelManifest",
     "PowerSource",
     "ProtocolError",
+    "SecAggEnvelope",
+    "SecAggStep",
+    "SecureAggregationSpec",
     "TaskAssignment",
     "TaskSpec",
     "TrainingPlan",
@@ -169,6 +175,8 @@ class DeviceChannel(enum.Enum):
     CHUNK = "chunk"
     TRANSFER = "transfer"
     """Transfer status requests (about uploads) and replies (about downloads)."""
+    SECAGG = "secagg"
+    """Secure-aggregation steps (`SecAggEnvelope`); a large masked input goes as chunks."""
 
 
 class InboxChannel(enum.Enum):
@@ -178,6 +186,7 @@ class InboxChannel(enum.Enum):
     TASK = "task"
     ACK = "ack"
     TRANSFER = "transfer"
+    SECAGG = "secagg"
 
 
 def device_topic(fleet: str, device_id: str, channel: DeviceChannel) -> str:

@@ -16,9 +16,10 @@ their pairwise masks with the survivors, reconstructs the survivors' b to remove
 and decodes the sum. With fewer than t devices at any step it raises `SecAggAbort`.
 
 Scope: this module is the cryptographic core and an in-process driver that relays messages
-exactly as the MQTT coordinator would (through their JSON form). It is NOT wired into the MQTT
-protocol or the round manager yet; docs/secagg.md lists what that wiring needs. Pairwise masks
-use the complete graph of the round's devices (SecAgg+'s sparse neighbour graph is not done).
+exactly as the MQTT coordinator does (through their JSON form). Over MQTT, the agent drives a
+`SecAggClient` through `edge_runtime.secagg_session` and the coordinator replays a
+`SecAggServer` from its store in `coordinator.secure_rounds`. Pairwise masks use the complete
+graph of the round's devices (SecAgg+'s sparse neighbour graph is not done).
 """
 
 from __future__ import annotations
@@ -144,8 +145,14 @@ class SecAggClient:
     """A device's side of one round: one method per protocol step, called in order."""
 
     def __init__(
-        self, device_id: str, round_id: str, config: SecAggConfig, layout: TensorLayout
+        self,
+        device_id: str,
+        round_id: str,
+        config: SecAggConfig,
+        layout: TensorLayout | None = None,
     ) -> None:
+        """`layout` None: taken from the delta at `mask_input` (an agent advertises its keys
+        before it has downloaded the model whose layout the delta will have)."""
         self.device_id = device_id
         self.round_id = round_id
         self.config = config
@@ -175,8 +182,21 @@ class SecAggClient:
             mask_public_key=public_key_bytes(self._mask_key),
         )
 
-    def share_keys(self, roster: Sequence[AdvertiseKeys]) -> ShareKeys:
-        """Check the roster, split b_u and the s-key, and seal one share box per peer."""
+    def share_keys(
+        self, roster: Sequence[AdvertiseKeys], threshold: int | None = None
+    ) -> ShareKeys:
+        """Check the roster, split b_u and the s-key, and seal one share box per peer.
+
+        `threshold`: the t the coordinator fixed once it knew the roster (it replaces the
+        config's). It is refused unless it is a strict majority of the roster, so a
+        coordinator cannot lower the number of devices it must collude with."""
+        if threshold is not None:
+            if not len(roster) < 2 * threshold <= 2 * len(roster):
+                raise SecAggRefusal(
+                    f"threshold {threshold} for a roster of {len(roster)} devices refused: "
+                    "it must be a strict majority of the roster"
+                )
+            self.config = SecAggConfig(threshold, self.config.quantization)
         ids = [advert.device_id for advert in roster]
         keys = [advert.cipher_public_key for advert in roster] + [
             advert.mask_public_key for advert in roster
@@ -236,8 +256,9 @@ class SecAggClient:
             raise SecAggRefusal("mask_input called before receive_shares")
         quantization = self.config.quantization
         bits = quantization.ring_bits
-        size = self.layout.num_coordinates
-        vector = quantize_delta(delta, self.layout, quantization, generator)  # (d,) int64
+        layout = self.layout or TensorLayout.of(delta)
+        size = layout.num_coordinates
+        vector = quantize_delta(delta, layout, quantization, generator)  # (d,) int64
         vector += expand_seed(self._self_mask_seed, size, bits)
         for peer_id in self._held_shares:
             if peer_id == self.device_id:

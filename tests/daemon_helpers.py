@@ -66,7 +66,7 @@ class ScriptedDevice:
         )
         self.publish(DeviceChannel.ENROLL, self.frame(request, body))
 
-    def heartbeat(self, eligible: bool = True) -> None:
+    def heartbeat(self, eligible: bool = True, capabilities: tuple[str, ...] | None = None) -> None:
         state = DeviceState(
             fleet=self.fleet,
             device_id=self.device_id,
@@ -77,6 +77,7 @@ class ScriptedDevice:
             free_memory_bytes=8 * 2**30,
             power_source=PowerSource.MAINS,
             profile_digest=hashlib.sha256(self.profile_text.encode()).hexdigest(),
+            capabilities=capabilities,
         )
         self.publish(DeviceChannel.STATE, self.frame(state))
 

@@ -34,6 +34,8 @@ from edge_runtime.protocol import (
     MessageKind,
     ModelManifest,
     PowerSource,
+    SecAggEnvelope,
+    SecAggStep,
     TaskAssignment,
     TaskSpec,
     TrainingPlan,
@@ -92,6 +94,9 @@ def all_messages() -> list[object]:
         ChunkHeader("transfer-1", 2, 4, 300, 1000, SHA),
         TransferStatusRequest("transfer-1", "q-1"),
         TransferStatus("transfer-1", "q-1", True, False, (0, 2, 3, 4)),
+        SecAggEnvelope(
+            "fleet-1", "task-1", 3, "device-1", SecAggStep.MASKED_INPUT, 12, 4, {"train_loss": 0.5}
+        ),
     ]
 
 

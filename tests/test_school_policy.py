@@ -93,13 +93,30 @@ def test_bad_school_policies_name_school_key_and_value(
         assert "[[schools]] 'north'" in str(caught.value)
 
 
-def test_secure_aggregation_on_a_task_is_refused_until_it_is_wired_in() -> None:
-    data = {**BASE, "tasks": [{**BASE["tasks"][0], "secure_aggregation": True}]}  # type: ignore[index, dict-item]
+def test_secure_aggregation_task_loads_with_its_keys() -> None:
+    secure = {**BASE["tasks"][0], "secure_aggregation": True, "secagg_clip_bound": 0.5}  # type: ignore[index, dict-item]
+    task = CoordinatorConfig.from_dict({**BASE, "tasks": [secure]}).task("subjects")
+    assert task.secure_aggregation and task.secagg_clip_bound == 0.5
+    assert task.secagg_step_seconds == 30.0
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ({"allowed_ranks": [4]}, "allowed_ranks must be empty with secure_aggregation"),
+        ({"max_update_norm": 2.0}, "never sees a single update"),
+        ({"secagg_clip_bound": 0}, "secagg_clip_bound must be a positive number"),
+        ({"secagg_step_seconds": -1}, "secagg_step_seconds must be a positive number"),
+        ({"secure_aggregation": "yes"}, "secure_aggregation must be true or false"),
+    ],
+)
+def test_secure_aggregation_refuses_what_it_cannot_honour(
+    keys: dict[str, object], message: str
+) -> None:
+    task = {**BASE["tasks"][0], "secure_aggregation": True, **keys}  # type: ignore[index, dict-item]
     with pytest.raises(CoordinatorConfigError) as caught:
-        CoordinatorConfig.from_dict(data)
-    assert "secure aggregation is not wired into rounds yet (see docs/secagg.md)" in str(
-        caught.value
-    )
+        CoordinatorConfig.from_dict({**BASE, "tasks": [task]})
+    assert message in str(caught.value)
     assert "'subjects'" in str(caught.value)
 
 
@@ -143,7 +160,12 @@ def test_no_table_or_default_policy_allows_every_task() -> None:
         (
             SchoolConfig("n", require_secure_aggregation=True),
             _task(**PRIVATE),
-            "not wired into rounds yet",
+            "the task has secure_aggregation = false",
+        ),
+        (
+            SchoolConfig("n", require_secure_aggregation=True),
+            _task(secure_aggregation=True),
+            None,
         ),
     ],
 )
