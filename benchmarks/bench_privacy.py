@@ -16,17 +16,32 @@ selection, the closest match to the accountant's Poisson sampling), aggregated b
 coordinator's `DpFedAvg` with central noise. The noise multiplier is the smallest that
 keeps the `dp-accounting` RDP epsilon after 10 rounds at q = 20 / 200 within the target;
 the clip norm is the median update norm of a non-private first round. It is not the demo
-task itself (MiniLM through the daemons), which takes minutes per configuration here.
+task itself (MiniLM through the daemons); part 3 is.
+
+Part 3 (`--demo`), the same figure on the demo task itself: `schoolfl demo` (embedded
+broker, coordinator daemon, 6 agent processes with the profiles' emulated speed, nf4 +
+LoRA MiniLM-L6 classifying school questions, accuracy on the 160 held-out questions), 10
+rounds, run three times: without DP, and with `--dp-epsilon 8` and `--dp-epsilon 3`. Every
+device is in every round (6 of 6, q = 1), so there is no amplification by sampling; the
+noise multiplier is the smallest that keeps the RDP epsilon after the rounds within the
+target (`schoolfl.demo.noise_for_epsilon`, the same search as part 2). The clip norm is the
+median update norm of the non-private run's first round, read back from its coordinator
+store. Epsilon is the coordinator's own privacy ledger (`schoolfl coordinator
+privacy-report`). About 6 minutes per configuration on 2 cores (5.7 for no DP).
 
     python benchmarks/bench_privacy.py --output bench-out/privacy.md
+    python benchmarks/bench_privacy.py --demo --no-fast --output bench-out/privacy-demo.md
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -47,6 +62,9 @@ from edge_runtime.protocol import UpdateEncoding  # noqa: E402
 from edge_runtime.secagg import SecAggClient, SecAggConfig, SecAggServer  # noqa: E402
 from edge_runtime.secagg_quantize import QuantizationConfig, TensorLayout  # noqa: E402
 from edge_runtime.update_codec import CodecConfig, decode_update, encode_update  # noqa: E402
+from schoolfl.demo_privacy import DP_DELTA, demo_privacy, median_update_norm  # noqa: E402
+from schoolfl.demo_privacy import noise_for_epsilon as demo_noise_for_epsilon  # noqa: E402
+from schoolfl.demo_tasks import CLASSIFY  # noqa: E402
 
 MINILM_R8_SHAPES = {
     **{
@@ -155,15 +173,9 @@ def overhead_section() -> list[str]:
 
 
 def noise_for_epsilon(target: float, sampling_probability: float, rounds: int) -> float:
-    """Smallest noise multiplier (to 1%) whose epsilon after `rounds` stays within `target`."""
-    low, high = 0.1, 50.0
-    while high / low > 1.01:
-        middle = (low * high) ** 0.5
-        epsilon = epsilon_for_rounds(
-            PrivacyMode.CENTRAL, [(sampling_probability, middle)] * rounds, DELTA
-        )
-        low, high = (low, middle) if epsilon <= target else (middle, high)
-    return high
+    """Smallest noise multiplier (to 1%) whose epsilon after `rounds` stays within `target`:
+    the demo's own search, so parts 2 and 3 choose z the same way."""
+    return demo_noise_for_epsilon(target, sampling_probability, rounds, DELTA)
 
 
 def accuracy_section(rounds: int, seeds: list[int]) -> list[str]:
@@ -233,11 +245,148 @@ def _median_update_norm(prepared: tuple, rounds: int) -> float:  # type: ignore[
     return statistics.median(norms)
 
 
+def run_demo(
+    state: Path, rounds: int, devices: int, quick: bool, extra: tuple[str, ...] = ()
+) -> dict[str, object]:
+    """One `schoolfl demo` run, as a user would start it; returns its summary.json.
+
+    A subprocess, not `run_demo()` in this process: the demo installs a SIGTERM handler
+    and starts its children with this interpreter, exactly as the command does."""
+    shutil.rmtree(state, ignore_errors=True)
+    state.parent.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable,
+        "-m",
+        "schoolfl",
+        "demo",
+        "--devices",
+        str(devices),
+        "--rounds",
+        str(rounds),
+        "--no-onnx",
+        "--state",
+        str(state),
+        *(("--quick",) if quick else ()),
+        *extra,
+    ]
+    print("running:", " ".join(command[2:]), file=sys.stderr, flush=True)
+    log = state.parent / f"{state.name}.log"
+    with log.open("w") as out:
+        completed = subprocess.run(
+            command,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=3600,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"},
+            check=False,
+        )
+    if completed.returncode != 0:
+        raise SystemExit(f"schoolfl demo failed ({completed.returncode}); see {log}")
+    return json.loads((state / "summary.json").read_text())
+
+
+def privacy_report(state: Path) -> str:
+    """`schoolfl coordinator privacy-report` of a finished DP demo: the ledger per round."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "schoolfl",
+            "coordinator",
+            "privacy-report",
+            "--config",
+            str(state / "coordinator.toml"),
+            CLASSIFY.task_id,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    ).stdout
+
+
+def demo_section(
+    rounds: int, devices: int, quick: bool, work: Path, clip_norm: float | None
+) -> list[str]:
+    """Part 3: accuracy of the demo task after `rounds` rounds, without DP and at epsilon 8
+    and 3; the clip norm is the non-private run's median first-round update norm unless
+    given."""
+    q = 1.0  # devices_per_round = devices in the demo: every device is in every round
+    lines = [
+        f"### Accuracy after {rounds} rounds with central DP (the demo task: `schoolfl demo`, "
+        f"{devices} devices, all in every round, q = {q:.2f}, delta {DP_DELTA:g})",
+        "",
+        "| privacy | noise multiplier z | clip norm C | epsilon after the rounds (ledger) | "
+        "rounds completed | accuracy before | accuracy after | noise std on the mean (z*C/n) "
+        "| wall s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    baseline = run_demo(work / "none", rounds, devices, quick)
+    if clip_norm is None:
+        clip_norm = median_update_norm(work / "none", CLASSIFY.task_id, 1)
+    print(f"clip norm C = {clip_norm:.4f}", file=sys.stderr, flush=True)
+
+    def row(label: str, summary: dict[str, object], z: str, c: str, eps: str, std: str) -> str:
+        return (
+            f"| {label} | {z} | {c} | {eps} | {summary['rounds_completed']} | "
+            f"{summary['accuracy_before']:.3f} | {summary['accuracy_after']:.3f} | {std} | "
+            f"{summary['total_seconds']} |"
+        )
+
+    lines.append(row("none", baseline, "-", "-", "-", "-"))
+    print(lines[-1], file=sys.stderr, flush=True)
+    for target in (8.0, 3.0):
+        planned = demo_privacy(target, clip_norm, rounds, devices, devices)
+        state = work / f"epsilon{target:g}"
+        summary = run_demo(
+            state,
+            rounds,
+            devices,
+            quick,
+            ("--dp-epsilon", f"{target:g}", "--dp-clip-norm", f"{clip_norm:.6g}"),
+        )
+        privacy = summary["privacy"]
+        assert isinstance(privacy, dict)
+        print(privacy_report(state), file=sys.stderr, flush=True)
+        std = float(privacy["noise_multiplier"]) * float(privacy["clip_norm"]) / devices
+        lines.append(
+            row(
+                f"epsilon {target:g}",
+                summary,
+                f"{planned.noise_multiplier:.2f}",
+                f"{float(privacy['clip_norm']):.3f}",
+                f"{float(privacy['epsilon_spent']):.2f}",
+                f"{std:.3f}",
+            )
+        )
+        print(lines[-1], file=sys.stderr, flush=True)
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--output", default=None)
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="Also run part 3: the demo task itself, 3 x `schoolfl demo` (about 17 minutes).",
+    )
+    parser.add_argument(
+        "--no-fast", action="store_true", help="Skip parts 1 and 2 (with --demo: part 3 only)."
+    )
+    parser.add_argument("--demo-devices", type=int, default=6)
+    parser.add_argument(
+        "--demo-quick", action="store_true", help="Pass --quick to the demo (fewer steps)."
+    )
+    parser.add_argument(
+        "--demo-clip-norm",
+        type=float,
+        default=None,
+        help="Clip norm for part 3 (default: median first-round update norm without DP).",
+    )
+    parser.add_argument("--demo-state", default="bench-out/demo-privacy")
     args = parser.parse_args()
     torch.set_num_threads(1)
     lines = [
@@ -247,8 +396,18 @@ def main() -> None:
         f"command: `python benchmarks/bench_privacy.py {' '.join(sys.argv[1:])}`",
         "",
     ]
-    lines += overhead_section() + [""]
-    lines += accuracy_section(args.rounds, [int(s) for s in args.seeds.split(",")])
+    if not args.no_fast:
+        lines += overhead_section() + [""]
+        lines += accuracy_section(args.rounds, [int(s) for s in args.seeds.split(",")])
+        lines += [""]
+    if args.demo:
+        lines += demo_section(
+            args.rounds,
+            args.demo_devices,
+            args.demo_quick,
+            Path(args.demo_state).resolve(),
+            args.demo_clip_norm,
+        )
     print("\n".join(lines))
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -52,7 +52,7 @@ from coordinator.aggregation import (
 )
 from coordinator.config import TaskConfig
 from coordinator.lora_ranks import pad_to_shapes
-from coordinator.store import PrivacyRound, PrivacyStop
+from coordinator.store import CoordinatorStore, PrivacyRound, PrivacyStop
 from edge_runtime.local_privacy import (
     add_gaussian_noise,
     clip_update,
@@ -253,3 +253,68 @@ def stop_holds(task: TaskConfig, stop: PrivacyStop | None) -> bool:
     """A recorded budget stop still applies: the task has DP on and the epsilon the refused
     round needed exceeds the *configured* budget (raising the budget lets the task go on)."""
     return task.dp_mode != "off" and stop is not None and stop.epsilon > task.dp_epsilon_budget
+
+
+# ---------------------------------------------------------------------------------------
+# The ledger of one task's rounds
+
+
+def plan_round_privacy(
+    store: CoordinatorStore,
+    task: TaskConfig,
+    round_number: int,
+    participants: int,
+    eligible_devices: int,
+    now: float,
+) -> PrivacyRound | None:
+    """The planned ledger row of a DP task's round about to open, or None when one more
+    round would exceed the budget: the stop is then recorded (the task counts as finished
+    from then on, so this is logged once)."""
+    policy = DpPolicy.of(task)
+    if policy is None:
+        raise ValueError(f"task {task.id} has dp_mode = 'off': no privacy ledger")
+    planned = next_round_privacy(
+        policy,
+        store.privacy_rounds(task.id),
+        task.id,
+        round_number,
+        participants,
+        eligible_devices,
+        secure_aggregation=task.secure_aggregation,
+    )
+    if planned.epsilon <= policy.epsilon_budget:
+        store.clear_privacy_stop(task.id)
+        return planned
+    reason = budget_refusal(task.id, round_number, planned.epsilon, policy)
+    logger.warning("%s", reason)
+    store.set_privacy_stop(
+        PrivacyStop(
+            task.id,
+            round_number,
+            planned.epsilon,
+            policy.epsilon_budget,
+            policy.delta,
+            reason,
+            now,
+        )
+    )
+    return None
+
+
+def spent_round_privacy(
+    store: CoordinatorStore, task: TaskConfig, round_number: int, participants: int
+) -> PrivacyRound | None:
+    """The final ledger row of a DP round: actual participants, cumulative epsilon."""
+    policy = DpPolicy.of(task)
+    planned = store.privacy_round(task.id, round_number)
+    if policy is None or planned is None:
+        return None
+    return next_round_privacy(
+        policy,
+        store.privacy_rounds(task.id),
+        task.id,
+        round_number,
+        participants,
+        planned.eligible_devices,
+        secure_aggregation=task.secure_aggregation,
+    )

@@ -13,12 +13,10 @@ the lifecycle can be tested one tick at a time without a broker.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 
@@ -33,25 +31,23 @@ from coordinator.aggregation import (
 from coordinator.config import CoordinatorConfig, TaskConfig
 from coordinator.fleet_history import FleetHistory, history_from_store
 from coordinator.lora_ranks import adapter_rank, truncated_shapes
+from coordinator.model_versions import ModelVersions
 from coordinator.outgoing import Outgoing
 from coordinator.plan_fitting import SchoolLink
 from coordinator.privacy import (
     DpFedAvg,
     DpPolicy,
-    budget_refusal,
-    central_noise_std,
-    next_round_privacy,
+    plan_round_privacy,
+    spent_round_privacy,
     stop_holds,
 )
-from coordinator.scheduler import DeviceCandidate, RoundContext, Scheduler
+from coordinator.scheduler import DeviceCandidate, DevicePlan, RoundContext, Scheduler
 from coordinator.school_policy import schools_below_minimum, split_by_policy
-from coordinator.secure_rounds import SecureOutcome, SecureRounds
+from coordinator.secure_rounds import SecureOutcome, SecureRounds, secure_mean
 from coordinator.secure_store import SecureRoundStore
 from coordinator.store import (
     AdapterVersion,
     CoordinatorStore,
-    PrivacyRound,
-    PrivacyStop,
     RoundRecord,
     RoundState,
     StoredUpdate,
@@ -60,9 +56,7 @@ from coordinator.store import (
 from coordinator.task_models import AdapterBody, TaskModel, wire_task_spec
 from coordinator.utility_scheduler import scheduler_named
 from device_profiles.shapes import ModelShape, resolve_shape
-from edge_runtime.chunking import ChunkSender
 from edge_runtime.errors import CodecError
-from edge_runtime.local_privacy import add_gaussian_noise, secure_generator
 from edge_runtime.messages import (
     SECURE_AGGREGATION_CAPABILITY,
     SecAggEnvelope,
@@ -74,25 +68,17 @@ from edge_runtime.protocol import (
     COORDINATOR_SENDER,
     AckStatus,
     InboxChannel,
-    ModelManifest,
     TaskAssignment,
     Update,
     UpdateEncoding,
     encode_frame,
     inbox_topic,
-    model_blob_topic,
-    model_manifest_topic,
 )
-from edge_runtime.secagg_quantize import TensorLayout
 from edge_runtime.signing import Ed25519PrivateKey
 from edge_runtime.update_codec import decode_update, tensor_shapes
 from quantization.task_model import resolve_base_model
-from schoolfl.atomic_files import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
-
-MODEL_CHUNK_BYTES = 256 * 1024
-"""Global adapters are published in retained chunks of this size."""
 
 
 def shape_of(task: TaskConfig) -> ModelShape:
@@ -111,6 +97,20 @@ def update_shapes(reference: dict[str, torch.Tensor], rank: int) -> dict[str, tu
     if rank == adapter_rank(reference):
         return shapes
     return truncated_shapes(shapes, rank)
+
+
+def wire_plan(task: TaskConfig, chosen: DevicePlan) -> WirePlan:
+    """The plan a device receives, from the scheduler's plan for it."""
+    return WirePlan(
+        adapter_rank=chosen.plan.rank,
+        local_steps=chosen.plan.local_steps,
+        batch_size=chosen.plan.batch_size,
+        sequence_length=chosen.plan.seq_len,
+        update_encoding=UpdateEncoding(task.update_encoding),
+        scheme=chosen.plan.scheme,
+        learning_rate=task.learning_rate,
+        predicted_round_seconds=chosen.prediction.round_seconds,
+    )
 
 
 def make_aggregator(task: TaskConfig) -> Aggregator:
@@ -152,9 +152,10 @@ class RoundManager:
         """Task id -> (its rounds' numbers and states, the history replayed from them)."""
         self.key = signing_key
         self.now = now
-        self._model_factory = model_factory
-        self.models: dict[str, TaskModel] = {}
-        self.current: dict[str, AdapterBody] = {}
+        self.versions = ModelVersions(
+            config, store, signing_key, now=now, model_factory=model_factory
+        )
+        self.current = self.versions.current
         """Task id -> the global adapter devices train from."""
         self._waiting_logged: set[str] = set()
         self._short_since: dict[str, float] = {}
@@ -164,112 +165,27 @@ class RoundManager:
             store,
             SecureRoundStore(config.state_dir / "secure_rounds.db", now=now),
             signing_key,
-            self._layout,
+            self.versions.layout,
             now=now,
         )
-        self._layouts: dict[str, TensorLayout] = {}
-        """Global adapter version -> its tensor layout (what masked inputs encode)."""
-
-    def _layout(self, task_id: str) -> TensorLayout:
-        body = self.current[task_id]
-        if body.version not in self._layouts:
-            self._layouts[body.version] = TensorLayout.of(body.state())
-        return self._layouts[body.version]
-
-    # -- models and versions -------------------------------------------------------------
-
-    def adapters_dir(self, task_id: str) -> Path:
-        return self.config.state_dir / "adapters" / task_id
-
-    def model(self, task_id: str) -> TaskModel:
-        if task_id not in self.models:
-            self.models[task_id] = self._model_factory(self.config.task(task_id))
-        return self.models[task_id]
 
     def start(self) -> list[Outgoing]:
         """Load or create every task's current version; return what to (re)publish:
-        each task's model and the assignments of rounds left open by a previous run."""
+        each task's model, the assignments of rounds left open by a previous run and the
+        last messages of their secure-aggregation phases."""
         outgoing: list[Outgoing] = []
         for task in self.config.tasks:
-            latest = self.store.latest_adapter_version(task.id)
-            if latest is None:
-                state = self.model(task.id).initial_state()
-                body = AdapterBody.of(state)
-                folder = self._write_version(task.id, 0, state, body)
-                metrics = self.model(task.id).evaluate(state)
-                self.store.add_adapter_version(
-                    AdapterVersion(task.id, 0, None, body.version, str(folder), self.now(), metrics)
-                )
-                logger.info("task %s: initial adapter %s %s", task.id, body.version[:12], metrics)
-            else:
-                body = self._load_body(latest)
-            self.current[task.id] = body
-            outgoing += self.publish_model(task.id, body, server_round=self._last_round(task.id))
+            body = self.versions.load_or_create(task.id)
+            outgoing += self.versions.publish(task.id, body, self._last_round(task.id))
         for record in self.store.open_rounds():
             outgoing += self._assignment_messages(record)
         self.secure.forget_closed_rounds()
         outgoing += self.secure.phase_messages()
         return outgoing
 
-    def _write_version(
-        self, task_id: str, version_number: int, state: dict[str, torch.Tensor], body: AdapterBody
-    ) -> Path:
-        """The PEFT adapter folder users load, and next to it the exact bytes devices
-        download (named by their sha256, so they are kept, never re-encoded)."""
-        folder = self.adapters_dir(task_id) / f"v{version_number:04d}"
-        self.model(task_id).write_version(state, folder)
-        atomic_write_bytes(folder.with_suffix(".body"), body.body)
-        return folder
-
-    def _load_body(self, version: AdapterVersion) -> AdapterBody:
-        path = Path(version.folder).with_suffix(".body")
-        try:
-            body = AdapterBody(path.read_bytes(), version.sha256)
-        except OSError as error:
-            raise RuntimeError(
-                f"cannot read {path}: {error}; the state folder is damaged"
-            ) from None
-        if hashlib.sha256(body.body).hexdigest() != version.sha256:
-            raise RuntimeError(
-                f"{path} does not match the version recorded in the store "
-                f"({version.sha256[:12]}); the state folder is damaged"
-            )
-        return body
-
     def _last_round(self, task_id: str) -> int:
         rounds = self.store.rounds(task_id)
         return rounds[-1].round_number if rounds else 0
-
-    def publish_model(self, task_id: str, body: AdapterBody, server_round: int) -> list[Outgoing]:
-        """Retained blob chunks, then the retained manifest that points at them."""
-        sender = ChunkSender(
-            body.body,
-            transfer_id=body.version,
-            sender=COORDINATOR_SENDER,
-            chunk_bytes=MODEL_CHUNK_BYTES,
-        )
-        outgoing = [
-            Outgoing(model_blob_topic(self.fleet, body.version, index), frame, retain=True)
-            for index, frame in sender.frames()
-        ]
-        manifest = ModelManifest(
-            fleet=self.fleet,
-            task=task_id,
-            version=body.version,
-            server_round=server_round,
-            body_bytes=len(body.body),
-            chunk_bytes=MODEL_CHUNK_BYTES,
-            chunk_count=sender.count,
-            encoding=UpdateEncoding.FP32,
-        )
-        outgoing.append(
-            Outgoing(
-                model_manifest_topic(self.fleet, task_id),
-                encode_frame(manifest, sender=COORDINATOR_SENDER, signing_key=self.key),
-                retain=True,
-            )
-        )
-        return outgoing
 
     # -- opening rounds ------------------------------------------------------------------
 
@@ -286,42 +202,6 @@ class RoundManager:
         """A recorded budget stop that the configured budget still upholds (an operator
         who raises dp_epsilon_budget lets the task go on)."""
         return stop_holds(self.config.task(task_id), self.store.privacy_stop(task_id))
-
-    def _privacy_plan(
-        self, task: TaskConfig, round_number: int, participants: int, eligible_devices: int
-    ) -> PrivacyRound | None:
-        """The planned ledger row of a DP task's round about to open, or None when one more
-        round would exceed the budget: the stop is then recorded (the task counts as
-        finished from then on, so this is logged once)."""
-        policy = DpPolicy.of(task)
-        assert policy is not None  # callers check dp_mode first
-        ledger = self.store.privacy_rounds(task.id)
-        planned = next_round_privacy(
-            policy,
-            ledger,
-            task.id,
-            round_number,
-            participants,
-            eligible_devices,
-            secure_aggregation=task.secure_aggregation,
-        )
-        if planned.epsilon <= policy.epsilon_budget:
-            self.store.clear_privacy_stop(task.id)
-            return planned
-        reason = budget_refusal(task.id, round_number, planned.epsilon, policy)
-        logger.warning("%s", reason)
-        self.store.set_privacy_stop(
-            PrivacyStop(
-                task.id,
-                round_number,
-                planned.epsilon,
-                policy.epsilon_budget,
-                policy.delta,
-                reason,
-                self.now(),
-            )
-        )
-        return None
 
     def open_rounds_if_possible(self, candidates: Sequence[DeviceCandidate]) -> list[Outgoing]:
         """Open a round for every unfinished task without one, if enough devices fit."""
@@ -381,22 +261,12 @@ class RoundManager:
                     continue  # give more devices a moment to come online
             self._short_since.pop(task.id, None)
             self._waiting_logged.discard(task.id)
-            plans = {
-                p.device_id: WirePlan(
-                    adapter_rank=p.plan.rank,
-                    local_steps=p.plan.local_steps,
-                    batch_size=p.plan.batch_size,
-                    sequence_length=p.plan.seq_len,
-                    update_encoding=UpdateEncoding(task.update_encoding),
-                    scheme=p.plan.scheme,
-                    learning_rate=task.learning_rate,
-                    predicted_round_seconds=p.prediction.round_seconds,
-                )
-                for p in chosen
-            }
+            plans = {p.device_id: wire_plan(task, p) for p in chosen}
             privacy = None
             if task.dp_mode != "off":
-                privacy = self._privacy_plan(task, round_number, len(plans), len(free))
+                privacy = plan_round_privacy(
+                    self.store, task, round_number, len(plans), len(free), self.now()
+                )
                 if privacy is None:
                     continue
             record = self.store.open_round(
@@ -672,8 +542,8 @@ class RoundManager:
             return []
         body = AdapterBody.of(new_state)
         version_number = self.store.latest_adapter_version(task.id).version + 1  # type: ignore[union-attr]
-        folder = self._write_version(task.id, version_number, new_state, body)
-        evaluation = self.model(task.id).evaluate(new_state)
+        folder = self.versions.write(task.id, version_number, new_state, body)
+        evaluation = self.versions.model(task.id).evaluate(new_state)
         metrics = dict(evaluation)
         metrics.update({"updates": float(aggregated), "samples": float(total_samples)})
         losses = [
@@ -683,7 +553,7 @@ class RoundManager:
         known = [loss for loss in losses if loss is not None]
         if known:
             metrics["train_loss"] = sum(known) / len(known)
-        privacy = self._privacy_spent(task, record.round_number, aggregated)
+        privacy = spent_round_privacy(self.store, task, record.round_number, aggregated)
         if privacy is not None:
             metrics["epsilon"] = privacy.epsilon
         self.store.close_round(
@@ -713,7 +583,7 @@ class RoundManager:
             body.version[:12],
             {k: round(v, 4) for k, v in metrics.items()},
         )
-        return self.publish_model(task.id, body, server_round=record.round_number)
+        return self.versions.publish(task.id, body, server_round=record.round_number)
 
     # -- secure aggregation ----------------------------------------------------------------
 
@@ -753,7 +623,7 @@ class RoundManager:
             outgoing += self._complete_round(
                 record,
                 self.current[outcome.task_id].state(),
-                self._secure_mean(outcome),
+                secure_mean(outcome.result, self.config.task(outcome.task_id)),
                 outcome.result.num_inputs,
                 sum(
                     u.num_samples
@@ -764,38 +634,6 @@ class RoundManager:
             )
             self.secure.finish(outcome.task_id, outcome.round_number, True, outcome.reason)
         return outgoing
-
-    def _secure_mean(self, outcome: SecureOutcome) -> dict[str, torch.Tensor]:
-        """Unweighted mean of the survivors' deltas; under central DP with noise of
-        standard deviation z * C / n, as DpFedAvg adds it. The coordinator cannot clip
-        what it cannot see: devices clip before masking."""
-        assert outcome.result is not None
-        count = outcome.result.num_inputs
-        mean = {name: tensor / count for name, tensor in outcome.result.total.items()}
-        policy = DpPolicy.of(self.config.task(outcome.task_id))
-        if policy is not None and policy.central_noise and policy.noise_multiplier > 0:
-            std = central_noise_std(policy.noise_multiplier, policy.clip_norm, count)
-            mean = add_gaussian_noise(mean, std, secure_generator())
-        return mean
-
-    def _privacy_spent(
-        self, task: TaskConfig, round_number: int, participants: int
-    ) -> PrivacyRound | None:
-        """The final ledger row of a DP round: actual participants, cumulative epsilon."""
-        policy = DpPolicy.of(task)
-        planned = self.store.privacy_round(task.id, round_number)
-        if policy is None or planned is None:
-            return None
-        ledger = self.store.privacy_rounds(task.id)
-        return next_round_privacy(
-            policy,
-            ledger,
-            task.id,
-            round_number,
-            participants,
-            planned.eligible_devices,
-            secure_aggregation=task.secure_aggregation,
-        )
 
 
 def _plan_json(plan: WirePlan) -> str:

@@ -26,13 +26,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
 from coordinator.config import CoordinatorConfig, TaskConfig
 from coordinator.outgoing import Outgoing
+from coordinator.privacy import DpPolicy, central_noise_std
 from coordinator.school_policy import schools_below_minimum
 from coordinator.secure_store import SecurePhase, SecureRoundState, SecureRoundStore
 from coordinator.store import CoordinatorStore, RoundState, StoredUpdate, UpdateOutcome
 from coordinator.task_models import wire_task_spec
 from edge_runtime.errors import ProtocolError, SchemaError
+from edge_runtime.local_privacy import add_gaussian_noise, secure_generator
 from edge_runtime.messages import SecAggEnvelope, SecAggStep, SecureAggregationSpec
 from edge_runtime.protocol import (
     COORDINATOR_SENDER,
@@ -173,7 +177,7 @@ class SecureRounds:
         elif step is SecAggStep.SHARE_KEYS:
             shares = parse_message(ShareKeys, body)
             _check_identity(shares.round_id, shares.sender_id, round_id, device_id)
-            roster = set(self._stored(state, SecAggStep.ADVERTISE_KEYS))
+            roster = self._senders(state, SecAggStep.ADVERTISE_KEYS)
             if device_id not in roster or set(shares.encrypted_shares) != roster - {device_id}:
                 raise SecureStepRefused(
                     f"{device_id!r} must seal one box for each of the other "
@@ -194,8 +198,7 @@ class SecureRounds:
     def _keep_masked_input(
         self, task: TaskConfig, state: SecureRoundState, envelope: SecAggEnvelope, body: bytes
     ) -> bool:
-        sharers = self._stored(state, SecAggStep.SHARE_KEYS)
-        if envelope.device_id not in sharers:
+        if envelope.device_id not in self._senders(state, SecAggStep.SHARE_KEYS):
             raise SecureStepRefused(f"{envelope.device_id!r} did not share keys in this round")
         coordinates = self.layout_of(task.id).num_coordinates
         if len(body) != 4 * coordinates:
@@ -261,9 +264,9 @@ class SecureRounds:
         if state.phase is SecurePhase.ADVERTISING:
             expected = set(self.store.assignments(task_id, round_number))
         elif state.phase is SecurePhase.SHARING:
-            expected = set(self._stored(state, SecAggStep.ADVERTISE_KEYS))
+            expected = self._senders(state, SecAggStep.ADVERTISE_KEYS)
         elif state.phase is SecurePhase.MASKING:
-            expected = set(self._stored(state, SecAggStep.SHARE_KEYS))
+            expected = self._senders(state, SecAggStep.SHARE_KEYS)
             return expected - declined - self._masked_senders(state)
         else:
             expected = set(self._masked_senders(state))
@@ -273,7 +276,7 @@ class SecureRounds:
             SecurePhase.SHARING: SecAggStep.SHARE_KEYS,
             SecurePhase.UNMASKING: SecAggStep.UNMASK_RESPONSE,
         }[state.phase]
-        return expected - declined - set(self._stored(state, step))
+        return expected - declined - self._senders(state, step)
 
     def _advance(
         self, task: TaskConfig, state: SecureRoundState, deadline_passed: bool
@@ -459,9 +462,21 @@ class SecureRounds:
         return server
 
     def _unmask_request(self, task: TaskConfig, state: SecureRoundState) -> UnmaskRequest:
-        request = self._server(task, state, SecurePhase.MASKING).request
-        assert request is not None  # collect_masked_inputs sets it or raises
-        return request
+        """What `SecAggServer.collect_masked_inputs` would ask, from the stored senders
+        alone (every stored message passed the server's checks on arrival), so answering
+        each unmask response does not replay the masked vectors; SecAggAbort below t."""
+        sharers = self._senders(state, SecAggStep.SHARE_KEYS)
+        survivors = tuple(sorted(self._masked_senders(state) & sharers))
+        if len(survivors) < max(2, state.threshold):
+            raise SecAggAbort(
+                f"only {len(survivors)} of {len(sharers)} devices sent masked inputs; "
+                f"threshold is {state.threshold}. The round is aborted and nothing is revealed"
+            )
+        dropped = tuple(sorted(sharers - set(survivors)))
+        return UnmaskRequest(secagg_round_id(task.id, state.round_number), survivors, dropped)
+
+    def _senders(self, state: SecureRoundState, step: SecAggStep) -> set[str]:
+        return self.secure_store.senders(state.task_id, state.round_number, step.value)
 
     def _stored(self, state: SecureRoundState, step: SecAggStep) -> dict[str, bytes]:
         return self.secure_store.messages(state.task_id, state.round_number, step.value)
@@ -500,6 +515,19 @@ class SecureRounds:
         )
         frame = encode_frame(envelope, sender=COORDINATOR_SENDER, body=body, signing_key=self.key)
         return Outgoing(inbox_topic(self.fleet, device_id, InboxChannel.SECAGG), frame)
+
+
+def secure_mean(result: SecAggResult, task: TaskConfig) -> dict[str, torch.Tensor]:
+    """Unweighted mean of the survivors' deltas; under central DP with Gaussian noise of
+    standard deviation z * C / n, as DpFedAvg adds it. The coordinator cannot clip what it
+    cannot see: devices clip before masking."""
+    count = result.num_inputs
+    mean = {name: tensor / count for name, tensor in result.total.items()}
+    policy = DpPolicy.of(task)
+    if policy is not None and policy.central_noise and policy.noise_multiplier > 0:
+        std = central_noise_std(policy.noise_multiplier, policy.clip_norm, count)
+        mean = add_gaussian_noise(mean, std, secure_generator())
+    return mean
 
 
 def _spec(task: TaskConfig) -> SecureAggregationSpec:

@@ -152,6 +152,14 @@ class SecureRoundStore:
         )
         return cursor.rowcount == 1
 
+    def senders(self, task_id: str, round_number: int, step: str) -> set[str]:
+        """The devices whose message of one step is kept (without reading the messages)."""
+        rows = self._db.execute(
+            "SELECT device_id FROM secure_messages WHERE task_id=? AND round_number=? AND step=?",
+            (task_id, round_number, step),
+        ).fetchall()
+        return {row[0] for row in rows}
+
     def messages(self, task_id: str, round_number: int, step: str) -> dict[str, bytes]:
         """Device id -> payload of one step, in device id order."""
         rows = self._db.execute(

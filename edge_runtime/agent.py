@@ -15,9 +15,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable
 
 import torch
 
@@ -26,8 +24,10 @@ from device_profiles.plan import TrainingPlan as CostPlan
 from device_profiles.profile import DeviceProfile, find_profile, profile_toml_text
 from device_profiles.shapes import resolve_shape
 from edge_runtime.agent_config import AgentConfig
+from edge_runtime.assignment_models import start_state_for_rank, task_model_spec
 from edge_runtime.chunking import DEFAULT_CHUNK_BYTES, ChunkReassembler, ChunkSender
 from edge_runtime.eligibility import check_eligibility, read_device
+from edge_runtime.enrollment_record import ENROLLMENT_FILE, AgentError, Enrollment
 from edge_runtime.errors import ProtocolError, SchemaError
 from edge_runtime.local_privacy import privatize_update
 from edge_runtime.messages import (
@@ -35,7 +35,6 @@ from edge_runtime.messages import (
     AssignmentDecline,
     SecAggEnvelope,
     SecAggStep,
-    TaskSpec,
 )
 from edge_runtime.outbox import Outbox, RoundHistory
 from edge_runtime.privacy_policy import privacy_refusals
@@ -60,105 +59,36 @@ from edge_runtime.protocol import (
     verify_frame,
 )
 from edge_runtime.secagg_messages import SecAggError
-from edge_runtime.secagg_session import SecureSession
+from edge_runtime.secagg_session import SecureSessions
 from edge_runtime.signing import Ed25519PublicKey, load_private_key, public_key_from_hex
 from edge_runtime.trainer import LocalPlan, LocalTrainer
 from edge_runtime.transport import MqttTransport, ReceivedMessage, WillConfig
 from edge_runtime.update_codec import CodecConfig, decode_update, encode_update
-from quantization.adapters import AdapterConfig, save_adapter
-from quantization.lora_ranks import adapter_rank, scaled_alpha, truncate_to_rank
+from quantization.adapters import save_adapter
 from quantization.task_data import read_labelled_texts, read_lm_texts
-from quantization.task_model import TaskModelSpec
 from schoolfl.atomic_files import atomic_write_text
 
 logger = logging.getLogger(__name__)
+
+__all__ = [  # the names other modules import from here
+    "ENROLLMENT_FILE",
+    "AgentDaemon",
+    "AgentError",
+    "Enrollment",
+    "start_state_for_rank",
+    "task_model_spec",
+]
 
 HEARTBEAT_SECONDS = 10.0
 RESEND_SECONDS = 20.0
 """An unacknowledged update is offered again after this long."""
 UPLOAD_MARGIN_SECONDS = 2.0
 """Training stops this long before the deadline to leave time for the upload."""
-ENROLLMENT_FILE = "enrollment.json"
-
-
-class AgentError(RuntimeError):
-    """The agent cannot run: not enrolled, no key, unreadable state."""
-
-
-@dataclass(frozen=True)
-class Enrollment:
-    """What `schoolfl agent enroll` learned: whom to trust from now on."""
-
-    fleet: str
-    device_id: str
-    coordinator_public_key: str
-    enrolled_at: float
-
-    @classmethod
-    def load(cls, state_dir: Path) -> Enrollment:
-        path = state_dir / ENROLLMENT_FILE
-        if not path.is_file():
-            raise AgentError(
-                f"{path} is missing: enroll this device first with "
-                "`schoolfl agent enroll --token TOKEN`"
-            )
-        try:
-            return cls(**json.loads(path.read_text()))
-        except (ValueError, TypeError) as error:
-            raise AgentError(f"{path} is damaged ({error}); enroll again") from None
-
-    def save(self, state_dir: Path) -> None:
-        atomic_write_text(state_dir / ENROLLMENT_FILE, json.dumps(vars(self), sort_keys=True))
 
 
 def blob_filter(fleet: str, version: str) -> str:
     """Subscription filter for every retained chunk of one adapter version."""
     return model_blob_topic(fleet, version, 0).rsplit("/", 1)[0] + "/+"
-
-
-def task_model_spec(
-    task_id: str, spec: TaskSpec, scheme: str, rank: int, global_rank: int | None = None
-) -> TaskModelSpec:
-    """The model a device builds for a task at LoRA rank `rank`.
-
-    With `global_rank` (the global adapter's rank), a smaller `rank` gets the alpha under
-    which the first `rank` components of the global adapter compute what they compute in
-    the global adapter (`scaled_alpha`); without it, alpha is the spec's as it stands.
-    """
-    alpha = (
-        spec.adapter_alpha
-        if global_rank is None
-        else scaled_alpha(spec.adapter_alpha, global_rank, rank)
-    )
-    return TaskModelSpec(
-        task_id=task_id,
-        kind=spec.kind,
-        base_model=spec.base_model,
-        scheme=scheme,
-        adapter=AdapterConfig(rank=rank, alpha=alpha),
-        labels=tuple(spec.labels),
-    )
-
-
-def start_state_for_rank(
-    global_state: Mapping[str, torch.Tensor], rank: int
-) -> tuple[dict[str, torch.Tensor], int]:
-    """(the adapter a device with plan rank `rank` trains from, the global adapter's rank).
-
-    A plan of the global rank starts from the global adapter itself; a smaller rank starts
-    from its first `rank` components, so the delta it sends lies in the global factors' basis
-    and the coordinator can pad it (coordinator.aggregation). The global rank is read from
-    the downloaded adapter because the wire `TaskSpec` does not carry it. ValueError when
-    `rank` exceeds it: such an assignment is declined.
-    """
-    global_rank = adapter_rank(global_state)
-    if rank > global_rank:
-        raise ValueError(
-            f"the plan's adapter rank {rank} exceeds the global adapter's rank {global_rank}"
-        )
-    if rank == global_rank:
-        return dict(global_state), global_rank
-    return truncate_to_rank(global_state, rank), global_rank
 
 
 class AgentDaemon:
@@ -189,8 +119,8 @@ class AgentDaemon:
         self.waiting: dict[str, TaskAssignment] = {}
         """Assignments waiting for their model version to download, or (secure rounds) for
         the peers' share boxes, by assignment id."""
-        self.secure_sessions: dict[tuple[str, int], SecureSession] = {}
-        """(task, round) -> this device's secure-aggregation state; memory only."""
+        self.secure_sessions = SecureSessions(self.device_id, self.key)
+        """This device's secure-aggregation state per round; memory only."""
         self.downloads = ChunkReassembler()
         self.uploads: dict[str, ChunkSender] = {}
         self.stop_requested = threading.Event()
@@ -369,9 +299,8 @@ class AgentDaemon:
         for assignment in list(self.waiting.values()):
             if assignment.model_version not in self.global_states:
                 continue
-            session = self.secure_sessions.get((assignment.task, assignment.server_round))
-            if assignment.spec.secure_aggregation is not None and (
-                session is None or not session.ready_to_mask
+            if assignment.spec.secure_aggregation is not None and not (
+                self.secure_sessions.ready_to_mask(assignment.task, assignment.server_round)
             ):
                 continue
             del self.waiting[assignment.message_id]
@@ -382,21 +311,12 @@ class AgentDaemon:
     def _join_secure_round(self, assignment: TaskAssignment) -> None:
         """Advertise this round's keys (again, for a repeated assignment), before the
         model download: the key exchange runs while the model downloads."""
-        key = (assignment.task, assignment.server_round)
-        for task, server_round in list(self.secure_sessions):
-            if task == assignment.task and server_round < assignment.server_round:
-                del self.secure_sessions[(task, server_round)]  # an older round's secrets
-        session = self.secure_sessions.get(key)
-        if session is None:
-            session = SecureSession(assignment, self.device_id, self.key)
-            self.secure_sessions[key] = session
-        self._publish_secure(session.advertise_frame())
+        self._publish_secure(self.secure_sessions.join(assignment).advertise_frame())
 
     def _secure_step(self, envelope: SecAggEnvelope, body: bytes) -> None:
         if envelope.device_id != self.device_id or envelope.fleet != self.fleet:
             raise SchemaError("secure-aggregation message addressed to another device")
         key = (envelope.task, envelope.server_round)
-        session = self.secure_sessions.get(key)
         if envelope.step is SecAggStep.ABORT:
             logger.warning(
                 "task %s round %d: secure aggregation aborted by the coordinator: %s",
@@ -404,21 +324,15 @@ class AgentDaemon:
                 envelope.server_round,
                 envelope.reason,
             )
-            self.secure_sessions.pop(key, None)
+            self.secure_sessions.forget(*key)
             for assignment_id, assignment in list(self.waiting.items()):
                 if (assignment.task, assignment.server_round) == key:
                     del self.waiting[assignment_id]
             return
-        if session is None:
-            raise SchemaError(
-                f"{envelope.step.value} for round {envelope.server_round} of {envelope.task}, "
-                "which this device holds no secure-aggregation keys for (restarted?)"
-            )
-        reply = session.answer(envelope.step, body)
+        reply = self.secure_sessions.answer(envelope, body)
         if reply is not None:
             self._publish_secure(reply)
-        if session.ready_to_mask:
-            self._train_ready()
+        self._train_ready()
 
     def _publish_secure(self, frame: bytes) -> None:
         assert self.transport is not None
@@ -555,7 +469,7 @@ class AgentDaemon:
             "last_loss": result.last_loss if result.num_steps else 0.0,
             "train_seconds": result.seconds,
         }
-        session = self.secure_sessions.get((assignment.task, assignment.server_round))
+        session = self.secure_sessions.session(assignment.task, assignment.server_round)
         if session is not None:  # secure round: only the masked delta leaves the device
             message_id, frame = session.masked_input(
                 delta, result.num_examples, result.num_steps, metrics

@@ -15,8 +15,8 @@ import secrets
 import time
 
 from device_profiles.profile import find_profile, profile_toml_text
-from edge_runtime.agent import Enrollment
 from edge_runtime.agent_config import AgentConfig
+from edge_runtime.enrollment_record import Enrollment
 from edge_runtime.errors import ProtocolError
 from edge_runtime.protocol import (
     COORDINATOR_SENDER,

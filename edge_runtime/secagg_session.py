@@ -133,3 +133,44 @@ class SecureSession:
         in the outbox: without the masks it is uniform noise."""
         masked = self.client.mask_input(delta)
         return self.frame(SecAggStep.MASKED_INPUT, masked.vector, num_samples, num_steps, metrics)
+
+
+class SecureSessions:
+    """An agent's secure rounds: one session per (task, round) it was assigned, kept until
+    a newer round of the task starts or the coordinator aborts the round."""
+
+    def __init__(self, device_id: str, signing_key: Ed25519PrivateKey) -> None:
+        self.device_id = device_id
+        self._key = signing_key
+        self._sessions: dict[tuple[str, int], SecureSession] = {}
+
+    def join(self, assignment: TaskAssignment) -> SecureSession:
+        """The round's session, made on its first assignment; older rounds of the same task
+        are forgotten (their secrets are of no use any more)."""
+        for task, server_round in list(self._sessions):
+            if task == assignment.task and server_round < assignment.server_round:
+                del self._sessions[(task, server_round)]
+        key = (assignment.task, assignment.server_round)
+        if key not in self._sessions:
+            self._sessions[key] = SecureSession(assignment, self.device_id, self._key)
+        return self._sessions[key]
+
+    def session(self, task: str, server_round: int) -> SecureSession | None:
+        return self._sessions.get((task, server_round))
+
+    def ready_to_mask(self, task: str, server_round: int) -> bool:
+        session = self.session(task, server_round)
+        return session is not None and session.ready_to_mask
+
+    def forget(self, task: str, server_round: int) -> None:
+        self._sessions.pop((task, server_round), None)
+
+    def answer(self, envelope: SecAggEnvelope, body: bytes) -> bytes | None:
+        """The reply frame to a coordinator step, if it needs one."""
+        session = self.session(envelope.task, envelope.server_round)
+        if session is None:
+            raise SchemaError(
+                f"{envelope.step.value} for round {envelope.server_round} of {envelope.task}, "
+                "which this device holds no secure-aggregation keys for (restarted?)"
+            )
+        return session.answer(envelope.step, body)

@@ -10,6 +10,11 @@ limited to the profile's bandwidth. The demo watches the coordinator's store and
 every round live, then writes the final adapter (a PEFT folder), a plot and a summary; for
 the classifier it also exports the final model to ONNX int8 for classroom inference, with
 the same `schoolfl coordinator export --onnx` an operator runs.
+
+With `--dp-epsilon E` the task runs under central client-level DP (DP-FedAvg,
+`coordinator/privacy.py`): every update is clipped to `--dp-clip-norm`, the coordinator
+noises the mean, and the noise multiplier is the smallest that keeps the accountant's
+epsilon after `--rounds` rounds within E, so the budget is never what stops the demo early.
 """
 
 from __future__ import annotations
@@ -28,6 +33,13 @@ from pathlib import Path
 import click
 
 from schoolfl.atomic_files import atomic_write_text
+from schoolfl.demo_privacy import (
+    DEFAULT_DP_CLIP_NORM,
+    DemoPrivacy,
+    demo_privacy,
+    privacy_line,
+    privacy_summary,
+)
 from schoolfl.demo_tasks import CLASSIFY, DEMO_TASKS, DemoTask, write_task_data
 from schoolfl.demo_view import metric_text, plot_rounds, render_table, round_rows
 
@@ -59,6 +71,8 @@ class DemoSettings:
     task: DemoTask = CLASSIFY
     onnx: bool = True
     """Export the final classifier to ONNX int8 (classification only)."""
+    privacy: DemoPrivacy | None = None
+    """Central client-level DP for the task; None runs it without DP."""
 
 
 def _child_env(threads: int = 1) -> dict[str, str]:
@@ -113,6 +127,7 @@ class DemoFleet:
             f"round_deadline_seconds = {self.settings.deadline_seconds}\n"
             f"local_steps = {self.settings.local_steps}\nbatch_size = {task.batch_size}\n"
             f'seq_len = {task.seq_len}\nupdate_encoding = "int8"\neval_file = "{eval_file}"\n'
+            + (self.settings.privacy.toml_lines() if self.settings.privacy else "")
         )
         for index in range(self.settings.devices):
             profile_name, school = DEFAULT_FLEET[index % len(DEFAULT_FLEET)]
@@ -291,6 +306,12 @@ def run_demo(settings: DemoSettings, broker_url: str | None) -> int:
             f"task {task.name}: {task.title}; {settings.devices} devices, {settings.rounds} "
             f"rounds; state and logs in {settings.state_dir}"
         )
+        if settings.privacy is not None:
+            console.print(
+                f"central client-level DP: budget epsilon {settings.privacy.epsilon_budget:g} "
+                f"at delta {settings.privacy.delta:g}, noise multiplier "
+                f"{settings.privacy.noise_multiplier:.3f}, clip norm {settings.privacy.clip_norm:g}"
+            )
         coordinator = fleet.start(
             "coordinator",
             "coordinator",
@@ -320,6 +341,7 @@ def run_demo(settings: DemoSettings, broker_url: str | None) -> int:
             raise click.ClickException(f"the coordinator failed:\n{log}")
         rows = round_rows(store, task)
         final = store.latest_adapter_version(task.task_id)
+        ledger = store.privacy_rounds(task.task_id) if settings.privacy else []
         store.close()
         adapter = settings.state_dir / "adapter"
         if final is not None:
@@ -346,6 +368,7 @@ def run_demo(settings: DemoSettings, broker_url: str | None) -> int:
         for key in sorted(metrics_before.keys() | metrics_after.keys()):
             summary[f"{key}_before"] = metrics_before.get(key)
             summary[f"{key}_after"] = metrics_after.get(key)
+        summary["privacy"] = privacy_summary(settings.privacy, ledger)
         summary.update(
             {
                 "held_out": settings.held_out,
@@ -363,6 +386,8 @@ def run_demo(settings: DemoSettings, broker_url: str | None) -> int:
             f"{summary['bytes_up']:,} bytes uploaded; {summary['total_seconds']} s in all",
             soft_wrap=True,
         )
+        if settings.privacy is not None:
+            console.print(privacy_line(summary["privacy"]), soft_wrap=True)  # type: ignore[arg-type]
         for line in _onnx_lines(onnx):
             console.print(line, soft_wrap=True, markup=False)  # "schoolfl[onnx]" is no markup
         console.print(
@@ -420,6 +445,21 @@ def run_demo(settings: DemoSettings, broker_url: str | None) -> int:
     is_flag=True,
     help="Skip the ONNX int8 export of the final classifier (about half a minute).",
 )
+@click.option(
+    "--dp-epsilon",
+    type=float,
+    default=None,
+    help="Train under central client-level DP (DP-FedAvg) with this epsilon budget at delta "
+    "1e-5 for all --rounds: the noise multiplier is the smallest that keeps epsilon within it. "
+    "Default: no DP.",
+)
+@click.option(
+    "--dp-clip-norm",
+    type=float,
+    default=DEFAULT_DP_CLIP_NORM,
+    show_default=True,
+    help="With --dp-epsilon: the L2 bound every update is clipped to (the sensitivity).",
+)
 def demo_command(
     task_name: str,
     devices: int,
@@ -429,20 +469,36 @@ def demo_command(
     plot_path: Path | None,
     quick: bool,
     no_onnx: bool,
+    dp_epsilon: float | None,
+    dp_clip_norm: float,
 ) -> None:
     """Run a broker, the coordinator and emulated school devices on this machine.
 
     Every device is a separate agent process with its own share of the shipped data; they
     train nf4 + LoRA MiniLM-L6 (--task classify) or SmolLM2-135M (--task generate) in
-    federated rounds. The final classifier is also exported to ONNX int8.
+    federated rounds. The final classifier is also exported to ONNX int8. With
+    --dp-epsilon the rounds run under central client-level DP and the summary reports the
+    epsilon the coordinator's privacy ledger recorded.
     """
     if devices < 2:
         raise click.BadParameter("the demo needs at least 2 devices", param_hint="--devices")
     if rounds < 1:
         raise click.BadParameter("at least 1 round", param_hint="--rounds")
+    if dp_epsilon is not None and not dp_epsilon > 0:
+        raise click.BadParameter("must be > 0", param_hint="--dp-epsilon")
+    if not dp_clip_norm > 0:
+        raise click.BadParameter("must be > 0", param_hint="--dp-clip-norm")
     if (state_dir / "coordinator").exists():
         raise click.ClickException(f"{state_dir} holds an earlier demo; remove it or pass --state")
     task = DEMO_TASKS[task_name]
+    try:
+        privacy = (
+            None
+            if dp_epsilon is None
+            else demo_privacy(dp_epsilon, dp_clip_norm, rounds, devices, devices)
+        )
+    except ValueError as error:  # a budget no noise multiplier up to 50 can keep
+        raise click.BadParameter(str(error), param_hint="--dp-epsilon") from None
     settings = DemoSettings(
         devices=devices,
         rounds=rounds,
@@ -454,6 +510,7 @@ def demo_command(
         deadline_seconds=task.deadline_seconds,
         task=task,
         onnx=not no_onnx,
+        privacy=privacy,
     )
     status = run_demo(settings, broker_url)
     if status:
