@@ -369,7 +369,7 @@ class RoundManager:
         if self.config.task(update.task).secure_aggregation:
             return AckStatus.REJECTED, "the task runs secure aggregation: send a masked input", []
         if record.state is not RoundState.OPEN:
-            stored = {u.update_id for u in self.store.updates(update.task, update.server_round)}
+            stored = self.store.reported_devices(update.task, update.server_round).values()
             if update.message_id in stored:
                 return AckStatus.DUPLICATE, "already counted", []
             return AckStatus.REJECTED, f"round {update.server_round} is {record.state.value}", []
@@ -413,7 +413,7 @@ class RoundManager:
     def round_is_complete(self, record: RoundRecord) -> bool:
         """Quota met, or every assigned device has either reported or declined."""
         task = self.config.task(record.task_id)
-        reported = {u.device_id for u in self.store.updates(record.task_id, record.round_number)}
+        reported = set(self.store.reported_devices(record.task_id, record.round_number))
         if len(reported) >= task.devices_per_round:
             return True
         assigned = set(self.store.assignments(record.task_id, record.round_number))
@@ -448,7 +448,7 @@ class RoundManager:
             task = self.config.task(record.task_id)
             if self.now() < record.deadline or task.secure_aggregation:
                 continue  # secure rounds end through their phases (self.secure.tick)
-            received = len(self.store.updates(record.task_id, record.round_number))
+            received = len(self.store.reported_devices(record.task_id, record.round_number))
             if received >= task.min_updates:
                 outgoing += self.aggregate(record, reason="deadline with quorum")
             else:

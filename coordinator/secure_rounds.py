@@ -494,7 +494,7 @@ class SecureRounds:
         return [parse_message(UnmaskResponse, body) for body in stored.values()]
 
     def _masked_senders(self, state: SecureRoundState) -> set[str]:
-        return {u.device_id for u in self.store.update_summaries(state.task_id, state.round_number)}
+        return set(self.store.reported_devices(state.task_id, state.round_number))
 
     def _envelope(
         self,

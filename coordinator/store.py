@@ -448,6 +448,16 @@ class CoordinatorStore:
             )
         return UpdateOutcome.STORED
 
+    def reported_devices(self, task_id: str, round_number: int) -> dict[str, str]:
+        """Device id -> update id of the round's stored updates. Reads no body (nor any
+        column after it: a body's overflow pages are not touched), so it is cheap to ask
+        on every message."""
+        rows = self._db.execute(
+            "SELECT device_id, update_id FROM updates WHERE task_id=? AND round_number=?",
+            (task_id, round_number),
+        ).fetchall()
+        return dict(rows)
+
     def update_summaries(self, task_id: str, round_number: int) -> list[StoredUpdate]:
         """The round's updates without their bodies (for the scheduler's history)."""
         rows = self._db.execute(

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import onnxruntime  # noqa: F401 - the [onnx] extra is part of [test]: fail, never skip
 import pytest
 import torch
 from click.testing import CliRunner
@@ -32,8 +33,6 @@ from quantization.loader import load_quantized
 from quantization.task_model import TaskModelSpec, build_task_model, classification_batch
 from schoolfl.cli import cli
 from schoolfl.school_questions import split_questions, write_jsonl
-
-pytest.importorskip("onnxruntime")
 
 TASK = "subjects"
 SEQ_LEN = 48
