@@ -594,6 +594,8 @@ class RoundManager:
         daemon); the status is what a masked input is acknowledged with."""
         record = self.store.round(envelope.task, envelope.server_round)
         if record is None or record.state is not RoundState.OPEN:
+            if record is not None and self.secure.already_kept(envelope, body):
+                return AckStatus.DUPLICATE, "already counted", []
             state = "unknown" if record is None else record.state.value
             return AckStatus.REJECTED, f"round {envelope.server_round} is {state}", []
         status, reason, outgoing, outcomes = self.secure.accept(envelope, body)

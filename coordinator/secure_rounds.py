@@ -132,6 +132,8 @@ class SecureRounds:
 
         Returns the status a masked input is acknowledged with (the other steps are not
         acknowledged), the refusal reason, what to publish and any round that ended."""
+        if self.already_kept(envelope, body):  # a re-sent message, in any later phase
+            return AckStatus.DUPLICATE, "already received", [], []
         try:
             task, state = self._round_of(envelope)
             is_new = self._keep(task, state, envelope, body)
@@ -141,6 +143,18 @@ class SecureRounds:
             return AckStatus.DUPLICATE, "already received", [], []
         outgoing, outcomes = self._advance(task, state, deadline_passed=False)
         return AckStatus.ACCEPTED, "", outgoing, outcomes
+
+    def already_kept(self, envelope: SecAggEnvelope, body: bytes) -> bool:
+        """The same message was stored before: an outbox resend of a masked input, or keys
+        re-advertised because a restarted coordinator re-sent the assignment."""
+        task, server_round = envelope.task, envelope.server_round
+        if envelope.step is SecAggStep.MASKED_INPUT:
+            reported = self.store.reported_devices(task, server_round)
+            return reported.get(envelope.device_id) == envelope.message_id
+        kept = self.secure_store.message(
+            task, server_round, envelope.step.value, envelope.device_id
+        )
+        return kept == body
 
     def _round_of(self, envelope: SecAggEnvelope) -> tuple[TaskConfig, SecureRoundState]:
         if envelope.fleet != self.fleet:

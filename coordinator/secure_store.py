@@ -160,6 +160,15 @@ class SecureRoundStore:
         ).fetchall()
         return {row[0] for row in rows}
 
+    def message(self, task_id: str, round_number: int, step: str, device_id: str) -> bytes | None:
+        """One device's kept message of one step, or None."""
+        row = self._db.execute(
+            "SELECT payload FROM secure_messages"
+            " WHERE task_id=? AND round_number=? AND step=? AND device_id=?",
+            (task_id, round_number, step, device_id),
+        ).fetchone()
+        return bytes(row[0]) if row else None
+
     def messages(self, task_id: str, round_number: int, step: str) -> dict[str, bytes]:
         """Device id -> payload of one step, in device id order."""
         rows = self._db.execute(

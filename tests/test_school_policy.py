@@ -314,6 +314,20 @@ def test_privacy_refusals() -> None:
     )
 
 
+def test_an_agent_requiring_secure_aggregation_declines_a_plain_task() -> None:
+    from edge_runtime.messages import SecureAggregationSpec
+
+    policy = PrivacyPolicy.from_table({"require_secure_aggregation": True})
+    assert privacy_refusals(policy, "alpha", _spec()) == [
+        "the school requires secure aggregation; task alpha runs without it"
+    ]
+    secure = replace(_spec(), secure_aggregation=SecureAggregationSpec(clip_bound=1.0))
+    assert privacy_refusals(policy, "alpha", secure) == []
+    assert policy.to_table()["require_secure_aggregation"] is True
+    with pytest.raises(ValueError, match="require_secure_aggregation must be true or false"):
+        PrivacyPolicy(require_secure_aggregation="yes")  # type: ignore[arg-type]
+
+
 AGENT = {
     "agent": {
         "fleet": "f",

@@ -528,6 +528,11 @@ def test_secure_round_in_process_with_central_dp_and_refusals(
     status, reason, _ = manager.accept_secure(*_device_message(forged_frame))
     assert status is AckStatus.REJECTED and "one box for each of the other 2 devices" in reason
 
+    # Keys re-advertised after the phase moved on (a restarted coordinator re-sends the
+    # assignment) are a duplicate, not a refusal.
+    status, _, _ = manager.accept_secure(*_device_message(sessions["d1"].advertise_frame()))
+    assert status is AckStatus.DUPLICATE
+
     # Run the rest of the protocol by relaying the manager's messages to the sessions.
     while pending:
         envelope, body = pending.pop(0)
@@ -544,6 +549,9 @@ def test_secure_round_in_process_with_central_dp_and_refusals(
 
     record = manager.store.round("alpha", 1)
     assert record is not None and record.state is RoundState.COMPLETED, record.reason
+    # An outbox resend of a masked input after the round closed is acknowledged as counted.
+    resent = sessions["d2"].masked_input(delta, 5, 2, {"train_loss": 0.7})[1]
+    assert manager.accept_secure(*_device_message(resent))[0] is AckStatus.DUPLICATE
     ledger = manager.store.privacy_rounds("alpha")
     assert len(ledger) == 1 and ledger[0].secure_aggregation and ledger[0].participants == 3
     assert record.metrics["samples"] == 15.0
