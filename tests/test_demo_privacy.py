@@ -48,7 +48,9 @@ def test_the_demo_has_no_amplification() -> None:
     assert (privacy.epsilon_budget, privacy.clip_norm, privacy.delta) == (8.0, 0.5, DP_DELTA)
 
 
-def _written_task(tmp_path: Path, rounds: int, privacy: DemoPrivacy | None) -> TaskConfig:
+def _written_task(
+    tmp_path: Path, rounds: int, privacy: DemoPrivacy | None, secure: bool = False
+) -> TaskConfig:
     """The task table `schoolfl demo` writes into its coordinator.toml."""
     settings = DemoSettings(
         devices=2,
@@ -60,6 +62,7 @@ def _written_task(tmp_path: Path, rounds: int, privacy: DemoPrivacy | None) -> T
         per_device=20,
         deadline_seconds=60.0,
         privacy=privacy,
+        secure_aggregation=secure,
     )
     DemoFleet(settings, "mqtt://127.0.0.1:1883").write_configs()
     return CoordinatorConfig.load(tmp_path / "coordinator.toml").tasks[0]
@@ -82,3 +85,9 @@ def test_the_coordinator_config_carries_the_policy(tmp_path: Path) -> None:
 
 def test_no_dp_by_default(tmp_path: Path) -> None:
     assert _written_task(tmp_path, rounds=1, privacy=None).dp_mode == "off"
+
+
+def test_secure_aggregation_flag_reaches_the_task(tmp_path: Path) -> None:
+    task = _written_task(tmp_path, rounds=2, privacy=None, secure=True)
+    assert task.secure_aggregation and task.secagg_clip_bound == 8.0
+    assert not _written_task(tmp_path / "plain", rounds=2, privacy=None).secure_aggregation
