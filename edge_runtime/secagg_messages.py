@@ -1,8 +1,8 @@
 """Secure-aggregation messages: frozen dataclasses with JSON-safe dict conversion (no pickle).
 
 Bytes travel as base64 strings; the dict carries `kind` and `version` so a decoder refuses a
-message of another kind or a newer schema with a clear `SchemaError`. These messages are not
-yet part of `edge_runtime.protocol` (the MQTT wiring is future work, see docs/secagg.md).
+message of another kind or a newer schema with a clear `SchemaError`. Over MQTT they travel
+as the bodies of `SecAggEnvelope` frames (`edge_runtime.secagg_wire`).
 
 Also home to the secure-aggregation exception hierarchy.
 """
