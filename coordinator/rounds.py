@@ -470,7 +470,7 @@ class RoundManager:
         """Leave out the updates of schools whose min_devices_per_aggregate the arrived
         updates do not reach: drop-outs can shrink a round that was assigned enough devices,
         and the school's minimum is about the aggregate, not the assignment."""
-        school_of = {u.device_id: self._school_of(u.device_id) for u in updates}
+        school_of = {u.device_id: self.store.school_of(u.device_id) for u in updates}
         too_small = schools_below_minimum(self.schools, [school_of[u.device_id] for u in updates])
         for school, why in too_small.items():
             logger.warning(
@@ -481,10 +481,6 @@ class RoundManager:
                 why,
             )
         return [u for u in updates if school_of[u.device_id] not in too_small]
-
-    def _school_of(self, device_id: str) -> str:
-        record = self.store.device(device_id)
-        return record.school if record is not None else ""
 
     def aggregate(self, record: RoundRecord, reason: str) -> list[Outgoing]:
         task = self.config.task(record.task_id)

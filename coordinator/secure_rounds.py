@@ -361,11 +361,9 @@ class SecureRounds:
 
     def _request_unmasking(self, task: TaskConfig, state: SecureRoundState) -> list[Outgoing]:
         request = self._unmask_request(task, state)  # aborts below the threshold
-        school_of = {}
-        for device_id in request.survivors:
-            record = self.store.device(device_id)
-            school_of[device_id] = record.school if record is not None else ""
-        too_small = schools_below_minimum(self.schools, list(school_of.values()))
+        too_small = schools_below_minimum(
+            self.schools, [self.store.school_of(device_id) for device_id in request.survivors]
+        )
         if too_small:
             school, why = sorted(too_small.items())[0]
             raise SecAggAbort(
@@ -403,7 +401,7 @@ class SecureRounds:
     def _phase_messages(self, task: TaskConfig, state: SecureRoundState) -> list[Outgoing]:
         """The coordinator's messages that opened the current phase, recomputed."""
         if state.phase is SecurePhase.SHARING:
-            roster = self._server(task, state, SecurePhase.ADVERTISING).collect_advertisements([])
+            roster = tuple(sorted(self._adverts(state), key=lambda advert: advert.device_id))
             body = roster_body(state.threshold, roster)
             return [
                 self._envelope(task, state, a.device_id, SecAggStep.ROSTER, body) for a in roster

@@ -317,6 +317,13 @@ class CoordinatorStore:
         ).fetchone()
         return None if row is None else DeviceRecord(row[0], row[1], bytes(row[2]), *row[3:])
 
+    def school_of(self, device_id: str) -> str:
+        """The school a device enrolled with ("" for an unknown device)."""
+        row = self._db.execute(
+            "SELECT school FROM devices WHERE device_id=?", (device_id,)
+        ).fetchone()
+        return row[0] if row else ""
+
     def devices(self) -> list[DeviceRecord]:
         rows = self._db.execute(
             "SELECT device_id, school, public_key, profile_toml, enrolled_at, revoked_at "

@@ -470,6 +470,9 @@ class AgentDaemon:
             "train_seconds": result.seconds,
         }
         session = self.secure_sessions.session(assignment.task, assignment.server_round)
+        if assignment.spec.secure_aggregation is not None and session is None:
+            self._decline(assignment, ["the round's secure-aggregation keys are gone"])
+            return  # never send a secure task's delta in the clear
         if session is not None:  # secure round: only the masked delta leaves the device
             message_id, frame = session.masked_input(
                 delta, result.num_examples, result.num_steps, metrics
