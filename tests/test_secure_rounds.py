@@ -281,23 +281,25 @@ def test_below_the_threshold_the_round_aborts_without_unmasking(
 # rounds are never formed across the secure-aggregation line
 
 
-def _manager(tmp_path: Path, model: Path, secure: bool) -> RoundManager:
-    task = TaskConfig(
-        id="alpha",
-        kind="classification",
-        base_model=str(model),
-        labels=("a", "b"),
-        scheme="none",
-        rank=2,
-        devices_per_round=6,
-        min_updates=2,
-        over_selection=0.0,
-        gather_seconds=0.0,
-        secure_aggregation=secure,
-    )
+def _manager(tmp_path: Path, model: Path, **keys: object) -> RoundManager:
+    """A round manager (no broker) for one small task "alpha" on the tiny BERT; `keys`
+    override the task's; a school "strict" requires secure aggregation."""
+    task = {
+        "id": "alpha",
+        "kind": "classification",
+        "base_model": str(model),
+        "labels": ("a", "b"),
+        "scheme": "none",
+        "rank": 2,
+        "devices_per_round": 6,
+        "min_updates": 2,
+        "over_selection": 0.0,
+        "gather_seconds": 0.0,
+        **keys,
+    }
     config = CoordinatorConfig(
         coordinator=CoordinatorSettings(fleet="f", state_dir=str(tmp_path / "state")),
-        tasks=(task,),
+        tasks=(TaskConfig(**task),),  # type: ignore[arg-type]
         schools=(SchoolConfig("strict", require_secure_aggregation=True),),
     )
     store = CoordinatorStore(config.state_dir / "coordinator.db")
@@ -329,7 +331,7 @@ def _assigned(outgoing: list) -> set[str]:  # noqa: ANN001
 def test_a_round_never_mixes_a_secure_school_with_a_device_that_cannot(
     tmp_path: Path, tiny_bert_folder: Path, secure: bool
 ) -> None:
-    manager = _manager(tmp_path, tiny_bert_folder, secure)
+    manager = _manager(tmp_path, tiny_bert_folder, secure_aggregation=secure)
     assigned = _assigned(manager.open_rounds_if_possible(_candidates()))
     if secure:  # the school's devices join; the old agent, which would send in the clear, not
         assert assigned == {"strict-0", "strict-1", "open-0"}
@@ -437,31 +439,6 @@ def test_a_device_answers_a_repeated_step_the_same_and_refuses_a_different_one()
         sessions[2].answer(SecAggStep.UNMASK_REQUEST, b"{}")
 
 
-def _secure_manager(tmp_path: Path, model: Path, **keys: object) -> RoundManager:
-    task = TaskConfig(
-        id="alpha",
-        kind="classification",
-        base_model=str(model),
-        labels=("a", "b"),
-        scheme="none",
-        rank=2,
-        devices_per_round=3,
-        min_updates=3,
-        over_selection=0.0,
-        gather_seconds=0.0,
-        secure_aggregation=True,
-        **keys,  # type: ignore[arg-type]
-    )
-    config = CoordinatorConfig(
-        coordinator=CoordinatorSettings(fleet="f", state_dir=str(tmp_path / "state")),
-        tasks=(task,),
-    )
-    store = CoordinatorStore(config.state_dir / "coordinator.db")
-    manager = RoundManager(config, store, RandomScheduler(), generate_private_key())
-    manager.start()
-    return manager
-
-
 def _envelopes(outgoing: list) -> list[tuple[SecAggEnvelope, bytes]]:  # noqa: ANN001
     frames = [decode_frame(item.payload) for item in outgoing if item.topic.endswith("/secagg")]
     return [(frame.expect(SecAggEnvelope), frame.body) for frame in frames]
@@ -478,9 +455,12 @@ def test_secure_round_in_process_with_central_dp_and_refusals(
     from edge_runtime.protocol import Update, UpdateEncoding
     from edge_runtime.secagg_wire import message_body
 
-    manager = _secure_manager(
+    manager = _manager(
         tmp_path,
         tiny_bert_folder,
+        devices_per_round=3,
+        min_updates=3,
+        secure_aggregation=True,
         dp_mode="central",
         dp_clip_norm=1.0,
         dp_noise_multiplier=0.5,
