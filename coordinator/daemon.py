@@ -307,23 +307,27 @@ class CoordinatorDaemon:
         frame = encode_frame(message, sender=COORDINATOR_SENDER, signing_key=self.key)  # type: ignore[arg-type]
         self.transport.publish(inbox_topic(self.fleet, device_id, channel), frame)
 
+    def _acknowledge(self, device_id: str, message_id: str, status: AckStatus, reason: str) -> None:
+        """Tell a device the fate of an upload; it clears its outbox copy on this."""
+        self._send(
+            device_id,
+            InboxChannel.ACK,
+            Acknowledgement(
+                fleet=self.fleet,
+                device_id=device_id,
+                acked_message_id=message_id,
+                status=status,
+                reason=reason,
+            ),
+        )
+
     def _update(self, frame: Frame, update: Update) -> None:
         if update.fleet != self.fleet or update.device_id != frame.sender:
             raise SchemaError("update names another fleet or device than its sender")
         status, reason, outgoing = self.rounds.accept_update(update, frame.body)
         if status is AckStatus.REJECTED:
             self.reject(update.device_id, "update-refused", reason)
-        self._send(
-            update.device_id,
-            InboxChannel.ACK,
-            Acknowledgement(
-                fleet=self.fleet,
-                device_id=update.device_id,
-                acked_message_id=update.message_id,
-                status=status,
-                reason=reason,
-            ),
-        )
+        self._acknowledge(update.device_id, update.message_id, status, reason)
         self._publish_all(outgoing)
 
     def _secure_step(self, frame: Frame, envelope: SecAggEnvelope) -> None:
@@ -335,17 +339,7 @@ class CoordinatorDaemon:
         if status is AckStatus.REJECTED:
             self.reject(envelope.device_id, "secagg-refused", reason)
         if envelope.step is SecAggStep.MASKED_INPUT:
-            self._send(
-                envelope.device_id,
-                InboxChannel.ACK,
-                Acknowledgement(
-                    fleet=self.fleet,
-                    device_id=envelope.device_id,
-                    acked_message_id=envelope.message_id,
-                    status=status,
-                    reason=reason,
-                ),
-            )
+            self._acknowledge(envelope.device_id, envelope.message_id, status, reason)
         self._publish_all(outgoing)
 
     def _enroll(self, frame: Frame, request: EnrollmentRequest) -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -346,18 +346,19 @@ class SecureRounds:
         return self._phase_messages(task, state)
 
     def _forward_shares(self, task: TaskConfig, state: SecureRoundState) -> list[Outgoing]:
-        server = self._server(task, state, SecurePhase.SHARING)  # aborts below the threshold
+        # the masking phase's messages, computed before it starts: aborts below the threshold
+        outgoing = self._phase_messages(task, replace(state, phase=SecurePhase.MASKING))
         logger.info(
             "task %s round %d: share boxes of %d devices forwarded; waiting for masked inputs",
             task.id,
             state.round_number,
-            len(server.shared_keys),
+            len(outgoing),
         )
         record = self.store.round(task.id, state.round_number)
         assert record is not None  # callers check the round is open
         deadline = max(record.deadline, self.now() + task.secagg_step_seconds)
         self.secure_store.advance(task.id, state.round_number, SecurePhase.MASKING, deadline)
-        return self._phase_messages(task, self.secure_store.state(task.id, state.round_number))  # type: ignore[arg-type]
+        return outgoing
 
     def _request_unmasking(self, task: TaskConfig, state: SecureRoundState) -> list[Outgoing]:
         request = self._unmask_request(task, state)  # aborts below the threshold
