@@ -55,13 +55,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from coordinator.aggregation import ClientUpdate, FedAvg, l2_norm  # noqa: E402
 from coordinator.privacy import DpFedAvg, DpPolicy, epsilon_for_rounds  # noqa: E402
 from coordinator.scheduler import RandomScheduler  # noqa: E402
-from coordinator.sim_compare import SimulationSettings, prepare  # noqa: E402
-from coordinator.simulator import simulate  # noqa: E402
-from edge_runtime.messages import PrivacyMode  # noqa: E402
-from edge_runtime.protocol import UpdateEncoding  # noqa: E402
-from edge_runtime.secagg import SecAggClient, SecAggConfig, SecAggServer  # noqa: E402
-from edge_runtime.secagg_quantize import QuantizationConfig, TensorLayout  # noqa: E402
-from edge_runtime.update_codec import CodecConfig, decode_update, encode_update  # noqa: E402
+from coordinator.simulation.compare import SimulationSettings, prepare  # noqa: E402
+from coordinator.simulation.simulator import simulate  # noqa: E402
+from edge_runtime.secagg import (  # noqa: E402  # noqa: E402
+    QuantizationConfig,
+    SecAggClient,
+    SecAggConfig,
+    SecAggServer,
+    TensorLayout,
+)
+from edge_runtime.wire import (  # noqa: E402
+    CodecConfig,
+    PrivacyMode,  # noqa: E402
+    UpdateEncoding,  # noqa: E402
+    decode_update,
+    encode_update,
+)
 from schoolfl.demo_privacy import DP_DELTA, demo_privacy, median_update_norm  # noqa: E402
 from schoolfl.demo_privacy import noise_for_epsilon as demo_noise_for_epsilon  # noqa: E402
 from schoolfl.demo_tasks import CLASSIFY  # noqa: E402
@@ -189,7 +198,7 @@ def accuracy_section(rounds: int, seeds: list[int]) -> list[str]:
         "accuracy (mean over seeds) | per seed |",
         "|---|---|---|---|---|---|",
     ]
-    from coordinator.sim_compare import embed_all_questions
+    from coordinator.simulation.compare import embed_all_questions
 
     embedded = embed_all_questions()
     prepared = {seed: prepare(SimulationSettings(seed=seed), embedded) for seed in seeds}

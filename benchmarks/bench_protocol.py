@@ -30,24 +30,25 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from coordinator.mosquitto import MosquittoConfig, MosquittoProcess, find_mosquitto  # noqa: E402
-from edge_runtime.chunking import DEFAULT_CHUNK_BYTES, ChunkReassembler, ChunkSender  # noqa: E402
-from edge_runtime.protocol import (  # noqa: E402
+from edge_runtime.wire import (  # noqa: E402  # noqa: E402
+    DEFAULT_CHUNK_BYTES,
     ChunkHeader,
+    ChunkReassembler,
+    ChunkSender,
+    CodecConfig,
     DeviceChannel,
+    MqttTransport,
+    TransportConfig,
     Update,
     UpdateEncoding,
     decode_frame,
+    decode_update,
     device_topic,
     encode_frame,
-    verify_frame,
-)
-from edge_runtime.signing import generate_private_key  # noqa: E402
-from edge_runtime.transport import MqttTransport, TransportConfig  # noqa: E402
-from edge_runtime.update_codec import (  # noqa: E402
-    CodecConfig,
-    decode_update,
     encode_update,
+    generate_private_key,  # noqa: E402
     tensor_shapes,
+    verify_frame,
 )
 
 MB = 1e6

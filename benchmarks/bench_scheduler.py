@@ -39,7 +39,7 @@ from coordinator.config import TaskConfig  # noqa: E402
 from coordinator.fleet_history import FleetHistory, RoundOutcome  # noqa: E402
 from coordinator.plan_fitting import SchoolLink  # noqa: E402
 from coordinator.scheduler import DeviceCandidate, RoundContext  # noqa: E402
-from coordinator.sim_compare import (  # noqa: E402
+from coordinator.simulation.compare import (
     SimulationSettings,
     compare,
     embed_all_questions,
@@ -47,7 +47,7 @@ from coordinator.sim_compare import (  # noqa: E402
     prepare,
     summarise,
 )
-from coordinator.sim_fleet import TIERS  # noqa: E402
+from coordinator.simulation.fleet import TIERS  # noqa: E402
 from coordinator.utility_scheduler import scheduler_named  # noqa: E402
 from device_profiles.profile import find_profile  # noqa: E402
 from device_profiles.shapes import resolve_shape  # noqa: E402

@@ -15,8 +15,13 @@ import time
 
 import torch
 
-from edge_runtime.secagg import SecAggClient, SecAggConfig, SecAggServer
-from edge_runtime.secagg_quantize import QuantizationConfig, TensorLayout
+from edge_runtime.secagg import (
+    QuantizationConfig,
+    SecAggClient,
+    SecAggConfig,
+    SecAggServer,
+    TensorLayout,
+)
 
 
 def measure(num_devices: int, num_coordinates: int, num_dropped: int, threads: int) -> dict:

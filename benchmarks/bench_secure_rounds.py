@@ -39,8 +39,10 @@ from coordinator.rounds import RoundManager  # noqa: E402
 from coordinator.scheduler import DeviceCandidate, RandomScheduler  # noqa: E402
 from coordinator.store import CoordinatorStore, RoundState  # noqa: E402
 from device_profiles.profile import find_profile  # noqa: E402
-from edge_runtime.messages import SECURE_AGGREGATION_CAPABILITY  # noqa: E402
-from edge_runtime.protocol import (  # noqa: E402
+from edge_runtime.secagg_session import SecureSession  # noqa: E402
+from edge_runtime.wire import (  # noqa: E402
+    SECURE_AGGREGATION_CAPABILITY,  # noqa: E402
+    CodecConfig,
     SecAggEnvelope,
     SecAggStep,
     TaskAssignment,
@@ -48,10 +50,9 @@ from edge_runtime.protocol import (  # noqa: E402
     UpdateEncoding,
     decode_frame,
     encode_frame,
+    encode_update,
+    generate_private_key,  # noqa: E402
 )
-from edge_runtime.secagg_session import SecureSession  # noqa: E402
-from edge_runtime.signing import generate_private_key  # noqa: E402
-from edge_runtime.update_codec import CodecConfig, encode_update  # noqa: E402
 
 LABELS = ("maths", "history", "science", "art", "music", "sport", "language", "geography")
 

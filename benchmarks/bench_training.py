@@ -288,7 +288,7 @@ def main() -> None:
     report = "\n\n".join([header, _table(results), "\n".join(_ratios(results))]) + "\n"
     print(report)
     if args.output:
-        from schoolfl.atomic_files import atomic_write_bytes
+        from durable.atomic_files import atomic_write_bytes
 
         atomic_write_bytes(args.output, report.encode())
 

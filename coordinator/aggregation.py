@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from coordinator.lora_ranks import adapter_rank, pad_to_shapes, rank_axis, truncated_shapes
+from quantization.lora_ranks import adapter_rank, pad_to_shapes, rank_axis, truncated_shapes
 
 logger = logging.getLogger(__name__)
 

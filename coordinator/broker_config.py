@@ -24,10 +24,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge_runtime.errors import SchemaError
-from edge_runtime.messages import check_identifier
-from edge_runtime.protocol import TOPIC_ROOT
-from schoolfl.atomic_files import atomic_write_bytes
+from durable.atomic_files import atomic_write_bytes
+from edge_runtime.wire import TOPIC_ROOT, SchemaError, check_identifier
 
 logger = logging.getLogger(__name__)
 

@@ -157,8 +157,8 @@ def serve_command(config_path: Path, exit_when_done: bool) -> None:
     import signal
 
     from coordinator.daemon import CoordinatorDaemon
-    from edge_runtime.transport import TransportError
-    from schoolfl.daemon_logging import use_info_logging
+    from durable.daemon_logging import use_info_logging
+    from edge_runtime.wire import TransportError
 
     config = _load_config(config_path)
     use_info_logging()
@@ -193,7 +193,7 @@ def enroll_token_command(config_path: Path, school: str, valid_hours: float | No
     import secrets
 
     from coordinator.store import CoordinatorStore
-    from edge_runtime.messages import check_identifier
+    from edge_runtime.wire import check_identifier
 
     config = _load_config(config_path)
     try:
@@ -424,14 +424,14 @@ def export_command(
 
 def _export_onnx(task: TaskConfig, version: AdapterVersion, destination: Path) -> None:
     """The --onnx branch: merge, export, quantize, score; print the report."""
-    from coordinator.onnx_report import PREDICT_FILE, REPORT_FILE, missing_onnx_packages
+    from quantization.export.onnx_report import PREDICT_FILE, REPORT_FILE, missing_onnx_packages
 
     missing = missing_onnx_packages()
     if missing:
         raise click.ClickException(
             f"--onnx needs {', '.join(missing)}; install them with: pip install 'schoolfl[onnx]'"
         )
-    from coordinator.onnx_export import OnnxExportError, OnnxExportRequest, export_onnx
+    from quantization.export.onnx_export import OnnxExportError, OnnxExportRequest, export_onnx
 
     click.echo(
         f"exporting {task.id} v{version.version} ({version.sha256[:12]}) to ONNX; "
@@ -458,7 +458,7 @@ def _export_onnx(task: TaskConfig, version: AdapterVersion, destination: Path) -
 
 def _register_simulate() -> None:
     """`simulate` lives in its own module: it pulls in the simulator only when run."""
-    from coordinator.simulate_cli import simulate_command
+    from coordinator.simulation.cli import simulate_command
 
     coordinator_group.add_command(simulate_command)
 

@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.broker_settings import BrokerSettings
-from edge_runtime.config_tables import build_dataclass, read_toml_file
-from edge_runtime.messages import UpdateEncoding, check_identifier
+from durable.config_tables import build_dataclass, read_toml_file
+from edge_runtime.wire import BrokerSettings, UpdateEncoding, check_identifier
 
 SCHEDULERS = ("equity", "oort", "random", "fit-first")
 DP_MODES = ("off", "central", "local")

@@ -24,42 +24,43 @@ from coordinator.rounds import Outgoing, RoundManager
 from coordinator.scheduler import DeviceCandidate, Scheduler
 from coordinator.store import CoordinatorStore
 from device_profiles.profile import DeviceProfile, profile_from_toml_text
-from edge_runtime.chunking import ChunkReassembler
-from edge_runtime.errors import ProtocolError, SchemaError
-from edge_runtime.messages import AssignmentDecline
-from edge_runtime.protocol import (
+from edge_runtime.wire import (
     COORDINATOR_SENDER,
     Acknowledgement,
     AckStatus,
+    AssignmentDecline,
     ChunkHeader,
+    ChunkReassembler,
     CoordinatorStatus,
     DeviceChannel,
     DeviceState,
+    Ed25519PrivateKey,
     EnrollmentRequest,
     EnrollmentResponse,
     Frame,
     InboxChannel,
+    MqttTransport,
+    ProtocolError,
+    ReceivedMessage,
+    SchemaError,
     SecAggEnvelope,
     SecAggStep,
     TransferStatusRequest,
     Update,
+    WillConfig,
     coordinator_status_topic,
     coordinator_subscriptions,
     decode_frame,
     encode_frame,
-    inbox_topic,
-    parse_device_topic,
-    verify_frame,
-)
-from edge_runtime.signing import (
-    Ed25519PrivateKey,
     generate_private_key,
+    inbox_topic,
     load_private_key,
+    parse_device_topic,
     public_key_from_hex,
     public_key_hex,
     save_private_key,
+    verify_frame,
 )
-from edge_runtime.transport import MqttTransport, ReceivedMessage, WillConfig
 
 logger = logging.getLogger(__name__)
 

@@ -20,18 +20,18 @@ from coordinator.config import CoordinatorConfig, TaskConfig
 from coordinator.outgoing import Outgoing
 from coordinator.store import AdapterVersion, CoordinatorStore
 from coordinator.task_models import AdapterBody, TaskModel
-from edge_runtime.chunking import ChunkSender
-from edge_runtime.protocol import (
+from durable.atomic_files import atomic_write_bytes
+from edge_runtime.secagg import TensorLayout
+from edge_runtime.wire import (
     COORDINATOR_SENDER,
+    ChunkSender,
+    Ed25519PrivateKey,
     ModelManifest,
     UpdateEncoding,
     encode_frame,
     model_blob_topic,
     model_manifest_topic,
 )
-from edge_runtime.secagg_quantize import TensorLayout
-from edge_runtime.signing import Ed25519PrivateKey
-from schoolfl.atomic_files import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 

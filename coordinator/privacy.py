@@ -51,15 +51,15 @@ from coordinator.aggregation import (
     weighted_mean,
 )
 from coordinator.config import TaskConfig
-from coordinator.lora_ranks import pad_to_shapes
 from coordinator.store import CoordinatorStore, PrivacyRound, PrivacyStop
-from edge_runtime.local_privacy import (
+from edge_runtime.wire import DevicePrivacy, PrivacyMode
+from quantization.adapter_deltas import (
     add_gaussian_noise,
     clip_update,
     secure_generator,
     update_l2_norm,
 )
-from edge_runtime.messages import DevicePrivacy, PrivacyMode
+from quantization.lora_ranks import pad_to_shapes
 
 logger = logging.getLogger(__name__)
 

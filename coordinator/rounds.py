@@ -30,7 +30,6 @@ from coordinator.aggregation import (
 )
 from coordinator.config import CoordinatorConfig, TaskConfig
 from coordinator.fleet_history import FleetHistory, history_from_store
-from coordinator.lora_ranks import adapter_rank, truncated_shapes
 from coordinator.model_versions import ModelVersions
 from coordinator.outgoing import Outgoing
 from coordinator.plan_fitting import SchoolLink
@@ -43,8 +42,8 @@ from coordinator.privacy import (
 )
 from coordinator.scheduler import DeviceCandidate, DevicePlan, RoundContext, Scheduler
 from coordinator.school_policy import schools_below_minimum, split_by_policy
-from coordinator.secure_rounds import SecureOutcome, SecureRounds, secure_mean
-from coordinator.secure_store import SecureRoundStore
+from coordinator.secure.rounds import SecureOutcome, SecureRounds, secure_mean
+from coordinator.secure.store import SecureRoundStore
 from coordinator.store import (
     AdapterVersion,
     CoordinatorStore,
@@ -56,26 +55,26 @@ from coordinator.store import (
 from coordinator.task_models import AdapterBody, TaskModel, wire_task_spec
 from coordinator.utility_scheduler import scheduler_named
 from device_profiles.shapes import ModelShape, resolve_shape
-from edge_runtime.errors import CodecError
-from edge_runtime.messages import (
-    SECURE_AGGREGATION_CAPABILITY,
-    SecAggEnvelope,
-    from_json_fields,
-    to_json_fields,
-)
-from edge_runtime.messages import TrainingPlan as WirePlan
-from edge_runtime.protocol import (
+from edge_runtime.wire import (
     COORDINATOR_SENDER,
+    SECURE_AGGREGATION_CAPABILITY,
     AckStatus,
+    CodecError,
+    Ed25519PrivateKey,
     InboxChannel,
+    SecAggEnvelope,
     TaskAssignment,
     Update,
     UpdateEncoding,
+    decode_update,
     encode_frame,
+    from_json_fields,
     inbox_topic,
+    tensor_shapes,
+    to_json_fields,
 )
-from edge_runtime.signing import Ed25519PrivateKey
-from edge_runtime.update_codec import decode_update, tensor_shapes
+from edge_runtime.wire import TrainingPlan as WirePlan
+from quantization.lora_ranks import adapter_rank, truncated_shapes
 from quantization.task_model import resolve_base_model
 
 logger = logging.getLogger(__name__)

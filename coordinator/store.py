@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from durable.sqlite import open_database
+
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
@@ -232,12 +234,7 @@ class CoordinatorStore:
     def __init__(self, path: Path, now: Callable[[], float] = time.time) -> None:
         self.path = Path(path)
         self._now = now
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(_SCHEMA)
+        self._db = open_database(self.path, _SCHEMA)
         row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         if row is None:
             self._db.execute(

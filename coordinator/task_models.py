@@ -18,8 +18,14 @@ import torch
 
 from coordinator.config import TaskConfig
 from coordinator.privacy import DpPolicy
-from edge_runtime.messages import SecureAggregationSpec, TaskSpec, UpdateEncoding
-from edge_runtime.update_codec import CodecConfig, decode_update, encode_update
+from edge_runtime.wire import (
+    CodecConfig,
+    SecureAggregationSpec,
+    TaskSpec,
+    UpdateEncoding,
+    decode_update,
+    encode_update,
+)
 from quantization.adapters import (
     AdapterConfig,
     get_adapter_state,

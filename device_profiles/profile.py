@@ -19,7 +19,7 @@ from typing import Any
 from device_profiles.errors import ProfileError, ProfileValidationError
 from device_profiles.plan import KNOWN_SCHEMES
 from device_profiles.toml_io import dumps_toml, read_toml, tomllib
-from schoolfl.atomic_files import atomic_write_text
+from durable.atomic_files import atomic_write_text
 
 SCHEMA_VERSION = 1
 PROFILE_KINDS = ("reference", "measured")

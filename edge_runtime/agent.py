@@ -23,61 +23,59 @@ from device_profiles.cost_model import predict
 from device_profiles.plan import TrainingPlan as CostPlan
 from device_profiles.profile import DeviceProfile, find_profile, profile_toml_text
 from device_profiles.shapes import resolve_shape
+from durable.atomic_files import atomic_write_text
 from edge_runtime.agent_config import AgentConfig
 from edge_runtime.assignment_models import start_state_for_rank, task_model_spec
-from edge_runtime.chunking import DEFAULT_CHUNK_BYTES, ChunkReassembler, ChunkSender
 from edge_runtime.eligibility import check_eligibility, read_device
-from edge_runtime.enrollment_record import ENROLLMENT_FILE, AgentError, Enrollment
-from edge_runtime.errors import ProtocolError, SchemaError
+from edge_runtime.enrollment_record import AgentError, Enrollment
 from edge_runtime.local_privacy import privatize_update
-from edge_runtime.messages import (
-    SECURE_AGGREGATION_CAPABILITY,
-    AssignmentDecline,
-    SecAggEnvelope,
-    SecAggStep,
-)
 from edge_runtime.outbox import Outbox, RoundHistory
 from edge_runtime.privacy_policy import privacy_refusals
-from edge_runtime.protocol import (
+from edge_runtime.secagg import SecAggError
+from edge_runtime.secagg_session import SecureSessions
+from edge_runtime.trainer import LocalPlan, LocalTrainer
+from edge_runtime.wire import (
     COORDINATOR_SENDER,
+    DEFAULT_CHUNK_BYTES,
+    SECURE_AGGREGATION_CAPABILITY,
     Acknowledgement,
     AckStatus,
+    AssignmentDecline,
     ChunkHeader,
+    ChunkReassembler,
+    ChunkSender,
+    CodecConfig,
     DeviceChannel,
     DeviceState,
+    Ed25519PublicKey,
     Frame,
+    MqttTransport,
     PowerSource,
+    ProtocolError,
+    ReceivedMessage,
+    SchemaError,
+    SecAggEnvelope,
+    SecAggStep,
     TaskAssignment,
     TransferStatus,
     TransferStatusRequest,
     Update,
+    WillConfig,
     decode_frame,
+    decode_update,
     device_subscriptions,
     device_topic,
     encode_frame,
+    encode_update,
+    load_private_key,
     model_blob_topic,
+    public_key_from_hex,
     verify_frame,
 )
-from edge_runtime.secagg_messages import SecAggError
-from edge_runtime.secagg_session import SecureSessions
-from edge_runtime.signing import Ed25519PublicKey, load_private_key, public_key_from_hex
-from edge_runtime.trainer import LocalPlan, LocalTrainer
-from edge_runtime.transport import MqttTransport, ReceivedMessage, WillConfig
-from edge_runtime.update_codec import CodecConfig, decode_update, encode_update
 from quantization.adapters import save_adapter
 from quantization.task_data import read_labelled_texts, read_lm_texts
-from schoolfl.atomic_files import atomic_write_text
 
 logger = logging.getLogger(__name__)
-
-__all__ = [  # the names other modules import from here
-    "ENROLLMENT_FILE",
-    "AgentDaemon",
-    "AgentError",
-    "Enrollment",
-    "start_state_for_rank",
-    "task_model_spec",
-]
 
 HEARTBEAT_SECONDS = 10.0
 RESEND_SECONDS = 20.0

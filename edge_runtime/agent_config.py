@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from device_profiles.toml_io import dumps_toml
-from edge_runtime.broker_settings import BrokerSettings
-from edge_runtime.config_tables import build_dataclass, read_toml_file
+from durable.atomic_files import atomic_write_text
+from durable.config_tables import build_dataclass, read_toml_file
 from edge_runtime.eligibility import EligibilityPolicy
-from edge_runtime.messages import check_identifier
 from edge_runtime.privacy_policy import PrivacyPolicy
-from schoolfl.atomic_files import atomic_write_text
+from edge_runtime.wire import BrokerSettings, check_identifier
 
 
 class AgentConfigError(ValueError):

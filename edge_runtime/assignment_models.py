@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 import torch
 
-from edge_runtime.messages import TaskSpec
+from edge_runtime.wire import TaskSpec
 from quantization.adapters import AdapterConfig
 from quantization.lora_ranks import adapter_rank, scaled_alpha, truncate_to_rank
 from quantization.task_model import TaskModelSpec

@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from edge_runtime.agent_config import AgentConfig, AgentConfigError, AgentSettings
-from edge_runtime.broker_settings import BrokerSettings
+from edge_runtime.wire import BrokerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def init_command(
 ) -> None:
     """Write agent.toml and create this device's Ed25519 key."""
     from device_profiles.profile import find_profile
-    from edge_runtime.signing import generate_private_key, public_key_hex, save_private_key
+    from edge_runtime.wire import generate_private_key, public_key_hex, save_private_key
 
     if config_path.exists() and not force:
         raise click.ClickException(f"{config_path} exists; pass --force to overwrite it")
@@ -146,7 +146,7 @@ def init_command(
 def enroll_command(config_path: Path, token: str, timeout: float) -> None:
     """Register this device's key with the coordinator."""
     from edge_runtime.enrollment import EnrollmentError, enroll_device
-    from edge_runtime.transport import TransportError
+    from edge_runtime.wire import TransportError
 
     config = _load(config_path)
     try:
@@ -163,9 +163,10 @@ def enroll_command(config_path: Path, token: str, timeout: float) -> None:
 @CONFIG_OPTION
 def run_command(config_path: Path) -> None:
     """Run the agent in the foreground until SIGTERM or Ctrl-C."""
-    from edge_runtime.agent import AgentDaemon, AgentError
-    from edge_runtime.transport import TransportError
-    from schoolfl.daemon_logging import use_info_logging
+    from durable.daemon_logging import use_info_logging
+    from edge_runtime.agent import AgentDaemon
+    from edge_runtime.enrollment_record import AgentError
+    from edge_runtime.wire import TransportError
 
     config = _load(config_path)
     use_info_logging()
@@ -193,7 +194,7 @@ def run_command(config_path: Path) -> None:
 @CONFIG_OPTION
 def status_command(config_path: Path) -> None:
     """Show enrollment, the outbox and the last rounds of this device."""
-    from edge_runtime.agent import ENROLLMENT_FILE
+    from edge_runtime.enrollment_record import ENROLLMENT_FILE
     from edge_runtime.outbox import Outbox, RoundHistory
 
     config = _load(config_path)
@@ -257,7 +258,7 @@ WantedBy=multi-user.target
 )
 def install_service_command(config_path: Path, output: Path) -> None:
     """Write a systemd unit that runs the agent at boot (checked with systemd-analyze)."""
-    from schoolfl.atomic_files import atomic_write_text
+    from durable.atomic_files import atomic_write_text
 
     config = _load(config_path)
     executable = shutil.which("schoolfl") or f"{sys.executable} -m schoolfl"
@@ -286,8 +287,8 @@ def predict_command(config_path: Path, task_id: str, texts: tuple[str, ...]) -> 
     """Run this device's copy of a task's model on TEXTS."""
     import torch
 
-    from edge_runtime.agent import task_model_spec
-    from edge_runtime.messages import TaskSpec
+    from edge_runtime.assignment_models import task_model_spec
+    from edge_runtime.wire import TaskSpec
     from quantization.adapters import load_adapter
     from quantization.task_model import build_task_model
 

@@ -17,21 +17,23 @@ import time
 from device_profiles.profile import find_profile, profile_toml_text
 from edge_runtime.agent_config import AgentConfig
 from edge_runtime.enrollment_record import Enrollment
-from edge_runtime.errors import ProtocolError
-from edge_runtime.protocol import (
+from edge_runtime.wire import (
     COORDINATOR_SENDER,
     DeviceChannel,
     EnrollmentRequest,
     EnrollmentResponse,
     InboxChannel,
+    MqttTransport,
+    ProtocolError,
     decode_frame,
     device_topic,
     encode_frame,
     inbox_topic,
+    load_private_key,
+    public_key_from_hex,
+    public_key_hex,
     verify_frame,
 )
-from edge_runtime.signing import load_private_key, public_key_from_hex, public_key_hex
-from edge_runtime.transport import MqttTransport
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from schoolfl.atomic_files import atomic_write_text
+from durable.atomic_files import atomic_write_text
 
 ENROLLMENT_FILE = "enrollment.json"
 

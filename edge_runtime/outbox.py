@@ -10,11 +10,12 @@ Stored in SQLite so a write is one transaction: a crash leaves the entry whole o
 from __future__ import annotations
 
 import logging
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from durable.sqlite import open_database
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +49,7 @@ class Outbox:
     def __init__(self, path: Path, now: Callable[[], float] = time.time) -> None:
         self.path = Path(path)
         self._now = now
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        self._db = open_database(self.path, _SCHEMA)
 
     def close(self) -> None:
         self._db.close()
@@ -118,10 +115,7 @@ class RoundHistory:
 
     def __init__(self, path: Path, now: Callable[[], float] = time.time) -> None:
         self._now = now
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(Path(path), isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_HISTORY_SCHEMA)
+        self._db = open_database(Path(path), _HISTORY_SCHEMA)
 
     def close(self) -> None:
         self._db.close()

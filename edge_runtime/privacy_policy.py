@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
-from edge_runtime.messages import TaskSpec
+from edge_runtime.wire import TaskSpec
 
 
 @dataclass(frozen=True)

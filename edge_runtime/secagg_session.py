@@ -20,12 +20,11 @@ from collections.abc import Mapping
 
 import torch
 
-from edge_runtime.errors import SchemaError
-from edge_runtime.messages import SecAggEnvelope, SecAggStep, TaskAssignment
-from edge_runtime.protocol import encode_frame
-from edge_runtime.secagg import SecAggClient, SecAggConfig
-from edge_runtime.secagg_messages import SecAggRefusal, UnmaskRequest
-from edge_runtime.secagg_wire import (
+from edge_runtime.secagg import (
+    SecAggClient,
+    SecAggConfig,
+    SecAggRefusal,
+    UnmaskRequest,
     message_body,
     parse_forwarded,
     parse_message,
@@ -33,7 +32,14 @@ from edge_runtime.secagg_wire import (
     quantization_of,
     secagg_round_id,
 )
-from edge_runtime.signing import Ed25519PrivateKey
+from edge_runtime.wire import (
+    Ed25519PrivateKey,
+    SchemaError,
+    SecAggEnvelope,
+    SecAggStep,
+    TaskAssignment,
+    encode_frame,
+)
 
 PLACEHOLDER_THRESHOLD = 2
 """The client is made before the roster fixes t (`share_keys` replaces it)."""

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from durable.atomic_files import fsync_directory
 from quantization.errors import AdapterError, ModelFileError
-from schoolfl.atomic_files import fsync_directory
 
 logger = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from durable.atomic_files import atomic_write_bytes, fsync_directory
 from quantization.errors import ModelFileError, ModelPackageMissingError
-from schoolfl.atomic_files import atomic_write_bytes, fsync_directory
 
 logger = logging.getLogger(__name__)
 

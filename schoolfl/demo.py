@@ -32,7 +32,7 @@ from pathlib import Path
 
 import click
 
-from schoolfl.atomic_files import atomic_write_text
+from durable.atomic_files import atomic_write_text
 from schoolfl.demo_privacy import (
     DEFAULT_DP_CLIP_NORM,
     DemoPrivacy,
@@ -106,9 +106,8 @@ class DemoFleet:
         """Coordinator and device configs, keys and data shards; returns the labels."""
         from device_profiles.profile import find_profile
         from edge_runtime.agent_config import AgentConfig, AgentSettings
-        from edge_runtime.broker_settings import BrokerSettings
         from edge_runtime.eligibility import EligibilityPolicy
-        from edge_runtime.signing import generate_private_key, save_private_key
+        from edge_runtime.wire import BrokerSettings, generate_private_key, save_private_key
 
         root = self.settings.state_dir
         task = self.settings.task
@@ -240,7 +239,7 @@ def _export_onnx(
 
     Returns the export report (with the folder), or why the export was skipped.
     """
-    from coordinator.onnx_report import REPORT_FILE, missing_onnx_packages
+    from quantization.export.onnx_report import REPORT_FILE, missing_onnx_packages
 
     task = settings.task
     if task.kind != "classification":
@@ -274,7 +273,7 @@ def _export_onnx(
 
 def _onnx_lines(onnx: dict[str, object]) -> list[str]:
     """The summary's ONNX part: sizes and agreement, or why there is no export."""
-    from coordinator.onnx_report import PREDICT_FILE, OnnxExportReport
+    from quantization.export.onnx_report import PREDICT_FILE, OnnxExportReport
 
     if "skipped" in onnx:
         return [f"ONNX export skipped: {onnx['skipped']}"]

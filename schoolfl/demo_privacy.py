@@ -50,7 +50,7 @@ def noise_for_epsilon(
     demo should run all of its rounds. Geometric bisection: epsilon falls monotonically in z.
     """
     from coordinator.privacy import epsilon_for_rounds
-    from edge_runtime.messages import PrivacyMode
+    from edge_runtime.wire import PrivacyMode
 
     if target <= 0 or rounds < 1:
         raise ValueError(f"need a positive epsilon and >= 1 round, got {target}, {rounds}")
@@ -95,7 +95,7 @@ def update_norms(state_dir: Path, task_id: str, round_number: int = 1) -> list[f
     from coordinator.rounds import update_shapes
     from coordinator.store import CoordinatorStore
     from coordinator.task_models import AdapterBody
-    from edge_runtime.update_codec import decode_update
+    from edge_runtime.wire import decode_update
 
     store = CoordinatorStore(state_dir / "coordinator" / "coordinator.db")
     try:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from schoolfl.school_questions import (
+from quantization.school_questions import (
     split_instructions,
     split_questions,
     write_instructions_jsonl,
@@ -20,7 +20,7 @@ from schoolfl.school_questions import (
 )
 
 SUBJECTS = 8
-"""Subjects in both shipped data sets (schoolfl/data/README.md)."""
+"""Subjects in both shipped data sets (quantization/data/README.md)."""
 
 
 @dataclass(frozen=True)

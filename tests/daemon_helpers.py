@@ -9,19 +9,22 @@ import secrets
 import time
 
 from device_profiles.profile import find_profile, profile_toml_text
-from edge_runtime.protocol import (
+from edge_runtime.wire import (
     DeviceChannel,
     DeviceState,
+    Ed25519PrivateKey,
     EnrollmentRequest,
     Frame,
+    MqttTransport,
     PowerSource,
+    TransportConfig,
     decode_frame,
     device_subscriptions,
     device_topic,
     encode_frame,
+    generate_private_key,
+    public_key_hex,
 )
-from edge_runtime.signing import Ed25519PrivateKey, generate_private_key, public_key_hex
-from edge_runtime.transport import MqttTransport, TransportConfig
 
 WAIT_SECONDS = 60.0
 

@@ -17,8 +17,8 @@ from pathlib import Path
 from coordinator.mosquitto import MosquittoProcess
 from edge_runtime.agent_config import AgentConfig
 from edge_runtime.eligibility import EligibilityPolicy
+from quantization.school_questions import split_questions, write_jsonl
 from quantization.task_data import LabelledText
-from schoolfl.school_questions import split_questions, write_jsonl
 
 FLEET = "testfleet"
 TASK = "subjects"

@@ -21,19 +21,17 @@ from click.testing import CliRunner
 from coordinator.broker_config import BrokerConfigRequest, render_acl, write_broker_config
 from coordinator.cli import coordinator_group
 from coordinator.mosquitto import MosquittoConfig, MosquittoProcess, find_mosquitto
-from edge_runtime.protocol import (
+from edge_runtime.wire import (
     DeviceChannel,
     InboxChannel,
-    coordinator_status_topic,
-    device_topic,
-    inbox_topic,
-    model_manifest_topic,
-)
-from edge_runtime.transport import (
     MqttTransport,
     ReceivedMessage,
     TransportConfig,
     TransportError,
+    coordinator_status_topic,
+    device_topic,
+    inbox_topic,
+    model_manifest_topic,
 )
 
 pytestmark = pytest.mark.integration

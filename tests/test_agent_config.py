@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from edge_runtime.agent_config import AgentConfig, AgentConfigError, AgentSettings
-from edge_runtime.broker_settings import BrokerSettings
 from edge_runtime.eligibility import EligibilityPolicy, TimeWindow
+from edge_runtime.wire import BrokerSettings
 
 
 def _config(tmp_path: Path) -> AgentConfig:

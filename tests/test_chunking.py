@@ -9,14 +9,17 @@ import tracemalloc
 
 import pytest
 
-from edge_runtime.chunking import ChunkReassembler, ChunkSender, indices_to_ranges
-from edge_runtime.errors import ChunkError, LimitExceededError
-from edge_runtime.protocol import (
+from edge_runtime.wire import (
+    ChunkError,
     ChunkHeader,
+    ChunkReassembler,
+    ChunkSender,
+    LimitExceededError,
     Limits,
     TransferStatus,
     TransferStatusRequest,
     decode_frame,
+    indices_to_ranges,
 )
 
 

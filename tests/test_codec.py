@@ -8,9 +8,16 @@ import pytest
 import torch
 from safetensors.torch import save as safetensors_save
 
-from edge_runtime.errors import CodecError, LimitExceededError, ProtocolError
-from edge_runtime.protocol import UpdateEncoding
-from edge_runtime.update_codec import CodecConfig, decode_update, encode_update, tensor_shapes
+from edge_runtime.wire import (
+    CodecConfig,
+    CodecError,
+    LimitExceededError,
+    ProtocolError,
+    UpdateEncoding,
+    decode_update,
+    encode_update,
+    tensor_shapes,
+)
 
 
 def lora_state(seed: int = 0, rank: int = 8) -> dict[str, torch.Tensor]:

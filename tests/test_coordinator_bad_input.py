@@ -16,18 +16,19 @@ from coordinator.config import CoordinatorConfig, CoordinatorSettings, TaskConfi
 from coordinator.daemon import CoordinatorDaemon
 from coordinator.mosquitto import MosquittoProcess
 from coordinator.store import CoordinatorStore, RoundState
-from edge_runtime.broker_settings import BrokerSettings
-from edge_runtime.protocol import (
+from edge_runtime.wire import (
     Acknowledgement,
     AckStatus,
+    BrokerSettings,
+    CodecConfig,
     DeviceChannel,
     EnrollmentResponse,
     TaskAssignment,
     Update,
     UpdateEncoding,
+    encode_update,
+    generate_private_key,
 )
-from edge_runtime.signing import generate_private_key
-from edge_runtime.update_codec import CodecConfig, encode_update
 from quantization.adapters import read_adapter_folder
 from tests.daemon_helpers import ScriptedDevice, wait_until
 

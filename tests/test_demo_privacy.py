@@ -12,7 +12,7 @@ import pytest
 
 from coordinator.config import CoordinatorConfig, TaskConfig
 from coordinator.privacy import DpPolicy, epsilon_for_rounds
-from edge_runtime.messages import PrivacyMode
+from edge_runtime.wire import PrivacyMode
 from schoolfl.demo import DemoFleet, DemoSettings
 from schoolfl.demo_privacy import DP_DELTA, DemoPrivacy, demo_privacy, noise_for_epsilon
 

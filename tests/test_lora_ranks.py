@@ -20,7 +20,7 @@ from coordinator.aggregation import (
     update_problem,
     weighted_mean,
 )
-from coordinator.lora_ranks import (
+from quantization.lora_ranks import (
     adapter_rank,
     pad_to_shapes,
     rank_axis,
@@ -296,10 +296,16 @@ def test_round_with_rank_4_and_rank_2_devices(tmp_path: Path, tiny_bert_folder: 
     from coordinator.scheduler import DeviceCandidate, FitFirstScheduler
     from coordinator.store import CoordinatorStore, RoundState
     from device_profiles.profile import find_profile
-    from edge_runtime.messages import UpdateEncoding
-    from edge_runtime.protocol import AckStatus, TaskAssignment, Update, decode_frame
-    from edge_runtime.signing import generate_private_key
-    from edge_runtime.update_codec import CodecConfig, encode_update
+    from edge_runtime.wire import (
+        AckStatus,
+        CodecConfig,
+        TaskAssignment,
+        Update,
+        UpdateEncoding,
+        decode_frame,
+        encode_update,
+        generate_private_key,
+    )
 
     class HalfRankForDev1(FitFirstScheduler):
         def configure_round(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
@@ -389,10 +395,11 @@ class _FakeTransport:
 
 
 def _agent(tmp_path: Path, coordinator_key):  # noqa: ANN001, ANN202
-    from edge_runtime.agent import AgentDaemon, Enrollment
+    from edge_runtime.agent import AgentDaemon
     from edge_runtime.agent_config import AgentConfig, AgentSettings
     from edge_runtime.eligibility import EligibilityPolicy
-    from edge_runtime.signing import generate_private_key, public_key_hex, save_private_key
+    from edge_runtime.enrollment_record import Enrollment
+    from edge_runtime.wire import generate_private_key, public_key_hex, save_private_key
 
     config = AgentConfig(
         agent=AgentSettings(
@@ -424,19 +431,20 @@ def test_agent_trains_a_smaller_rank_plan_and_declines_a_larger_one(
 ) -> None:
     import time
 
-    from edge_runtime.messages import TaskSpec, UpdateEncoding
-    from edge_runtime.messages import TrainingPlan as WirePlan
-    from edge_runtime.protocol import (
+    from edge_runtime.wire import (
         COORDINATOR_SENDER,
         AssignmentDecline,
+        ReceivedMessage,
         TaskAssignment,
+        TaskSpec,
         Update,
+        UpdateEncoding,
         decode_frame,
+        decode_update,
         encode_frame,
+        generate_private_key,
     )
-    from edge_runtime.signing import generate_private_key
-    from edge_runtime.transport import ReceivedMessage
-    from edge_runtime.update_codec import decode_update
+    from edge_runtime.wire import TrainingPlan as WirePlan
     from quantization.adapters import AdapterConfig, get_adapter_state
     from quantization.task_model import TaskModelSpec, build_task_model
 

@@ -20,19 +20,19 @@ import torch
 from click.testing import CliRunner
 
 from coordinator.config import TaskConfig
-from coordinator.onnx_export import (
+from coordinator.store import AdapterVersion, CoordinatorStore
+from quantization.adapters import AdapterConfig, attach_adapter, save_adapter
+from quantization.export.onnx_export import (
     OnnxExportError,
     OnnxExportRequest,
     export_onnx,
     load_merged_classifier,
     pytorch_logits,
 )
-from coordinator.store import AdapterVersion, CoordinatorStore
-from quantization.adapters import AdapterConfig, attach_adapter, save_adapter
 from quantization.loader import load_quantized
+from quantization.school_questions import split_questions, write_jsonl
 from quantization.task_model import TaskModelSpec, build_task_model, classification_batch
 from schoolfl.cli import cli
-from schoolfl.school_questions import split_questions, write_jsonl
 
 TASK = "subjects"
 SEQ_LEN = 48
@@ -181,7 +181,7 @@ def test_torchscript_fallback_when_dynamo_fails(
 ) -> None:
     """If the dynamo exporter fails, the TorchScript exporter writes a graph that still
     passes the numeric check (tiny random BERT: fast; agreement is not the point here)."""
-    from coordinator import onnx_export
+    from quantization.export import onnx_export
 
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("simulated torch.export failure")

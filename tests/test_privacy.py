@@ -35,12 +35,23 @@ from coordinator.rounds import RoundManager, make_aggregator
 from coordinator.scheduler import DeviceCandidate, FitFirstScheduler
 from coordinator.store import CoordinatorStore, PrivacyRound, PrivacyStop, RoundState
 from device_profiles.profile import find_profile
-from edge_runtime.local_privacy import clip_update, privatize_update, update_l2_norm
-from edge_runtime.messages import DevicePrivacy, PrivacyMode, TaskSpec
-from edge_runtime.protocol import AckStatus, TaskAssignment, Update, UpdateEncoding, decode_frame
-from edge_runtime.schema import from_json_fields, to_json_fields
-from edge_runtime.signing import generate_private_key
-from edge_runtime.update_codec import CodecConfig, encode_update
+from edge_runtime.local_privacy import privatize_update
+from edge_runtime.wire import (
+    AckStatus,
+    CodecConfig,
+    DevicePrivacy,
+    PrivacyMode,
+    TaskAssignment,
+    TaskSpec,
+    Update,
+    UpdateEncoding,
+    decode_frame,
+    encode_update,
+    from_json_fields,
+    generate_private_key,
+    to_json_fields,
+)
+from quantization.adapter_deltas import clip_update, update_l2_norm
 from schoolfl.cli import cli
 
 DELTA = 1e-5
@@ -441,10 +452,8 @@ def test_agent_clips_and_under_local_dp_noises_what_it_uploads(
 ) -> None:
     import time
 
-    from edge_runtime.messages import TrainingPlan as WirePlan
-    from edge_runtime.protocol import COORDINATOR_SENDER, encode_frame
-    from edge_runtime.transport import ReceivedMessage
-    from edge_runtime.update_codec import decode_update
+    from edge_runtime.wire import COORDINATOR_SENDER, ReceivedMessage, decode_update, encode_frame
+    from edge_runtime.wire import TrainingPlan as WirePlan
     from quantization.adapters import AdapterConfig, get_adapter_state
     from quantization.task_model import TaskModelSpec, build_task_model
     from tests.test_lora_ranks import _agent

@@ -8,15 +8,7 @@ import struct
 
 import pytest
 
-from edge_runtime.errors import (
-    FrameError,
-    LimitExceededError,
-    ProtocolError,
-    SchemaError,
-    SignatureError,
-    UnsupportedVersionError,
-)
-from edge_runtime.protocol import (
+from edge_runtime.wire import (
     COORDINATOR_SENDER,
     MAGIC,
     PROTOCOL_VERSION,
@@ -29,18 +21,24 @@ from edge_runtime.protocol import (
     DeviceState,
     EnrollmentRequest,
     EnrollmentResponse,
+    FrameError,
     InboxChannel,
+    LimitExceededError,
     Limits,
     MessageKind,
     ModelManifest,
     PowerSource,
+    ProtocolError,
+    SchemaError,
     SecAggEnvelope,
     SecAggStep,
+    SignatureError,
     TaskAssignment,
     TaskSpec,
     TrainingPlan,
     TransferStatus,
     TransferStatusRequest,
+    UnsupportedVersionError,
     Update,
     UpdateEncoding,
     coordinator_status_topic,
@@ -49,15 +47,16 @@ from edge_runtime.protocol import (
     device_subscriptions,
     device_topic,
     encode_frame,
+    generate_private_key,
     inbox_topic,
     model_blob_topic,
     model_manifest_topic,
     parse_device_topic,
+    public_key_hex,
     update_id,
     verify_enrollment_request,
     verify_frame,
 )
-from edge_runtime.signing import generate_private_key, public_key_hex
 
 KEY = generate_private_key()
 SHA = "0f" * 32

@@ -17,19 +17,23 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge_runtime.chunking import ChunkReassembler, ChunkSender
-from edge_runtime.errors import ProtocolError
-from edge_runtime.protocol import (
+from edge_runtime.wire import (
     MAGIC,
     ChunkHeader,
+    ChunkReassembler,
+    ChunkSender,
+    CodecConfig,
     Limits,
+    ProtocolError,
     TransferStatus,
+    UpdateEncoding,
     decode_frame,
+    decode_update,
     encode_frame,
+    encode_update,
     parse_device_topic,
+    public_key_from_hex,
 )
-from edge_runtime.signing import public_key_from_hex
-from edge_runtime.update_codec import CodecConfig, UpdateEncoding, decode_update, encode_update
 from tests.test_protocol import KEY, all_messages
 
 FUZZ = settings(

@@ -11,8 +11,7 @@ from coordinator.rounds import RoundManager
 from coordinator.scheduler import DeviceCandidate, FitFirstScheduler
 from coordinator.store import CoordinatorStore, RoundState
 from device_profiles.profile import find_profile
-from edge_runtime.protocol import TaskAssignment, decode_frame
-from edge_runtime.signing import generate_private_key
+from edge_runtime.wire import TaskAssignment, decode_frame, generate_private_key
 
 
 class Clock:

@@ -29,10 +29,15 @@ from coordinator.school_policy import (
 from coordinator.store import CoordinatorStore
 from device_profiles.profile import find_profile
 from edge_runtime.agent_config import AgentConfig, AgentConfigError
-from edge_runtime.messages import DevicePrivacy, PrivacyMode, TaskSpec
 from edge_runtime.privacy_policy import PrivacyPolicy, privacy_refusals
-from edge_runtime.protocol import TaskAssignment, decode_frame
-from edge_runtime.signing import generate_private_key
+from edge_runtime.wire import (
+    DevicePrivacy,
+    PrivacyMode,
+    TaskAssignment,
+    TaskSpec,
+    decode_frame,
+    generate_private_key,
+)
 
 # ---------------------------------------------------------------------------------------
 # coordinator.toml
@@ -315,7 +320,7 @@ def test_privacy_refusals() -> None:
 
 
 def test_an_agent_requiring_secure_aggregation_declines_a_plain_task() -> None:
-    from edge_runtime.messages import SecureAggregationSpec
+    from edge_runtime.wire import SecureAggregationSpec
 
     policy = PrivacyPolicy.from_table({"require_secure_aggregation": True})
     assert privacy_refusals(policy, "alpha", _spec()) == [
@@ -381,11 +386,18 @@ class _FakeTransport:
 
 
 def test_agent_declines_a_task_its_school_policy_forbids(tmp_path: Path) -> None:
-    from edge_runtime.agent import AgentDaemon, Enrollment
-    from edge_runtime.messages import TrainingPlan, UpdateEncoding
-    from edge_runtime.protocol import COORDINATOR_SENDER, AssignmentDecline, encode_frame
-    from edge_runtime.signing import public_key_hex, save_private_key
-    from edge_runtime.transport import ReceivedMessage
+    from edge_runtime.agent import AgentDaemon
+    from edge_runtime.enrollment_record import Enrollment
+    from edge_runtime.wire import (
+        COORDINATOR_SENDER,
+        AssignmentDecline,
+        ReceivedMessage,
+        TrainingPlan,
+        UpdateEncoding,
+        encode_frame,
+        public_key_hex,
+        save_private_key,
+    )
 
     coordinator_key = generate_private_key()
     agent = {**AGENT["agent"], "state_dir": str(tmp_path / "s"), "data_dir": str(tmp_path)}
@@ -421,8 +433,7 @@ def test_min_devices_per_aggregate_is_checked_again_at_aggregation(
     """Five devices were assigned, enough for north's minimum of 5; only three updates
     arrive, so north's update is left out of the aggregate and only south's count."""
     from coordinator.store import RoundState, StoredUpdate
-    from edge_runtime.protocol import UpdateEncoding
-    from edge_runtime.update_codec import CodecConfig, encode_update
+    from edge_runtime.wire import CodecConfig, UpdateEncoding, encode_update
 
     schools = (SchoolConfig("north", min_devices_per_aggregate=5),)
     manager = _manager(tmp_path, tiny_bert_folder, schools)

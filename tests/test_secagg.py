@@ -13,39 +13,35 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from scipy import stats
 
 from edge_runtime import secagg
-from edge_runtime.errors import SchemaError
 from edge_runtime.secagg import (
-    SecAggClient,
-    SecAggConfig,
-    SecAggServer,
-    ring_vector_from_bytes,
-    run_round_in_process,
-)
-from edge_runtime.secagg_crypto import (
-    SHARE_BOX_PURPOSE,
-    agree_seed,
-    expand_seed,
-    open_share_box,
-    share_box_aad,
-)
-from edge_runtime.secagg_messages import (
+    PRIME,
     SECAGG_MESSAGE_CLASSES,
+    SHARE_BOX_PURPOSE,
     AdvertiseKeys,
     MaskedInput,
+    QuantizationConfig,
     SecAggAbort,
+    SecAggClient,
+    SecAggConfig,
     SecAggRefusal,
+    SecAggServer,
     ShareKeys,
+    TensorLayout,
     UnmaskRequest,
     UnmaskResponse,
-)
-from edge_runtime.secagg_quantize import (
-    QuantizationConfig,
-    TensorLayout,
+    agree_seed,
     dequantize_sum,
+    expand_seed,
+    open_share_box,
     quantization_error_bound,
     quantize_delta,
+    reconstruct_secret,
+    ring_vector_from_bytes,
+    run_round_in_process,
+    share_box_aad,
+    split_secret,
 )
-from edge_runtime.secagg_shamir import PRIME, reconstruct_secret, split_secret
+from edge_runtime.wire import SchemaError
 
 DEVICES = tuple(f"school-{index}" for index in range(5))
 QUANTIZATION = QuantizationConfig(clip_bound=8.0)  # randn never reaches 8 sigma here
@@ -174,9 +170,10 @@ def assert_holds_only_masked_vectors(server: SecAggServer, inputs: dict) -> None
 def test_a_single_masked_input_looks_like_uniform_noise(inputs, monkeypatch):
     # Fixed keys and seeds (instead of OS randomness) make the p-values reproducible.
     rng = random.Random(7)
-    monkeypatch.setattr(secagg, "new_seed", lambda: rng.randbytes(32))
+    monkeypatch.setattr("edge_runtime.secagg.client.new_seed", lambda: rng.randbytes(32))
     monkeypatch.setattr(
-        secagg, "generate_key_pair", lambda: X25519PrivateKey.from_private_bytes(rng.randbytes(32))
+        "edge_runtime.secagg.client.generate_key_pair",
+        lambda: X25519PrivateKey.from_private_bytes(rng.randbytes(32)),
     )
     _, _, masked = setup_round(inputs)
     words = ring_vector_from_bytes(masked[DEVICES[0]].vector, 32).double().numpy()  # (9216,)

@@ -24,30 +24,31 @@ from coordinator.daemon import CoordinatorDaemon
 from coordinator.mosquitto import MosquittoProcess
 from coordinator.rounds import RoundManager
 from coordinator.scheduler import DeviceCandidate, RandomScheduler
-from coordinator.secure_store import SecurePhase
+from coordinator.secure.store import SecurePhase
 from coordinator.store import CoordinatorStore, RoundState
 from device_profiles.profile import find_profile
-from edge_runtime.broker_settings import BrokerSettings
-from edge_runtime.messages import SECURE_AGGREGATION_CAPABILITY
-from edge_runtime.protocol import (
+from edge_runtime.secagg import (
+    TensorLayout,
+    flatten_delta,
+    parse_roster,
+    quantization_error_bound,
+    quantization_of,
+    quantize_delta,
+)
+from edge_runtime.secagg_session import SecureSession
+from edge_runtime.wire import (
+    SECURE_AGGREGATION_CAPABILITY,
     Acknowledgement,
     AckStatus,
+    BrokerSettings,
     DeviceChannel,
     EnrollmentResponse,
     SecAggEnvelope,
     SecAggStep,
     TaskAssignment,
     decode_frame,
+    generate_private_key,
 )
-from edge_runtime.secagg_quantize import (
-    TensorLayout,
-    flatten_delta,
-    quantization_error_bound,
-    quantize_delta,
-)
-from edge_runtime.secagg_session import SecureSession
-from edge_runtime.secagg_wire import parse_roster, quantization_of
-from edge_runtime.signing import generate_private_key
 from tests.daemon_helpers import ScriptedDevice, wait_until
 
 pytestmark = pytest.mark.integration
@@ -400,7 +401,7 @@ def test_real_agents_run_a_secure_round(
 
 def _assignment(task: TaskConfig, device_id: str, server_round: int = 1) -> TaskAssignment:
     from coordinator.task_models import wire_task_spec
-    from edge_runtime.messages import TrainingPlan
+    from edge_runtime.wire import TrainingPlan
 
     return TaskAssignment(
         fleet="f",
@@ -416,8 +417,7 @@ def _assignment(task: TaskConfig, device_id: str, server_round: int = 1) -> Task
 
 
 def test_a_device_answers_a_repeated_step_the_same_and_refuses_a_different_one() -> None:
-    from edge_runtime.secagg_messages import SecAggRefusal
-    from edge_runtime.secagg_wire import roster_body
+    from edge_runtime.secagg import SecAggRefusal, roster_body
 
     task = TaskConfig(
         id="alpha", kind="classification", base_model="m", labels=("a", "b"),
@@ -452,8 +452,8 @@ def _device_message(frame: bytes) -> tuple[SecAggEnvelope, bytes]:
 def test_secure_round_in_process_with_central_dp_and_refusals(
     tmp_path: Path, tiny_bert_folder: Path
 ) -> None:
-    from edge_runtime.protocol import Update, UpdateEncoding
-    from edge_runtime.secagg_wire import message_body
+    from edge_runtime.secagg import message_body
+    from edge_runtime.wire import Update, UpdateEncoding
 
     manager = _manager(
         tmp_path,

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from edge_runtime.errors import SchemaError, SignatureError
-from edge_runtime.signing import (
+from edge_runtime.wire import (
+    SchemaError,
+    SignatureError,
     generate_private_key,
     load_private_key,
     public_key_from_hex,

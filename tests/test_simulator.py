@@ -14,11 +14,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from coordinator.sim_compare import SimulationSettings, compare, summarise
-from coordinator.sim_fleet import build_fleet, is_available
-from coordinator.simulator import gini
+from coordinator.simulation.compare import SimulationSettings, compare, summarise
+from coordinator.simulation.fleet import build_fleet, is_available
+from coordinator.simulation.simulator import gini
+from quantization.school_questions import load_questions
 from schoolfl.cli import cli
-from schoolfl.school_questions import load_questions
 
 SMALL = SimulationSettings(
     devices=24, schools=4, rounds=6, devices_per_round=6, deadline_seconds=60.0, seed=3
@@ -27,7 +27,7 @@ SMALL = SimulationSettings(
 
 @pytest.fixture(scope="module")
 def prepared():  # noqa: ANN201 - (fleet, data, shape)
-    from coordinator.sim_compare import prepare
+    from coordinator.simulation.compare import prepare
 
     torch.set_num_threads(1)
     return prepare(SMALL)

@@ -17,7 +17,7 @@ from quantization.task_model import TaskModelSpec, resolve_base_model
 
 pytestmark = pytest.mark.slow
 
-DATA = Path(__file__).resolve().parents[1] / "schoolfl" / "data" / "school_questions.jsonl"
+DATA = Path(__file__).resolve().parents[1] / "quantization" / "data" / "school_questions.jsonl"
 
 
 def _questions() -> list[LabelledText]:

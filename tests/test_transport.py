@@ -16,40 +16,43 @@ from collections.abc import Iterator
 import pytest
 
 from coordinator.mosquitto import MosquittoProcess
-from edge_runtime.chunking import ChunkReassembler, ChunkSender
-from edge_runtime.errors import ProtocolError, ReplayError, SignatureError, StaleRoundError
-from edge_runtime.protocol import (
+from edge_runtime.wire import (
     COORDINATOR_SENDER,
     Acknowledgement,
     AckStatus,
     ChunkHeader,
+    ChunkReassembler,
+    ChunkSender,
     DeviceChannel,
     DeviceState,
+    Ed25519PrivateKey,
     Frame,
     InboxChannel,
     Limits,
+    MqttTransport,
     PowerSource,
+    ProtocolError,
+    ReceivedMessage,
+    ReconnectConfig,
+    ReplayError,
+    SignatureError,
+    StaleRoundError,
+    TokenBucket,
     TransferStatus,
     TransferStatusRequest,
+    TransportConfig,
     Update,
     UpdateEncoding,
+    WillConfig,
     decode_frame,
     device_topic,
     encode_frame,
+    generate_private_key,
     inbox_topic,
     parse_device_topic,
     verify_frame,
 )
-from edge_runtime.replay import ReplayGuard, check_round
-from edge_runtime.signing import Ed25519PrivateKey, generate_private_key
-from edge_runtime.transport import (
-    MqttTransport,
-    ReceivedMessage,
-    ReconnectConfig,
-    TokenBucket,
-    TransportConfig,
-    WillConfig,
-)
+from tests.replay_guard import ReplayGuard, check_round
 
 pytestmark = pytest.mark.integration
 
@@ -466,7 +469,7 @@ def test_transport_config_validation() -> None:
 
 
 def test_mqtt5_session_round_trip(mosquitto: MosquittoProcess) -> None:
-    from edge_runtime.transport import MqttVersion
+    from edge_runtime.wire import MqttVersion
 
     receiver = _transport(mosquitto, "v5-receiver", protocol=MqttVersion.V5)
     receiver.subscribe("schoolfl/test/v5")

@@ -16,7 +16,7 @@ from cryptography.x509.oid import NameOID
 
 from coordinator.broker_config import hash_password_file
 from coordinator.mosquitto import MosquittoConfig, MosquittoProcess, find_mosquitto
-from edge_runtime.transport import MqttTransport, TlsConfig, TransportConfig, TransportError
+from edge_runtime.wire import MqttTransport, TlsConfig, TransportConfig, TransportError
 
 pytestmark = pytest.mark.integration
 

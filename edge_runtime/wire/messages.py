@@ -1,7 +1,7 @@
 """Message schemas: one frozen dataclass per message kind, validated in `__post_init__`.
 
-The dataclass *is* the schema: `edge_runtime.schema` converts to and from JSON driven by the
-annotations (and is re-exported here). `edge_runtime.protocol` re-exports the messages.
+The dataclass *is* the schema: `edge_runtime.wire.schema` converts to and from JSON driven by
+the annotations.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from edge_runtime.errors import SchemaError
-from edge_runtime.message_kinds import (
+from edge_runtime.wire.errors import SchemaError
+from edge_runtime.wire.message_kinds import (
     AckStatus,
     MessageKind,
     PowerSource,
@@ -21,50 +21,12 @@ from edge_runtime.message_kinds import (
     SecAggStep,
     UpdateEncoding,
 )
-from edge_runtime.schema import (
+from edge_runtime.wire.schema import (
     MAX_SAFE_INTEGER,
     check_identifier,
     check_range,
     check_sha256,
-    from_json_fields,
-    to_json_fields,
 )
-
-__all__ = [
-    "MAX_SAFE_INTEGER",
-    "MESSAGE_CLASSES",
-    "Acknowledgement",
-    "AckStatus",
-    "AssignmentDecline",
-    "ChunkHeader",
-    "CoordinatorStatus",
-    "DevicePrivacy",
-    "DeviceState",
-    "EnrollmentRequest",
-    "EnrollmentResponse",
-    "Message",
-    "MessageKind",
-    "ModelManifest",
-    "PowerSource",
-    "PrivacyMode",
-    "SecAggEnvelope",
-    "SecAggStep",
-    "SECURE_AGGREGATION_CAPABILITY",
-    "SecureAggregationSpec",
-    "TaskAssignment",
-    "TaskSpec",
-    "TrainingPlan",
-    "TransferStatus",
-    "TransferStatusRequest",
-    "Update",
-    "UpdateEncoding",
-    "check_identifier",
-    "check_range",
-    "check_sha256",
-    "from_json_fields",
-    "to_json_fields",
-    "update_id",
-]
 
 MAX_METRICS = 256
 SECURE_AGGREGATION_CAPABILITY = "secagg-v1"

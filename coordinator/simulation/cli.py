@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from schoolfl.atomic_files import atomic_write_text
+from durable.atomic_files import atomic_write_text
 
 
 @click.command("simulate")
@@ -73,7 +73,7 @@ def simulate_command(
     from rich.table import Table
 
     from coordinator.config import SCHEDULERS
-    from coordinator.sim_compare import (
+    from coordinator.simulation.compare import (
         SimulationSettings,
         compare,
         plot_accuracy,

@@ -34,11 +34,11 @@ class QuestionSplit:
 
 
 def questions_path() -> Path:
-    return Path(str(resources.files("schoolfl") / "data" / "school_questions.jsonl"))
+    return Path(str(resources.files("quantization") / "data" / "school_questions.jsonl"))
 
 
 def instructions_path() -> Path:
-    return Path(str(resources.files("schoolfl") / "data" / "instructions.jsonl"))
+    return Path(str(resources.files("quantization") / "data" / "instructions.jsonl"))
 
 
 def load_questions() -> list[LabelledText]:

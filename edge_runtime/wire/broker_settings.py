@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from edge_runtime.transport import TlsConfig, TransportConfig, WillConfig
+from edge_runtime.wire.transport import TlsConfig, TransportConfig, WillConfig
 
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 

@@ -29,8 +29,8 @@ from coordinator.config import TaskConfig
 from coordinator.fleet_history import FleetHistory, RoundOutcome
 from coordinator.plan_fitting import LadderLimits, PlanFitter, SchoolLink
 from coordinator.scheduler import DeviceCandidate, RoundContext, Scheduler, task_plan
-from coordinator.sim_fleet import SimDevice, SimFleet, is_available
-from coordinator.sim_training import ProxyTrainer
+from coordinator.simulation.fleet import SimDevice, SimFleet, is_available
+from coordinator.simulation.proxy_trainer import ProxyTrainer
 from device_profiles.cost_model import UPLOAD_BYTES_PER_PARAM, adapter_bytes
 from device_profiles.plan import TrainingPlan
 from device_profiles.shapes import ModelShape

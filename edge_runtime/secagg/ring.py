@@ -33,9 +33,10 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from edge_runtime.errors import CodecError, SchemaError
+from edge_runtime.wire import CodecError, SchemaError
 
 MAX_RING_BITS = 32
 MIN_RING_BITS = 8
@@ -184,3 +185,14 @@ def dequantize_sum(
     total = reduce_mod(ring_sum, config.ring_bits).to(torch.float64)  # (d,)
     flat = total / config.scale - num_inputs * config.clip_bound  # (d,)
     return unflatten_vector(flat, layout)
+
+
+def ring_vector_to_bytes(vector: torch.Tensor) -> bytes:
+    return vector.numpy().astype("<u4").tobytes()
+
+
+def ring_vector_from_bytes(data: bytes, ring_bits: int) -> torch.Tensor:
+    words = np.frombuffer(data, dtype="<u4").astype(np.int64)  # (d,)
+    if ring_bits < 32 and words.size and int(words.max()) >= 1 << ring_bits:
+        raise SchemaError(f"masked vector holds values outside the ring Z_2^{ring_bits}")
+    return torch.from_numpy(words)

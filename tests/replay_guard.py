@@ -13,8 +13,8 @@ import logging
 from collections import OrderedDict
 from pathlib import Path
 
-from edge_runtime.errors import ReplayError, StaleRoundError
-from schoolfl.atomic_files import atomic_write_bytes
+from durable.atomic_files import atomic_write_bytes
+from edge_runtime.wire import ReplayError, StaleRoundError
 
 logger = logging.getLogger(__name__)
 

@@ -15,11 +15,12 @@ transaction, and every message is inserted once (the first copy wins).
 from __future__ import annotations
 
 import enum
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from durable.sqlite import open_database
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS secure_rounds (
@@ -75,11 +76,7 @@ class SecureRoundStore:
     def __init__(self, path: Path, now: Callable[[], float] = time.time) -> None:
         self.path = Path(path)
         self._now = now
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        self._db = open_database(self.path, _SCHEMA)
 
     def close(self) -> None:
         self._db.close()

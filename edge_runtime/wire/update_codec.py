@@ -31,8 +31,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from edge_runtime.errors import CodecError, LimitExceededError
-from edge_runtime.messages import UpdateEncoding
+from edge_runtime.wire.errors import CodecError, LimitExceededError
+from edge_runtime.wire.message_kinds import UpdateEncoding
 
 CODEC_FORMAT = "schoolfl-update"
 CODEC_VERSION = "1"

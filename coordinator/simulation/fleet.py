@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 from coordinator.plan_fitting import SchoolLink
 from device_profiles.profile import DeviceProfile, find_profile
+from quantization.school_questions import dirichlet_shards
 from quantization.task_data import LabelledText
-from schoolfl.school_questions import dirichlet_shards
 
 SECONDS_PER_DAY = 24 * 3600.0
 START_HOUR = 8.0

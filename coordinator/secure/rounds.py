@@ -32,44 +32,43 @@ from coordinator.config import CoordinatorConfig, TaskConfig
 from coordinator.outgoing import Outgoing
 from coordinator.privacy import DpPolicy, central_noise_std
 from coordinator.school_policy import schools_below_minimum
-from coordinator.secure_store import SecurePhase, SecureRoundState, SecureRoundStore
+from coordinator.secure.store import SecurePhase, SecureRoundState, SecureRoundStore
 from coordinator.store import CoordinatorStore, RoundState, StoredUpdate, UpdateOutcome
 from coordinator.task_models import wire_task_spec
-from edge_runtime.errors import ProtocolError, SchemaError
-from edge_runtime.local_privacy import add_gaussian_noise, secure_generator
-from edge_runtime.messages import SecAggEnvelope, SecAggStep, SecureAggregationSpec
-from edge_runtime.protocol import (
-    COORDINATOR_SENDER,
-    AckStatus,
-    InboxChannel,
-    encode_frame,
-    inbox_topic,
-)
 from edge_runtime.secagg import (
+    AdvertiseKeys,
+    SecAggAbort,
     SecAggConfig,
     SecAggResult,
     SecAggServer,
-    ring_vector_from_bytes,
-)
-from edge_runtime.secagg_messages import (
-    AdvertiseKeys,
-    SecAggAbort,
     ShareKeys,
+    TensorLayout,
     UnmaskRequest,
     UnmaskResponse,
-)
-from edge_runtime.secagg_quantize import TensorLayout
-from edge_runtime.secagg_wire import (
     forwarded_body,
     masked_input_from_body,
     message_body,
     parse_message,
     quantization_of,
     reconstruction_threshold,
+    ring_vector_from_bytes,
     roster_body,
     secagg_round_id,
 )
-from edge_runtime.signing import Ed25519PrivateKey
+from edge_runtime.wire import (
+    COORDINATOR_SENDER,
+    AckStatus,
+    Ed25519PrivateKey,
+    InboxChannel,
+    ProtocolError,
+    SchemaError,
+    SecAggEnvelope,
+    SecAggStep,
+    SecureAggregationSpec,
+    encode_frame,
+    inbox_topic,
+)
+from quantization.adapter_deltas import add_gaussian_noise, secure_generator
 
 logger = logging.getLogger(__name__)
 

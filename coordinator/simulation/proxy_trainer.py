@@ -22,13 +22,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from coordinator.lora_ranks import scaled_alpha, truncate_to_rank
 from quantization.adapters import (
     AdapterConfig,
     attach_adapter,
     get_adapter_state,
     set_adapter_state,
 )
+from quantization.lora_ranks import scaled_alpha, truncate_to_rank
 from quantization.task_data import LabelledText
 
 logger = logging.getLogger(__name__)

@@ -15,10 +15,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
-from edge_runtime.errors import SchemaError
-from edge_runtime.schema import check_identifier
-from edge_runtime.secagg_crypto import NONCE_BYTES
-from edge_runtime.secagg_shamir import SHARE_BYTES
+from edge_runtime.secagg.crypto import NONCE_BYTES
+from edge_runtime.secagg.shamir import SHARE_BYTES
+from edge_runtime.wire import SchemaError, check_identifier
 
 SECAGG_SCHEMA_VERSION = 1
 PUBLIC_KEY_BYTES = 32

@@ -1,7 +1,6 @@
-"""The wire protocol: topics, message kinds, limits and the frame codec.
+"""The frame codec: limits, encoding, decoding and verification of one wire message.
 
-This module is the single source of truth that the agent and the coordinator share. A
-message on the wire is a *frame*:
+A message on the wire is a *frame*:
 
     offset  size  field
     0       2     magic b"SF"
@@ -15,15 +14,13 @@ message on the wire is a *frame*:
 The header names the body's length and sha256, so a signature over the header covers the
 body as well, and the signature is over the exact header bytes (no re-canonicalisation on
 the receiving side). Every size is checked against `Limits` before anything is parsed or
-allocated. Decoders raise only `ProtocolError` subclasses (see `edge_runtime.errors`).
+allocated. Decoders raise only `ProtocolError` subclasses (see `edge_runtime.wire.errors`).
 
-Topics (MQTT 3.1.1 is enough): see `device_topic`, `inbox_topic`, `coordinator_status_topic`,
-`model_manifest_topic`, `model_blob_topic` and docs/protocol.md.
+Topics are in `edge_runtime.wire.topics`; docs/protocol.md has both.
 """
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import json
 import math
@@ -32,109 +29,36 @@ import time
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from edge_runtime.errors import (
+from edge_runtime.wire.errors import (
     FrameError,
     LimitExceededError,
-    ProtocolError,
     SchemaError,
     SignatureError,
     UnsupportedVersionError,
 )
-from edge_runtime.messages import (
-    MESSAGE_CLASSES,
-    Acknowledgement,
-    AckStatus,
-    AssignmentDecline,
-    ChunkHeader,
-    CoordinatorStatus,
-    DeviceState,
-    EnrollmentRequest,
-    EnrollmentResponse,
-    Message,
-    MessageKind,
-    ModelManifest,
-    PowerSource,
-    SecAggEnvelope,
-    SecAggStep,
-    SecureAggregationSpec,
-    TaskAssignment,
-    TaskSpec,
-    TrainingPlan,
-    TransferStatus,
-    TransferStatusRequest,
-    Update,
-    UpdateEncoding,
+from edge_runtime.wire.message_kinds import MessageKind
+from edge_runtime.wire.messages import MESSAGE_CLASSES, EnrollmentRequest, Message
+from edge_runtime.wire.schema import (
     check_identifier,
     check_sha256,
     from_json_fields,
     to_json_fields,
-    update_id,
 )
-from edge_runtime.signing import (
+from edge_runtime.wire.signing import (
+    SIGNATURE_BYTES,
     Ed25519PrivateKey,
     Ed25519PublicKey,
     public_key_from_hex,
     sign,
     verify,
 )
-
-__all__ = [
-    "PROTOCOL_VERSION",
-    "SUPPORTED_VERSIONS",
-    "TOPIC_ROOT",
-    "COORDINATOR_SENDER",
-    "Acknowledgement",
-    "AckStatus",
-    "AssignmentDecline",
-    "ChunkHeader",
-    "CoordinatorStatus",
-    "DeviceChannel",
-    "DeviceState",
-    "EnrollmentRequest",
-    "EnrollmentResponse",
-    "Frame",
-    "InboxChannel",
-    "Limits",
-    "DEFAULT_LIMITS",
-    "Message",
-    "MessageKind",
-    "ModelManifest",
-    "PowerSource",
-    "ProtocolError",
-    "SecAggEnvelope",
-    "SecAggStep",
-    "SecureAggregationSpec",
-    "TaskAssignment",
-    "TaskSpec",
-    "TrainingPlan",
-    "TransferStatus",
-    "TransferStatusRequest",
-    "Update",
-    "UpdateEncoding",
-    "coordinator_status_topic",
-    "coordinator_subscriptions",
-    "decode_frame",
-    "device_subscriptions",
-    "device_topic",
-    "encode_frame",
-    "inbox_topic",
-    "model_blob_topic",
-    "model_manifest_topic",
-    "parse_device_topic",
-    "update_id",
-    "verify_enrollment_request",
-    "verify_frame",
-]
+from edge_runtime.wire.topics import COORDINATOR_SENDER
 
 PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS = frozenset({1})
 MAGIC = b"SF"
 FLAG_SIGNED = 0x01
 _PREFIX = struct.Struct(">2sBBI")
-SIGNATURE_BYTES = 64
-TOPIC_ROOT = "schoolfl"
-COORDINATOR_SENDER = "coordinator"
-"""The `sender` of every coordinator frame; devices send their device id."""
 
 
 @dataclass(frozen=True)
@@ -163,103 +87,6 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
-# ----------------------------------------------------------------------------- topics
-
-
-class DeviceChannel(enum.Enum):
-    """Topics a device publishes to, under `schoolfl/<fleet>/dev/<device>/`."""
-
-    ENROLL = "enroll"
-    STATE = "state"
-    UPDATE = "update"
-    CHUNK = "chunk"
-    TRANSFER = "transfer"
-    """Transfer status requests (about uploads) and replies (about downloads)."""
-    SECAGG = "secagg"
-    """Secure-aggregation steps (`SecAggEnvelope`); a large masked input goes as chunks."""
-
-
-class InboxChannel(enum.Enum):
-    """Topics the coordinator publishes to one device, under `schoolfl/<fleet>/to/<device>/`."""
-
-    ENROLLED = "enrolled"
-    TASK = "task"
-    ACK = "ack"
-    TRANSFER = "transfer"
-    SECAGG = "secagg"
-
-
-def device_topic(fleet: str, device_id: str, channel: DeviceChannel) -> str:
-    """A device-owned topic; the broker ACL lets only that device publish here."""
-    check_identifier("fleet", fleet)
-    check_identifier("device_id", device_id)
-    return f"{TOPIC_ROOT}/{fleet}/dev/{device_id}/{channel.value}"
-
-
-def inbox_topic(fleet: str, device_id: str, channel: InboxChannel) -> str:
-    """A coordinator-owned topic addressed to one device; that device may only read it."""
-    check_identifier("fleet", fleet)
-    check_identifier("device_id", device_id)
-    return f"{TOPIC_ROOT}/{fleet}/to/{device_id}/{channel.value}"
-
-
-def coordinator_status_topic(fleet: str) -> str:
-    """Retained CoordinatorStatus with a last will; devices read only."""
-    check_identifier("fleet", fleet)
-    return f"{TOPIC_ROOT}/{fleet}/coord/status"
-
-
-def model_manifest_topic(fleet: str, task: str) -> str:
-    """Retained ModelManifest of the task's current global adapter."""
-    check_identifier("fleet", fleet)
-    check_identifier("task", task)
-    return f"{TOPIC_ROOT}/{fleet}/coord/model/{task}/manifest"
-
-
-def model_blob_topic(fleet: str, version: str, index: int) -> str:
-    """Retained chunk `index` of an adapter body, content-addressed by its sha256, so the
-    body is published once per version however many devices fetch it."""
-    check_identifier("fleet", fleet)
-    check_sha256("version", version)
-    return f"{TOPIC_ROOT}/{fleet}/coord/blob/{version}/{index}"
-
-
-def coordinator_subscriptions(fleet: str) -> list[str]:
-    """Filters the coordinator subscribes to: every device's subtree."""
-    check_identifier("fleet", fleet)
-    return [f"{TOPIC_ROOT}/{fleet}/dev/+/{channel.value}" for channel in DeviceChannel]
-
-
-def device_subscriptions(fleet: str, device_id: str) -> list[str]:
-    """Filters a device subscribes to: its inbox and the coordinator's status.
-
-    Model manifests and blobs are subscribed per task/version when needed."""
-    return [
-        f"{TOPIC_ROOT}/{fleet}/to/{device_id}/#",
-        coordinator_status_topic(fleet),
-    ]
-
-
-def parse_device_topic(topic: str) -> tuple[str, str, DeviceChannel]:
-    """(fleet, device_id, channel) of a device-owned topic.
-
-    The coordinator checks that a frame's `sender` equals the device id in its topic, so
-    a device that the ACL confines to its subtree cannot speak for another one."""
-    parts = topic.split("/")
-    if len(parts) != 5 or parts[0] != TOPIC_ROOT or parts[2] != "dev":
-        raise SchemaError(
-            f"expected {TOPIC_ROOT}/<fleet>/dev/<device>/<channel>, got {topic!r:.200}"
-        )
-    check_identifier("fleet", parts[1])
-    check_identifier("device_id", parts[3])
-    try:
-        channel = DeviceChannel(parts[4])
-    except ValueError as error:
-        raise SchemaError(f"unknown device channel {parts[4]!r:.40} in {topic!r:.200}") from error
-    return parts[1], parts[3], channel
-
-
-# ----------------------------------------------------------------------------- frames
 
 M = TypeVar("M")
 

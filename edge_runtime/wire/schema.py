@@ -18,7 +18,7 @@ import types
 import typing
 from typing import Any, TypeVar, Union
 
-from edge_runtime.errors import SchemaError
+from edge_runtime.wire.errors import SchemaError
 
 MAX_STRING_CHARS = 4096
 MAX_SEQUENCE_ITEMS = 65536

@@ -47,7 +47,9 @@ import torch
 from torch import nn
 
 from coordinator.config import TaskConfig
-from coordinator.onnx_report import (
+from durable.atomic_files import atomic_write_text, fsync_directory
+from quantization.errors import QuantizationError
+from quantization.export.onnx_report import (
     FP32_FILE,
     INT8_FILE,
     LABELS_FILE,
@@ -56,12 +58,10 @@ from coordinator.onnx_report import (
     OnnxExportReport,
     missing_onnx_packages,
 )
-from quantization.errors import QuantizationError
 from quantization.loader import load_quantized
 from quantization.models import load_tokenizer
 from quantization.task_data import LocalDataError, read_labelled_texts
 from quantization.task_model import resolve_base_model
-from schoolfl.atomic_files import atomic_write_text, fsync_directory
 
 logger = logging.getLogger(__name__)
 
@@ -263,7 +263,7 @@ def export_graph(model: nn.Module, tokenizer: object, path: Path, max_length: in
 
 def check_graph(model: nn.Module, tokenizer: object, path: Path, max_length: int) -> None:
     """The fp32 graph must reproduce PyTorch on a batch shaped unlike the traced one."""
-    from coordinator import onnx_predict
+    from quantization.export import onnx_predict
 
     texts = [
         "how do volcanoes form",
@@ -318,7 +318,7 @@ def _opset(path: Path) -> int:
 
 
 def _write_inference_files(folder: Path, task: TaskConfig, tokenizer: object) -> None:
-    from coordinator import onnx_predict
+    from quantization.export import onnx_predict
 
     tokenizer.save_pretrained(str(folder))  # type: ignore[attr-defined]
     if not (folder / "tokenizer.json").is_file():
@@ -346,7 +346,7 @@ def _agreement_metrics(
     request: OnnxExportRequest,
 ) -> dict[str, float | int | None]:
     """Held-out accuracy of PyTorch and both ONNX graphs, and their agreement."""
-    from coordinator import onnx_predict
+    from quantization.export import onnx_predict
 
     eval_file = request.held_out_file
     empty: dict[str, float | int | None] = {

@@ -18,17 +18,16 @@ import hashlib
 import json
 from typing import Any
 
-from edge_runtime.errors import SchemaError
-from edge_runtime.messages import SecureAggregationSpec
-from edge_runtime.secagg_messages import (
+from edge_runtime.secagg.in_process import MessageT
+from edge_runtime.secagg.messages import (
     MAX_DEVICES,
     AdvertiseKeys,
     MaskedInput,
-    MessageT,
     SecAggMessage,
     ShareKeys,
 )
-from edge_runtime.secagg_quantize import QuantizationConfig
+from edge_runtime.secagg.ring import QuantizationConfig
+from edge_runtime.wire import SchemaError, SecureAggregationSpec
 
 MAX_JSON_BODY_BYTES = 4 * 1024 * 1024
 """A roster or a set of share boxes of MAX_DEVICES devices stays far below this."""

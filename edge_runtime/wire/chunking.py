@@ -21,17 +21,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
-from edge_runtime.errors import ChunkError, LimitExceededError
-from edge_runtime.protocol import (
-    DEFAULT_LIMITS,
-    ChunkHeader,
-    Frame,
-    Limits,
-    TransferStatus,
-    TransferStatusRequest,
-    decode_frame,
-    encode_frame,
-)
+from edge_runtime.wire.errors import ChunkError, LimitExceededError
+from edge_runtime.wire.frames import DEFAULT_LIMITS, Frame, Limits, decode_frame, encode_frame
+from edge_runtime.wire.messages import ChunkHeader, TransferStatus, TransferStatusRequest
 
 logger = logging.getLogger(__name__)
 

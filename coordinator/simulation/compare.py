@@ -15,9 +15,15 @@ from pathlib import Path
 import torch
 
 from coordinator.config import TaskConfig
-from coordinator.sim_fleet import SimFleet, build_fleet
-from coordinator.simulator import EvalPoint, SimulationData, SimulationResult, gini, prepare_data
-from coordinator.simulator import simulate as simulate_one
+from coordinator.simulation.fleet import SimFleet, build_fleet
+from coordinator.simulation.simulator import (
+    EvalPoint,
+    SimulationData,
+    SimulationResult,
+    gini,
+    prepare_data,
+)
+from coordinator.simulation.simulator import simulate as simulate_one
 from coordinator.utility_scheduler import scheduler_named
 from device_profiles.shapes import ModelShape, resolve_shape
 
@@ -129,7 +135,7 @@ def prepare(
 ) -> tuple[SimFleet, SimulationData, ModelShape]:
     """Build the fleet and embed its questions with the frozen MiniLM (once per comparison;
     pass `embedded`, from `embed_all_questions`, to reuse embeddings across seeds)."""
-    from schoolfl.school_questions import load_questions
+    from quantization.school_questions import load_questions
 
     fleet = build_fleet(
         load_questions(), devices=settings.devices, schools=settings.schools, seed=settings.seed
@@ -142,8 +148,8 @@ def prepare(
 
 def embed_all_questions() -> dict[str, torch.Tensor]:
     """MiniLM-L6 embeddings of every shipped question, by text."""
-    from coordinator.sim_training import embed_questions
-    from schoolfl.school_questions import load_questions
+    from coordinator.simulation.proxy_trainer import embed_questions
+    from quantization.school_questions import load_questions
 
     questions = load_questions()
     vectors = embed_questions(questions)
@@ -186,7 +192,7 @@ def plot_accuracy(results: Sequence[SimulationResult], target: float, path: Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from schoolfl.atomic_files import atomic_write_bytes
+    from durable.atomic_files import atomic_write_bytes
 
     figure, axis = plt.subplots(figsize=(8, 4.5))
     for result in results:

@@ -19,8 +19,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from edge_runtime.errors import SchemaError, SignatureError
-from schoolfl.atomic_files import atomic_write_bytes
+from durable.atomic_files import atomic_write_bytes
+from edge_runtime.wire.errors import SchemaError, SignatureError
 
 logger = logging.getLogger(__name__)
 
@@ -29,20 +29,6 @@ PUBLIC_KEY_HEX_CHARS = 64
 SIGNATURE_CONTEXT = b"schoolfl/frame-signature/v1\x00"
 """Prefix of every signed byte string, so a signature made for a frame can never be
 replayed as a signature over some other kind of data."""
-
-__all__ = [
-    "Ed25519PrivateKey",
-    "Ed25519PublicKey",
-    "atomic_write_bytes",
-    "generate_private_key",
-    "load_private_key",
-    "public_key_from_hex",
-    "public_key_hex",
-    "save_private_key",
-    "sign",
-    "verify",
-]
-
 
 def generate_private_key() -> Ed25519PrivateKey:
     """A fresh device or coordinator key."""

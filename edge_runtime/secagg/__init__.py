@@ -1,0 +1,93 @@
+"""Secure aggregation (Bonawitz et al., CCS 2017), shared by both daemons: crypto, Shamir
+sharing, the ring encoding, messages, client and server, and the bodies of the
+`SecAggEnvelope` frames that carry them over MQTT.
+
+The public door: code outside `edge_runtime.secagg` imports from here.
+"""
+
+from edge_runtime.secagg.bodies import (
+    forwarded_body,
+    masked_input_from_body,
+    message_body,
+    parse_forwarded,
+    parse_message,
+    parse_roster,
+    quantization_of,
+    reconstruction_threshold,
+    roster_body,
+    secagg_round_id,
+)
+from edge_runtime.secagg.client import SecAggClient
+from edge_runtime.secagg.config import SecAggConfig, SecAggResult
+from edge_runtime.secagg.crypto import (
+    SHARE_BOX_PURPOSE,
+    agree_seed,
+    expand_seed,
+    open_share_box,
+    share_box_aad,
+)
+from edge_runtime.secagg.in_process import run_round_in_process
+from edge_runtime.secagg.messages import (
+    SECAGG_MESSAGE_CLASSES,
+    AdvertiseKeys,
+    MaskedInput,
+    SecAggAbort,
+    SecAggError,
+    SecAggRefusal,
+    ShareKeys,
+    UnmaskRequest,
+    UnmaskResponse,
+)
+from edge_runtime.secagg.ring import (
+    QuantizationConfig,
+    TensorLayout,
+    dequantize_sum,
+    flatten_delta,
+    quantization_error_bound,
+    quantize_delta,
+    ring_vector_from_bytes,
+)
+from edge_runtime.secagg.server import SecAggServer
+from edge_runtime.secagg.shamir import PRIME, reconstruct_secret, split_secret
+
+__all__ = [
+    "AdvertiseKeys",
+    "MaskedInput",
+    "PRIME",
+    "QuantizationConfig",
+    "SECAGG_MESSAGE_CLASSES",
+    "SHARE_BOX_PURPOSE",
+    "SecAggAbort",
+    "SecAggClient",
+    "SecAggConfig",
+    "SecAggError",
+    "SecAggRefusal",
+    "SecAggResult",
+    "SecAggServer",
+    "ShareKeys",
+    "TensorLayout",
+    "UnmaskRequest",
+    "UnmaskResponse",
+    "agree_seed",
+    "dequantize_sum",
+    "expand_seed",
+    "flatten_delta",
+    "forwarded_body",
+    "masked_input_from_body",
+    "message_body",
+    "open_share_box",
+    "parse_forwarded",
+    "parse_message",
+    "parse_roster",
+    "quantization_error_bound",
+    "quantization_of",
+    "quantize_delta",
+    "reconstruct_secret",
+    "reconstruction_threshold",
+    "ring_vector_from_bytes",
+    "roster_body",
+    "run_round_in_process",
+    "secagg_round_id",
+    "share_box_aad",
+    "split_secret",
+]
