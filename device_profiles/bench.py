@@ -1,8 +1,10 @@
 """`schoolfl profile bench`: measure this machine and write a measured profile.
 
-The measurements run in `bench_worker` (a server that forks a fresh child per grid point, so
-each point's peak RSS is that of one process); this module chooses the grid, drives the
-server, optionally probes the broker, fits the calibration and assembles the profile.
+The measurements run in `quantization.bench_worker` (a server that forks a fresh child per
+grid point, so each point's peak RSS is that of one process; it lives beside the quantized
+layers it measures, and this package reaches it only as a subprocess, never by import); this
+module chooses the grid, drives the server, optionally probes the broker, fits the
+calibration and assembles the profile.
 """
 
 from __future__ import annotations
@@ -130,7 +132,7 @@ class PointResult:
 class WorkerServer:
     """The `bench_worker` process: start once, `request()` many times, `stop()`."""
 
-    command = (sys.executable, "-m", "device_profiles.bench_worker")
+    command = (sys.executable, "-m", "quantization.bench_worker")
 
     def __init__(self, timeout_seconds: float = 120.0) -> None:
         self._log = tempfile.TemporaryFile(mode="w+")

@@ -2,7 +2,7 @@
 
 Importing torch + transformers + peft costs ~10 s on the benchmark laptop and far more on a
 Raspberry Pi, so a fresh interpreter per grid point would make the bench unusably slow. This
-module runs as a small server (`python -m device_profiles.bench_worker`): it imports the
+module runs as a small server (`python -m quantization.bench_worker`): it imports the
 libraries once, then forks a fresh child for every request read from stdin (one JSON object
 per line) and answers one JSON line on stdout. Each child builds its model, quantizes it,
 attaches the adapter, resets the kernel's peak-RSS mark, trains, and exits; the server reads
