@@ -1,1 +1,3 @@
-"""The coordinator daemon: registry, scheduler, rounds, aggregation, store, operations."""
+"""The coordinator daemon: store, scheduler, rounds, aggregation, privacy, school policies and
+operations (`schoolfl coordinator`); secure rounds in `coordinator.secure`, the fleet simulator
+in `coordinator.simulation`."""

@@ -21,100 +21,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from coordinator.store_schema import SCHEMA, SCHEMA_VERSION
 from durable.sqlite import open_database
 
 logger = logging.getLogger(__name__)
-
-SCHEMA_VERSION = 1
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS devices (
-    device_id TEXT PRIMARY KEY,
-    school TEXT NOT NULL,
-    public_key BLOB NOT NULL,
-    profile_toml TEXT NOT NULL,
-    enrolled_at REAL NOT NULL,
-    revoked_at REAL
-);
-CREATE TABLE IF NOT EXISTS enrollment_tokens (
-    token_sha256 TEXT PRIMARY KEY,
-    school TEXT NOT NULL,
-    expires_at REAL NOT NULL,
-    used_by TEXT
-);
-CREATE TABLE IF NOT EXISTS rounds (
-    task_id TEXT NOT NULL,
-    round_number INTEGER NOT NULL,
-    state TEXT NOT NULL,
-    base_version INTEGER NOT NULL,
-    opened_at REAL NOT NULL,
-    deadline REAL NOT NULL,
-    closed_at REAL,
-    reason TEXT,
-    metrics_json TEXT NOT NULL DEFAULT '{}',
-    PRIMARY KEY (task_id, round_number)
-);
-CREATE TABLE IF NOT EXISTS rejections (
-    at REAL NOT NULL,
-    device_id TEXT,
-    category TEXT NOT NULL,
-    reason TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS assignments (
-    task_id TEXT NOT NULL,
-    round_number INTEGER NOT NULL,
-    device_id TEXT NOT NULL,
-    plan_json TEXT NOT NULL,
-    declined_reason TEXT,
-    PRIMARY KEY (task_id, round_number, device_id)
-);
-CREATE TABLE IF NOT EXISTS updates (
-    update_id TEXT PRIMARY KEY,
-    task_id TEXT NOT NULL,
-    round_number INTEGER NOT NULL,
-    device_id TEXT NOT NULL,
-    num_samples INTEGER NOT NULL,
-    num_steps INTEGER NOT NULL,
-    metrics_json TEXT NOT NULL,
-    body BLOB NOT NULL,
-    received_at REAL NOT NULL,
-    UNIQUE (task_id, round_number, device_id)
-);
-CREATE TABLE IF NOT EXISTS adapter_versions (
-    task_id TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    round_number INTEGER,
-    sha256 TEXT NOT NULL,
-    folder TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    metrics_json TEXT NOT NULL DEFAULT '{}',
-    PRIMARY KEY (task_id, version)
-);
-CREATE TABLE IF NOT EXISTS privacy_rounds (
-    task_id TEXT NOT NULL,
-    round_number INTEGER NOT NULL,
-    eligible_devices INTEGER NOT NULL,
-    participants INTEGER NOT NULL,
-    sampling_probability REAL NOT NULL,
-    clip_norm REAL NOT NULL,
-    noise_multiplier REAL NOT NULL,
-    epsilon REAL NOT NULL,
-    delta REAL NOT NULL,
-    secure_aggregation INTEGER NOT NULL,
-    PRIMARY KEY (task_id, round_number)
-);
-CREATE TABLE IF NOT EXISTS privacy_stops (
-    task_id TEXT PRIMARY KEY,
-    round_number INTEGER NOT NULL,
-    epsilon REAL NOT NULL,
-    budget REAL NOT NULL,
-    delta REAL NOT NULL,
-    reason TEXT NOT NULL,
-    at REAL NOT NULL
-);
-"""
-
 
 class StoreError(RuntimeError):
     """The store file is unusable (wrong schema version, not a schoolfl store)."""
@@ -234,7 +144,7 @@ class CoordinatorStore:
     def __init__(self, path: Path, now: Callable[[], float] = time.time) -> None:
         self.path = Path(path)
         self._now = now
-        self._db = open_database(self.path, _SCHEMA)
+        self._db = open_database(self.path, SCHEMA)
         row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         if row is None:
             self._db.execute(

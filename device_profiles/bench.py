@@ -254,41 +254,54 @@ def _hardware(threads: int) -> Hardware:
     )
 
 
-def run_bench(
-    config: BenchConfig,
-    on_progress: Callable[[str, int, int], None] | None = None,
-) -> DeviceProfile:
-    """Measure the machine, the grid and (with a broker) the link; return a measured profile."""
-    report = on_progress or (lambda label, done, total: None)
-    total = len(config.points) + 1 + (1 if config.broker_url else 0)
-    report("starting measurement server", 0, total)
-    server = WorkerServer()
-    try:
-        machine = server.request(
-            {"op": "machine", "threads": config.threads, "id": "machine"},
-            config.point_timeout_seconds,
+ProgressReport = Callable[[str, int, int], None]
+"""`on_progress(label, done, total)`: the CLI's progress bar (a no-op when none is given)."""
+
+
+def _measure_machine(server: WorkerServer, config: BenchConfig) -> dict[str, Any]:
+    """The server's matmul and bandwidth answer; without it no profile can be built, so fail."""
+    machine = server.request(
+        {"op": "machine", "threads": config.threads, "id": "machine"},
+        config.point_timeout_seconds,
+    )
+    if not machine.get("ok"):
+        raise BenchError(f"machine measurement failed: {machine.get('error')}")
+    return machine
+
+
+def _usable_schemes(machine: dict[str, Any]) -> list[str]:
+    """The worker names each scheme with the reason it cannot run here, or None if it can."""
+    return sorted(name for name, reason in machine["schemes"].items() if reason is None)
+
+
+def _measure_grid(
+    server: WorkerServer, config: BenchConfig, report: ProgressReport, total: int
+) -> list[PointResult]:
+    """Every grid point, reported as it finishes (steps 0 and 1 were the server and machine)."""
+    results = []
+    for done, result in enumerate(measure_points(server, config, config.points), start=2):
+        results.append(result)
+        plan = result.point.plan
+        report(
+            f"{result.point.model_shape.name} {plan.scheme} r{plan.rank} "
+            f"b{plan.batch_size} s{plan.seq_len}",
+            done,
+            total,
         )
-        if not machine.get("ok"):
-            raise BenchError(f"machine measurement failed: {machine.get('error')}")
-        usable = sorted(name for name, reason in machine["schemes"].items() if reason is None)
-        report("matmul and memory bandwidth", 1, total)
-        results = []
-        for done, result in enumerate(measure_points(server, config, config.points), start=2):
-            results.append(result)
-            plan = result.point.plan
-            report(
-                f"{result.point.model_shape.name} {plan.scheme} r{plan.rank} "
-                f"b{plan.batch_size} s{plan.seq_len}",
-                done,
-                total,
-            )
-        baseline = server.baseline_rss_bytes
-    finally:
-        server.stop()
+    return results
+
+
+def _successful(results: list[PointResult]) -> list[PointResult]:
+    """Failed points are dropped; a grid with none left has nothing to calibrate on."""
     good = [r for r in results if not r.error]
     if not good:
         errors = "; ".join(sorted({r.error for r in results}))
         raise BenchError(f"no grid point could be measured: {errors}")
+    return good
+
+
+def _network(config: BenchConfig, report: ProgressReport, total: int) -> Network:
+    """The broker link when one is given, else placeholder figures labelled as assumed."""
     network = Network(
         down_mbps=100.0,
         up_mbps=20.0,
@@ -305,54 +318,97 @@ def run_bench(
             sources=dict.fromkeys(("down_mbps", "up_mbps", "rtt_ms"), source),
         )
         report("broker round trip", total, total)
+    return network
+
+
+def _throughput(
+    machine: dict[str, Any], usable: list[str], baseline: int, threads: int, measured: str
+) -> Throughput:
+    """No GPU path is benchmarked yet, so its rate is recorded as zero (measured as absent)."""
+    return Throughput(
+        cpu_fp32_gflops=float(machine["cpu_fp32_gflops"]),
+        gpu_fp32_gflops=0.0,
+        memory_bandwidth_gbps=float(machine["memory_bandwidth_gbps"]),
+        quant_schemes=tuple(usable),
+        baseline_rss_bytes=baseline,
+        threads=threads,
+        sources=dict.fromkeys(
+            (
+                "cpu_fp32_gflops",
+                "gpu_fp32_gflops",
+                "memory_bandwidth_gbps",
+                "baseline_rss_bytes",
+            ),
+            measured,
+        ),
+    )
+
+
+def _measurement(result: PointResult) -> Measurement:
+    """A grid point as the profile stores it, so the calibration can be refitted later."""
+    return Measurement(
+        model=result.point.model_shape.name,
+        scheme=result.point.plan.scheme,
+        rank=result.point.plan.rank,
+        batch_size=result.point.plan.batch_size,
+        seq_len=result.point.plan.seq_len,
+        step_seconds=result.step_seconds,
+        peak_rss_bytes=result.peak_rss_bytes,
+        load_peak_rss_bytes=result.load_peak_rss_bytes,
+        step_seconds_spread=result.step_seconds_spread,
+        step_cpu_seconds=result.step_cpu_seconds,
+    )
+
+
+def _uncalibrated_profile(
+    config: BenchConfig,
+    machine: dict[str, Any],
+    usable: list[str],
+    baseline: int,
+    good: list[PointResult],
+    network: Network,
+) -> DeviceProfile:
+    """The measured profile with default coefficients: the fit needs its rates to start from."""
     now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
     measured = f"measured by schoolfl profile bench at {now}"
     battery = psutil.sensors_battery() if hasattr(psutil, "sensors_battery") else None
-    profile = DeviceProfile(
+    return DeviceProfile(
         name=config.name,
         kind="measured",
         description=f"{platform.node()} measured with {config.threads} torch thread(s)",
         measured_at=now,
         hardware=_hardware(config.threads),
-        throughput=Throughput(
-            cpu_fp32_gflops=float(machine["cpu_fp32_gflops"]),
-            gpu_fp32_gflops=0.0,
-            memory_bandwidth_gbps=float(machine["memory_bandwidth_gbps"]),
-            quant_schemes=tuple(usable),
-            baseline_rss_bytes=baseline,
-            threads=config.threads,
-            sources=dict.fromkeys(
-                (
-                    "cpu_fp32_gflops",
-                    "gpu_fp32_gflops",
-                    "memory_bandwidth_gbps",
-                    "baseline_rss_bytes",
-                ),
-                measured,
-            ),
-        ),
+        throughput=_throughput(machine, usable, baseline, config.threads, measured),
         network=network,
         power=Power(
             source="battery+mains" if battery else "mains",
             sources={"source": "measured: psutil.sensors_battery"},
         ),
         calibration=Calibration(),
-        measurements=tuple(
-            Measurement(
-                model=r.point.model_shape.name,
-                scheme=r.point.plan.scheme,
-                rank=r.point.plan.rank,
-                batch_size=r.point.plan.batch_size,
-                seq_len=r.point.plan.seq_len,
-                step_seconds=r.step_seconds,
-                peak_rss_bytes=r.peak_rss_bytes,
-                load_peak_rss_bytes=r.load_peak_rss_bytes,
-                step_seconds_spread=r.step_seconds_spread,
-                step_cpu_seconds=r.step_cpu_seconds,
-            )
-            for r in good
-        ),
+        measurements=tuple(_measurement(r) for r in good),
     )
+
+
+def run_bench(
+    config: BenchConfig,
+    on_progress: ProgressReport | None = None,
+) -> DeviceProfile:
+    """Measure the machine, the grid and (with a broker) the link; return a measured profile."""
+    report = on_progress or (lambda label, done, total: None)
+    total = len(config.points) + 1 + (1 if config.broker_url else 0)
+    report("starting measurement server", 0, total)
+    server = WorkerServer()
+    try:
+        machine = _measure_machine(server, config)
+        usable = _usable_schemes(machine)
+        report("matmul and memory bandwidth", 1, total)
+        results = _measure_grid(server, config, report, total)
+        baseline = server.baseline_rss_bytes
+    finally:
+        server.stop()
+    good = _successful(results)
+    network = _network(config, report, total)
+    profile = _uncalibrated_profile(config, machine, usable, baseline, good, network)
     observations = observations_from(profile)
     calibration = fit_calibration(
         profile, observations, source=f"fitted on {len(observations)} measured points"

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from device_profiles.cost_model import count_step
+from device_profiles.cost_model import StepCounts, count_step
 from device_profiles.plan import TrainingPlan
 from device_profiles.profile import Calibration, DeviceProfile
 from device_profiles.shapes import ModelShape
@@ -81,43 +81,45 @@ def _fit(features: np.ndarray, target: np.ndarray, prior: np.ndarray) -> np.ndar
     return solution
 
 
-def fit_calibration(
-    profile: DeviceProfile, observations: Sequence[Observation], source: str = ""
-) -> Calibration:
-    """Calibration that best explains `observations` on `profile`'s measured rates."""
-    if not observations:
-        raise ValueError("fit_calibration needs at least one observation")
+_CALIBRATED_FIELDS = (
+    "flop_efficiency",
+    "memory_efficiency",
+    "dequant_int8",
+    "dequant_nf4",
+    "per_layer_seconds",
+    "fixed_seconds",
+    "activation_factor_encoder",
+    "activation_factor_decoder",
+    "dequant_memory_fraction",
+    "memory_overhead_bytes",
+)
+"""Every coefficient the fit sets, so each can cite the fit as its source."""
+
+
+def _time_features(profile: DeviceProfile, counts: Sequence[StepCounts]) -> np.ndarray:
+    """Each term of step time at unit coefficient, on the rate the cost model would use."""
     throughput = profile.throughput
     on_gpu = profile.hardware.accelerator == "cuda" and throughput.gpu_fp32_gflops > 0
     gflops = (throughput.gpu_fp32_gflops if on_gpu else throughput.cpu_fp32_gflops) * 1e9
     bandwidth = throughput.memory_bandwidth_gbps * 1e9
-    defaults = Calibration()
-    time_rows, time_target, memory_rows, memory_target = [], [], [], []
-    for observation in observations:
-        counts = count_step(observation.model_shape, observation.plan)
-        time_rows.append(
+    return np.array(
+        [
             [
-                counts.matmul_flops / gflops,
-                counts.elementwise_bytes / bandwidth,
-                counts.dequant_bytes_int8 / bandwidth,
-                counts.dequant_bytes_nf4 / bandwidth,
-                float(counts.layers),
+                step.matmul_flops / gflops,
+                step.elementwise_bytes / bandwidth,
+                step.dequant_bytes_int8 / bandwidth,
+                step.dequant_bytes_nf4 / bandwidth,
+                float(step.layers),
                 1.0,
             ]
-        )
-        time_target.append(observation.step_seconds)
-        fixed = throughput.baseline_rss_bytes + counts.weight_bytes + counts.trainable_state_bytes
-        encoder = counts.family == "encoder"
-        memory_rows.append(
-            [
-                counts.activation_bytes if encoder else 0.0,
-                0.0 if encoder else counts.activation_bytes,
-                counts.dequant_workspace_bytes,
-                1.0,
-            ]
-        )
-        memory_target.append((observation.peak_bytes, fixed))
-    time_prior = np.array(
+            for step in counts
+        ]
+    )
+
+
+def _time_prior(defaults: Calibration) -> np.ndarray:
+    """The default time coefficients, in the same column order as `_time_features`."""
+    return np.array(
         [
             1 / defaults.flop_efficiency,
             1 / defaults.memory_efficiency,
@@ -127,13 +129,27 @@ def fit_calibration(
             defaults.fixed_seconds,
         ]
     )
-    time_fit = _fit(np.array(time_rows), np.array(time_target), time_prior)
-    # Peak = fixed + factor * activations + overhead: fit on the part the fixed terms leave.
-    peaks = np.array([peak for peak, _ in memory_target])
-    fixed_parts = np.array([fixed for _, fixed in memory_target])
-    memory_matrix = np.array(memory_rows) / peaks[:, None]
-    memory_goal = (peaks - fixed_parts) / peaks
-    memory_prior = np.array(
+
+
+def _memory_features(counts: Sequence[StepCounts]) -> np.ndarray:
+    """Encoder and decoder activations get separate columns: the cost model has a factor each."""
+    rows = []
+    for step in counts:
+        encoder = step.family == "encoder"
+        rows.append(
+            [
+                step.activation_bytes if encoder else 0.0,
+                0.0 if encoder else step.activation_bytes,
+                step.dequant_workspace_bytes,
+                1.0,
+            ]
+        )
+    return np.array(rows)
+
+
+def _memory_prior(defaults: Calibration) -> np.ndarray:
+    """The default memory coefficients, in the same column order as `_memory_features`."""
+    return np.array(
         [
             defaults.activation_factor_encoder,
             defaults.activation_factor_decoder,
@@ -141,6 +157,29 @@ def fit_calibration(
             defaults.memory_overhead_bytes,
         ]
     )
+
+
+def _fit_memory(
+    profile: DeviceProfile,
+    observations: Sequence[Observation],
+    counts: Sequence[StepCounts],
+    defaults: Calibration,
+) -> np.ndarray:
+    """Peak = fixed + factor * activations + overhead: fit on the part the fixed terms leave.
+
+    Unlike `_fit`, the relative error is taken against the whole peak (fixed part included),
+    and the pull towards the defaults is ten times weaker than for step time.
+    """
+    peaks = np.array([observation.peak_bytes for observation in observations])
+    fixed_parts = np.array(
+        [
+            profile.throughput.baseline_rss_bytes + step.weight_bytes + step.trainable_state_bytes
+            for step in counts
+        ]
+    )
+    memory_matrix = _memory_features(counts) / peaks[:, None]
+    memory_goal = (peaks - fixed_parts) / peaks
+    memory_prior = _memory_prior(defaults)
     memory_fit = memory_prior.copy()
     active = np.abs(memory_matrix).sum(axis=0) > 0
     scale = np.sqrt(PRIOR_WEIGHT) / 10
@@ -148,7 +187,12 @@ def fit_calibration(
         np.vstack([memory_matrix[:, active], np.diag(scale / memory_prior[active])]),
         np.concatenate([memory_goal, np.full(int(active.sum()), scale)]),
     )
-    calibration = Calibration(
+    return memory_fit
+
+
+def _calibration_from(time_fit: np.ndarray, memory_fit: np.ndarray, source: str) -> Calibration:
+    """Efficiencies and activation factors are clamped so that none comes out zero or infinite."""
+    return Calibration(
         flop_efficiency=float(1.0 / max(time_fit[0], 1e-3)),
         memory_efficiency=float(1.0 / max(time_fit[1], 1e-3)),
         dequant_int8=float(time_fit[2]),
@@ -159,24 +203,22 @@ def fit_calibration(
         activation_factor_decoder=max(float(memory_fit[1]), 1e-3),
         dequant_memory_fraction=float(memory_fit[2]),
         memory_overhead_bytes=float(memory_fit[3]),
-        sources={
-            name: source
-            for name in (
-                "flop_efficiency",
-                "memory_efficiency",
-                "dequant_int8",
-                "dequant_nf4",
-                "per_layer_seconds",
-                "fixed_seconds",
-                "activation_factor_encoder",
-                "activation_factor_decoder",
-                "dequant_memory_fraction",
-                "memory_overhead_bytes",
-            )
-        }
-        if source
-        else {},
+        sources={name: source for name in _CALIBRATED_FIELDS} if source else {},
     )
+
+
+def fit_calibration(
+    profile: DeviceProfile, observations: Sequence[Observation], source: str = ""
+) -> Calibration:
+    """Calibration that best explains `observations` on `profile`'s measured rates."""
+    if not observations:
+        raise ValueError("fit_calibration needs at least one observation")
+    defaults = Calibration()
+    counts = [count_step(o.model_shape, o.plan) for o in observations]
+    time_target = np.array([observation.step_seconds for observation in observations])
+    time_fit = _fit(_time_features(profile, counts), time_target, _time_prior(defaults))
+    memory_fit = _fit_memory(profile, observations, counts, defaults)
+    calibration = _calibration_from(time_fit, memory_fit, source)
     logger.info("fitted calibration on %d points: %s", len(observations), calibration)
     return calibration
 

@@ -11,6 +11,7 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
@@ -26,6 +27,9 @@ from device_profiles.profile import (
     reference_profile_paths,
 )
 from device_profiles.shapes import format_count, resolve_shape
+
+if TYPE_CHECKING:
+    from device_profiles.bench import BenchConfig
 
 
 def _console() -> Console:
@@ -252,6 +256,85 @@ def plan_command(
             console.print(f"[red]{profile.name}: no plan in the grid fits[/red]")
 
 
+def _default_threads() -> int:
+    """Cores other work is not already using.
+
+    Oversubscribed OpenMP threads spin-wait for descheduled peers, which made 2 threads
+    10-50x slower than 1 on a loaded 2-core box.
+    """
+    import psutil
+
+    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    busy = int(os.getloadavg()[0] + 0.5) if hasattr(os, "getloadavg") else 0
+    return max(1, cores - busy)
+
+
+def _bench_config(
+    quick: bool,
+    threads: int,
+    *,
+    broker_url: str | None,
+    name: str | None,
+    models: str | None,
+    schemes: str | None,
+    ranks: str | None,
+    batches: str | None,
+    seqs: str | None,
+    timed_steps: int | None,
+) -> BenchConfig:
+    """The quick or full grid, replaced by a custom one if any grid option was given."""
+    from device_profiles.bench import BenchConfig
+
+    scheme_list = _str_list(schemes) if schemes else ["none", "int8", "nf4"]
+    extra = {"broker_url": broker_url}
+    if name:
+        extra["name"] = name
+    try:
+        config = (
+            BenchConfig.quick(threads, scheme_list, **extra)
+            if quick
+            else BenchConfig.full(threads, scheme_list, **extra)
+        )
+        if any((models, ranks, batches, seqs)):
+            points = BenchConfig.grid(
+                _str_list(models) if models else ["minilm-l6"],
+                scheme_list,
+                _int_list(ranks) if ranks else [8],
+                _int_list(batches) if batches else [2],
+                _int_list(seqs) if seqs else [64],
+            )
+            config = BenchConfig(points=points, threads=threads, **extra)
+        if timed_steps:
+            config = dataclasses.replace(config, timed_steps=timed_steps)
+    except (ProfileError, KeyError) as error:
+        raise click.ClickException(f"bad grid: {error}") from error
+    return config
+
+
+def _run_bench_with_progress(config: BenchConfig, console: Console) -> DeviceProfile:
+    """A grid takes one to tens of minutes, so show which point is being measured."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from device_profiles.bench import run_bench
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task("bench", total=len(config.points) + 1)
+
+        def on_progress(label: str, done: int, total: int) -> None:
+            progress.update(task, description=label, completed=done, total=total)
+
+        try:
+            return run_bench(config, on_progress)
+        except (BenchError, ProfileError) as error:
+            raise click.ClickException(str(error)) from error
+
+
 @profile_group.command("bench")
 @click.option("--quick", is_flag=True, help="Small grid (MiniLM-L6), under two minutes.")
 @click.option(
@@ -312,57 +395,22 @@ def bench_command(
     also RTT and throughput through the broker. Fits the cost model to the grid.
     """
     console = _console()
-    import psutil
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from device_profiles.bench import BenchConfig, run_bench
-
     if threads is None:
-        # Cores other work is not already using: oversubscribed OpenMP threads spin-wait for
-        # descheduled peers, which made 2 threads 10-50x slower than 1 on a loaded 2-core box.
-        cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-        busy = int(os.getloadavg()[0] + 0.5) if hasattr(os, "getloadavg") else 0
-        threads = max(1, cores - busy)
-    scheme_list = _str_list(schemes) if schemes else ["none", "int8", "nf4"]
-    extra = {"broker_url": broker_url}
-    if name:
-        extra["name"] = name
-    try:
-        config = (
-            BenchConfig.quick(threads, scheme_list, **extra)
-            if quick
-            else BenchConfig.full(threads, scheme_list, **extra)
-        )
-        if any((models, ranks, batches, seqs)):
-            points = BenchConfig.grid(
-                _str_list(models) if models else ["minilm-l6"],
-                scheme_list,
-                _int_list(ranks) if ranks else [8],
-                _int_list(batches) if batches else [2],
-                _int_list(seqs) if seqs else [64],
-            )
-            config = BenchConfig(points=points, threads=threads, **extra)
-        if timed_steps:
-            config = dataclasses.replace(config, timed_steps=timed_steps)
-    except (ProfileError, KeyError) as error:
-        raise click.ClickException(f"bad grid: {error}") from error
+        threads = _default_threads()
+    config = _bench_config(
+        quick,
+        threads,
+        broker_url=broker_url,
+        name=name,
+        models=models,
+        schemes=schemes,
+        ranks=ranks,
+        batches=batches,
+        seqs=seqs,
+        timed_steps=timed_steps,
+    )
     console.print(f"bench: {len(config.points)} grid points, {threads} torch thread(s)")
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        console=console,
-    ) as progress:
-        task = progress.add_task("bench", total=len(config.points) + 1)
-
-        def on_progress(label: str, done: int, total: int) -> None:
-            progress.update(task, description=label, completed=done, total=total)
-
-        try:
-            profile = run_bench(config, on_progress)
-        except (BenchError, ProfileError) as error:
-            raise click.ClickException(str(error)) from error
+    profile = _run_bench_with_progress(config, console)
     profile.save(out_path)
     console.print(
         f"wrote {profile.kind} profile {profile.name!r} to {out_path} "

@@ -18,8 +18,9 @@ from typing import Any
 
 from device_profiles.errors import ProfileError, ProfileValidationError
 from device_profiles.plan import KNOWN_SCHEMES
-from device_profiles.toml_io import dumps_toml, read_toml, tomllib
+from device_profiles.toml_io import dumps_toml, read_toml
 from durable.atomic_files import atomic_write_text
+from durable.config_tables import tomllib
 
 SCHEMA_VERSION = 1
 PROFILE_KINDS = ("reference", "measured")
@@ -363,7 +364,8 @@ def _check_value(where: str, spec: FieldSpec, value: Any) -> str | None:
     return None
 
 
-def _problems(data: Mapping[str, Any]) -> list[str]:
+def _header_problems(data: Mapping[str, Any]) -> list[str]:
+    """The top-level keys; the kind they name decides which later checks apply."""
     found: list[str] = []
     version = data.get("schema_version", SCHEMA_VERSION)
     if version != SCHEMA_VERSION:
@@ -374,6 +376,50 @@ def _problems(data: Mapping[str, Any]) -> list[str]:
     kind = data.get("kind")
     if isinstance(kind, str) and kind and kind not in PROFILE_KINDS:
         found.append(f"kind is {kind!r}; expected one of {', '.join(PROFILE_KINDS)}")
+    return found
+
+
+def _unknown_key_problems(
+    section: str, specs: tuple[FieldSpec, ...], table: Mapping[str, Any]
+) -> list[str]:
+    """A misspelt key would otherwise be silently ignored and its field left at the default."""
+    found: list[str] = []
+    known = {spec.name for spec in specs}
+    for key in table:
+        base = key[: -len("_source")] if key.endswith("_source") else key
+        if base not in known and key != "sources":
+            found.append(
+                f"{section}.{key} is not a known field; expected one of {', '.join(sorted(known))}"
+            )
+    return found
+
+
+def _field_problems(
+    section: str, specs: tuple[FieldSpec, ...], table: Mapping[str, Any], kind: Any
+) -> list[str]:
+    """Each field's value, and (in a reference profile) the citation its number rests on."""
+    found: list[str] = []
+    for spec in specs:
+        where = f"{section}.{spec.name}"
+        if table.get(spec.name) is None:
+            if spec.required:
+                found.append(f"{where} is missing; expected {spec.help}")
+            continue
+        problem = _check_value(where, spec, table[spec.name])
+        if problem:
+            found.append(problem)
+        source = table.get(f"{spec.name}_source")
+        if kind == "reference" and spec.cited and not (isinstance(source, str) and source):
+            found.append(
+                f"{where}_source is missing; a reference profile cites a datasheet "
+                f"or published benchmark for {where}"
+            )
+    return found
+
+
+def _section_problems(data: Mapping[str, Any], kind: Any) -> list[str]:
+    """Every section table is required except `calibration`, whose absence means the defaults."""
+    found: list[str] = []
     for section, specs in SECTION_FIELDS.items():
         table = data.get(section)
         if table is None and section == "calibration":
@@ -384,29 +430,14 @@ def _problems(data: Mapping[str, Any]) -> list[str]:
                 f"{', '.join(s.name for s in specs if s.required)}"
             )
             continue
-        known = {spec.name for spec in specs}
-        for key in table:
-            base = key[: -len("_source")] if key.endswith("_source") else key
-            if base not in known and key != "sources":
-                found.append(
-                    f"{section}.{key} is not a known field; expected one of "
-                    f"{', '.join(sorted(known))}"
-                )
-        for spec in specs:
-            where = f"{section}.{spec.name}"
-            if table.get(spec.name) is None:
-                if spec.required:
-                    found.append(f"{where} is missing; expected {spec.help}")
-                continue
-            problem = _check_value(where, spec, table[spec.name])
-            if problem:
-                found.append(problem)
-            source = table.get(f"{spec.name}_source")
-            if kind == "reference" and spec.cited and not (isinstance(source, str) and source):
-                found.append(
-                    f"{where}_source is missing; a reference profile cites a datasheet "
-                    f"or published benchmark for {where}"
-                )
+        found += _unknown_key_problems(section, specs, table)
+        found += _field_problems(section, specs, table, kind)
+    return found
+
+
+def _measurement_problems(data: Mapping[str, Any], kind: Any) -> list[str]:
+    """A measured profile without its grid could never have its calibration refitted."""
+    found: list[str] = []
     if kind == "measured" and not data.get("measurements"):
         found.append(
             "measurements is empty; a measured profile carries its grid "
@@ -434,6 +465,14 @@ def _problems(data: Mapping[str, Any]) -> list[str]:
             if isinstance(value, (int, float)) and value <= 0:
                 found.append(f"measurements[{index}].{key} is {value!r}; expected a number > 0")
     return found
+
+
+def _problems(data: Mapping[str, Any]) -> list[str]:
+    """Every problem at once, not just the first, so one `validate` run lists all to fix."""
+    kind = data.get("kind")
+    return (
+        _header_problems(data) + _section_problems(data, kind) + _measurement_problems(data, kind)
+    )
 
 
 def _section_to_dict(section: Any) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Read TOML with the standard library; write the small subset profiles use, atomically.
+"""Read profiles with the shared TOML reader; write the small subset profiles use.
 
 Profiles are flat tables of strings, numbers, booleans and lists of scalars, plus one array
 of tables (the measured grid). A writer for that subset is a few dozen lines, which keeps a
@@ -8,27 +8,16 @@ TOML-writing package out of the edge agent's dependencies.
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
 from device_profiles.errors import ProfileError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
+from durable.config_tables import read_toml_file
 
 
 def read_toml(path: Path) -> dict[str, Any]:
-    """Parse a TOML file; a syntax error names the file and the position."""
-    try:
-        with path.open("rb") as handle:
-            return tomllib.load(handle)
-    except FileNotFoundError as error:
-        raise ProfileError(f"profile file {path} does not exist") from error
-    except tomllib.TOMLDecodeError as error:
-        raise ProfileError(f"{path} is not valid TOML: {error}") from error
+    """Parse a profile file; a missing file or a syntax error names the file (and position)."""
+    return read_toml_file(path, ProfileError)
 
 
 def _scalar(value: Any) -> str:

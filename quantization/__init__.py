@@ -1,1 +1,3 @@
-"""Quantized frozen base models with trainable PEFT LoRA adapters; streaming loader; export."""
+"""Quantized frozen base models with trainable PEFT LoRA adapters; streaming loader; adapter-delta
+numerics and LoRA rank helpers; the shipped data sets and their readers; ONNX export
+(`quantization.export`)."""

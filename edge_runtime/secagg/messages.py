@@ -1,23 +1,22 @@
 """Secure-aggregation messages: frozen dataclasses with JSON-safe dict conversion (no pickle).
 
-Bytes travel as base64 strings; the dict carries `kind` and `version` so a decoder refuses a
-message of another kind or a newer schema with a clear `SchemaError`. Over MQTT they travel
-as the bodies of `SecAggEnvelope` frames (`edge_runtime.secagg_wire`).
+The conversion is the wire's own (`edge_runtime.wire`'s `to_json_fields` /
+`from_json_fields`, driven by the annotations; bytes travel as base64 strings), plus a
+`kind` and a `version` so a decoder refuses a message of another kind or a newer schema with
+a clear `SchemaError`. Over MQTT they travel as the bodies of `SecAggEnvelope` frames
+(`edge_runtime.secagg.bodies`).
 
 Also home to the secure-aggregation exception hierarchy.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 from edge_runtime.secagg.crypto import NONCE_BYTES
 from edge_runtime.secagg.shamir import SHARE_BYTES
-from edge_runtime.wire import SchemaError, check_identifier
+from edge_runtime.wire import SchemaError, check_identifier, from_json_fields, to_json_fields
 
 SECAGG_SCHEMA_VERSION = 1
 PUBLIC_KEY_BYTES = 32
@@ -50,46 +49,6 @@ def _check_bytes(name: str, value: bytes, length: int) -> None:
         raise SchemaError(f"{name} must be {length} bytes, got {got}")
 
 
-def _encode_bytes(value: bytes) -> str:
-    return base64.b64encode(value).decode("ascii")
-
-
-def _decode_bytes(name: str, value: Any) -> bytes:
-    if not isinstance(value, str):
-        raise SchemaError(f"{name} must be a base64 string, got {type(value).__name__}")
-    try:
-        return base64.b64decode(value, validate=True)
-    except binascii.Error as error:
-        raise SchemaError(f"{name} is not valid base64: {error}") from None
-
-
-def _encode_field(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return _encode_bytes(value)
-    if isinstance(value, dict):
-        return {key: _encode_bytes(item) for key, item in sorted(value.items())}
-    if isinstance(value, tuple):
-        return list(value)
-    return value
-
-
-def _decode_field(name: str, annotation: str, value: Any) -> Any:
-    if annotation == "bytes":
-        return _decode_bytes(name, value)
-    if annotation == "dict[str, bytes]":
-        if not isinstance(value, dict):
-            raise SchemaError(f"{name} must be an object, got {type(value).__name__}")
-        return {key: _decode_bytes(f"{name}[{key!r:.40}]", item) for key, item in value.items()}
-    if annotation == "tuple[str, ...]":
-        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-            raise SchemaError(f"{name} must be a list of strings, got {value!r:.80}")
-        return tuple(value)
-    expected = {"str": str, "int": int}[annotation]
-    if not isinstance(value, expected) or isinstance(value, bool):
-        raise SchemaError(f"{name} must be {annotation}, got {value!r:.80}")
-    return value
-
-
 MessageT = TypeVar("MessageT", bound="SecAggMessage")
 
 
@@ -100,10 +59,7 @@ class SecAggMessage:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict (str, int, lists, base64 strings) with `kind` and `version`."""
-        result: dict[str, Any] = {"kind": self.kind, "version": SECAGG_SCHEMA_VERSION}
-        for item in dataclasses.fields(self):  # type: ignore[arg-type]
-            result[item.name] = _encode_field(getattr(self, item.name))
-        return result
+        return {"kind": self.kind, "version": SECAGG_SCHEMA_VERSION, **to_json_fields(self)}
 
     @classmethod
     def from_dict(cls: type[MessageT], data: dict[str, Any]) -> MessageT:
@@ -117,18 +73,8 @@ class SecAggMessage:
                 f"{cls.kind}: expected version {SECAGG_SCHEMA_VERSION}, got "
                 f"{data.get('version')!r:.20}; upgrade the side that is older"
             )
-        fields = {item.name: item for item in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        unknown = set(data) - set(fields) - {"kind", "version"}
-        missing = set(fields) - set(data)
-        if unknown or missing:
-            raise SchemaError(
-                f"{cls.kind}: unknown fields {sorted(unknown)}, missing fields {sorted(missing)}"
-            )
-        values = {
-            name: _decode_field(f"{cls.kind}.{name}", str(item.type), data[name])
-            for name, item in fields.items()
-        }
-        return cls(**values)
+        fields = {key: value for key, value in data.items() if key not in ("kind", "version")}
+        return from_json_fields(cls, fields, cls.kind)
 
 
 @dataclass(frozen=True)

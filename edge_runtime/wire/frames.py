@@ -177,13 +177,9 @@ def _parse_header_json(raw: bytes) -> dict[str, Any]:
     return header
 
 
-def decode_frame(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> Frame:
-    """Parse and validate frame bytes. Does not verify the signature: the caller looks up
-    the sender's key and calls `verify_frame` (the codec does not know the registry)."""
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise FrameError(f"frame must be bytes, got {type(data).__name__}")
-    if not isinstance(data, bytes):
-        data = bytes(data)
+def _split_frame(data: bytes, limits: Limits) -> tuple[int, bytes | None, bytes, bytes]:
+    """(version, signature or None, header bytes, body) of a frame, every declared size
+    checked against `limits` before anything is sliced."""
     if len(data) > limits.max_frame_bytes:
         raise LimitExceededError(
             f"frame of {len(data)} bytes exceeds max_frame_bytes={limits.max_frame_bytes}; "
@@ -218,9 +214,13 @@ def decode_frame(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_
             f"declared header of {header_length} bytes runs past the end of a "
             f"{len(data)}-byte frame"
         )
-    header_bytes = data[offset : offset + header_length]
-    body = data[offset + header_length :]
-    header = _parse_header_json(header_bytes)
+    return version, signature, data[offset : offset + header_length], data[offset + header_length :]
+
+
+def _check_envelope(
+    header: dict[str, Any], version: int, signed: bool
+) -> tuple[MessageKind, str, float]:
+    """(kind, sender, sent_at) of a parsed header, each checked."""
     if header["v"] != version:
         raise UnsupportedVersionError(
             f"header says protocol version {header['v']!r:.20} but the frame prefix says "
@@ -233,7 +233,7 @@ def decode_frame(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_
             f"unknown message kind {header['kind']!r:.40}; "
             f"expected one of {[k.value for k in MessageKind]}"
         ) from error
-    if kind.requires_signature and signature is None:
+    if kind.requires_signature and not signed:
         raise SignatureError(f"{kind.value} frame is unsigned; state-changing messages are signed")
     sender = header["sender"]
     if not isinstance(sender, str):
@@ -247,12 +247,23 @@ def decode_frame(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_
         or not math.isfinite(sent_at)
     ):
         raise SchemaError(f"sent_at must be a number, got {sent_at!r:.40}")
+    return kind, sender, float(sent_at)
+
+
+def decode_frame(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> Frame:
+    """Parse and validate frame bytes. Does not verify the signature: the caller looks up
+    the sender's key and calls `verify_frame` (the codec does not know the registry)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise FrameError(f"frame must be bytes, got {type(data).__name__}")
+    version, signature, header_bytes, body = _split_frame(bytes(data), limits)
+    header = _parse_header_json(header_bytes)
+    kind, sender, sent_at = _check_envelope(header, version, signed=signature is not None)
     _check_body(header["body"], body)
     message = from_json_fields(MESSAGE_CLASSES[kind], header["msg"], kind.value)
     return Frame(
         message=message,
         sender=sender,
-        sent_at=float(sent_at),
+        sent_at=sent_at,
         body=body,
         signature=signature,
         signed_bytes=header_bytes,

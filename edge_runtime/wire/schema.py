@@ -10,6 +10,8 @@ numbers and oversize strings, with messages that name the field and the bad valu
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import enum
 import math
@@ -69,6 +71,8 @@ def to_json_fields(message: Any) -> dict[str, Any]:
 def _to_json(value: Any) -> Any:
     if isinstance(value, enum.Enum):
         return value.value
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return to_json_fields(value)
     if isinstance(value, tuple):
@@ -88,7 +92,7 @@ def from_json_fields(cls: type[T], data: object, path: str = "") -> T:
     unknown = set(data) - set(fields)
     if unknown:
         raise SchemaError(
-            f"{where}: unknown field(s) {sorted(map(str, unknown))[:5]}; "
+            f"{where}: unknown fields {sorted(map(str, unknown))[:5]}; "
             f"expected only {sorted(fields)} (newer peer? check the protocol version)"
         )
     values: dict[str, Any] = {}
@@ -134,6 +138,8 @@ def _from_json(tp: Any, value: object, where: str) -> Any:
         if not math.isfinite(number):
             raise SchemaError(f"{where}: expected a finite number, got {value!r}")
         return number
+    if tp is bytes:
+        return _bytes_from_base64(value, where)
     if tp is str:
         if not isinstance(value, str):
             raise SchemaError(f"{where}: expected a string, got {type(value).__name__}")
@@ -164,3 +170,14 @@ def _from_json(tp: Any, value: object, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return from_json_fields(tp, value, where)
     raise SchemaError(f"{where}: no JSON conversion for {tp!r}")  # pragma: no cover
+
+
+def _bytes_from_base64(value: object, where: str) -> bytes:
+    """Bytes travel in JSON as standard base64 (sizes are checked by the message itself,
+    and the frame limits bound the text before it is parsed)."""
+    if not isinstance(value, str):
+        raise SchemaError(f"{where}: expected a base64 string, got {type(value).__name__}")
+    try:
+        return base64.b64decode(value, validate=True)
+    except binascii.Error as error:
+        raise SchemaError(f"{where}: not valid base64: {error}") from None
