@@ -52,7 +52,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from coordinator.aggregation import ClientUpdate, FedAvg, l2_norm  # noqa: E402
+from coordinator.aggregation import ClientUpdate, FedAvg  # noqa: E402
 from coordinator.privacy import DpFedAvg, DpPolicy, epsilon_for_rounds  # noqa: E402
 from coordinator.scheduler import RandomScheduler  # noqa: E402
 from coordinator.simulation.compare import SimulationSettings, prepare  # noqa: E402
@@ -71,6 +71,7 @@ from edge_runtime.wire import (  # noqa: E402
     decode_update,
     encode_update,
 )
+from quantization.adapter_deltas import update_l2_norm  # noqa: E402
 from schoolfl.demo_privacy import DP_DELTA, demo_privacy, median_update_norm  # noqa: E402
 from schoolfl.demo_privacy import noise_for_epsilon as demo_noise_for_epsilon  # noqa: E402
 from schoolfl.demo_tasks import CLASSIFY  # noqa: E402
@@ -246,7 +247,7 @@ def _median_update_norm(prepared: tuple, rounds: int) -> float:  # type: ignore[
 
     class Recording(FedAvg):
         def aggregate(self, updates, reference):  # noqa: ANN001, ANN202
-            norms.extend(l2_norm(u.delta) for u in updates)
+            norms.extend(update_l2_norm(u.delta) for u in updates)
             return super().aggregate(updates, reference)
 
     task = SimulationSettings(rounds=1).task(fleet.labels)

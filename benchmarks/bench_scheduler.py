@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from coordinator.config import TaskConfig  # noqa: E402
+from coordinator.config import ScheduleConfig, TaskConfig  # noqa: E402
 from coordinator.fleet_history import FleetHistory, RoundOutcome  # noqa: E402
 from coordinator.plan_fitting import SchoolLink  # noqa: E402
 from coordinator.scheduler import DeviceCandidate, RoundContext  # noqa: E402
@@ -230,10 +230,12 @@ def timing_section(repeats: int) -> list[str]:
         kind="classification",
         base_model="minilm-l6",
         labels=("a", "b"),
-        allowed_ranks=(4, 2),
-        devices_per_round=100,
-        min_updates=50,
-        round_deadline_seconds=120.0,
+        schedule=ScheduleConfig(
+            allowed_ranks=(4, 2),
+            devices_per_round=100,
+            min_updates=50,
+            round_deadline_seconds=120.0,
+        ),
     )
     context = RoundContext(history, links)
     lines = [

@@ -34,7 +34,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from coordinator.config import CoordinatorConfig, CoordinatorSettings, TaskConfig  # noqa: E402
+from coordinator.config import (  # noqa: E402
+    CoordinatorConfig,
+    CoordinatorSettings,
+    ScheduleConfig,
+    SecureAggregationConfig,
+    TaskConfig,
+)
 from coordinator.rounds import RoundManager  # noqa: E402
 from coordinator.scheduler import DeviceCandidate, RandomScheduler  # noqa: E402
 from coordinator.store import CoordinatorStore, RoundState  # noqa: E402
@@ -78,13 +84,15 @@ def _manager(root: Path, num_devices: int, secure: bool) -> RoundManager:
         labels=LABELS,
         scheme="none",
         rank=8,
-        devices_per_round=num_devices,
-        min_updates=max(2, num_devices // 2),
-        over_selection=0.0,
-        gather_seconds=0.0,
-        round_deadline_seconds=3600.0,
         update_encoding="int8",
-        secure_aggregation=secure,
+        schedule=ScheduleConfig(
+            devices_per_round=num_devices,
+            min_updates=max(2, num_devices // 2),
+            over_selection=0.0,
+            gather_seconds=0.0,
+            round_deadline_seconds=3600.0,
+        ),
+        secure_aggregation=SecureAggregationConfig(enabled=secure),
     )
     config = CoordinatorConfig(
         coordinator=CoordinatorSettings(fleet="bench", state_dir=str(root)), tasks=(task,)

@@ -29,16 +29,15 @@ import enum
 import logging
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from quantization.adapter_deltas import TensorMap, clip_update, update_l2_norm
 from quantization.lora_ranks import adapter_rank, pad_to_shapes, rank_axis, truncated_shapes
 
 logger = logging.getLogger(__name__)
-
-TensorMap = Mapping[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -154,21 +153,52 @@ def update_problem(delta: TensorMap, reference: TensorMap, rank: int | None = No
     return None
 
 
-def l2_norm(delta: TensorMap) -> float:
-    """Global L2 norm over all tensors of an update (float64 accumulation)."""
-    total = 0.0
-    for tensor in delta.values():
-        total += float(tensor.double().pow(2).sum())
-    return math.sqrt(total)
+@dataclass(frozen=True)
+class ScreenedUpdates:
+    """A round's updates after the per-update checks, before anything is combined."""
+
+    accepted: tuple[ClientUpdate, ...]
+    deltas: tuple[dict[str, torch.Tensor], ...]
+    """The float32 delta of each accepted update, clipped where the norm bound says so."""
+    rejected: dict[str, str] = field(default_factory=dict)
+    """device id -> reason the update was refused."""
+    clipped: tuple[str, ...] = ()
 
 
-def clip_to_norm(delta: TensorMap, max_l2_norm: float) -> tuple[dict[str, torch.Tensor], bool]:
-    """Scale `delta` so its L2 norm is at most `max_l2_norm`; says whether it scaled."""
-    norm = l2_norm(delta)
-    if norm <= max_l2_norm:
-        return {name: tensor.float() for name, tensor in delta.items()}, False
-    scale = max_l2_norm / norm
-    return {name: tensor.float() * scale for name, tensor in delta.items()}, True
+def screen_updates(
+    updates: Sequence[ClientUpdate], reference: TensorMap, norm_bound: NormBound | None = None
+) -> ScreenedUpdates:
+    """Check every update on its own: one per device, then `update_problem` (names, rank,
+    shapes, dtype, finite), then the optional L2 norm bound (clip with `clip_update`, or
+    reject). Nothing here looks at another device's update."""
+    accepted: list[ClientUpdate] = []
+    deltas: list[dict[str, torch.Tensor]] = []
+    rejected: dict[str, str] = {}
+    clipped: list[str] = []
+    seen_devices: set[str] = set()
+    for update in updates:
+        if update.device_id in seen_devices:
+            rejected[update.device_id] = "more than one update from this device"
+            continue
+        seen_devices.add(update.device_id)
+        problem = update_problem(update.delta, reference, update.rank)
+        if problem is not None:
+            rejected[update.device_id] = problem
+            continue
+        delta = {name: tensor.float() for name, tensor in update.delta.items()}
+        if norm_bound is not None:
+            norm = update_l2_norm(update.delta)
+            if norm > norm_bound.max_l2_norm:
+                if norm_bound.mode is NormBoundMode.REJECT:
+                    rejected[update.device_id] = (
+                        f"L2 norm {norm:.4g} exceeds bound {norm_bound.max_l2_norm:.4g}"
+                    )
+                    continue
+                delta = clip_update(update.delta, norm_bound.max_l2_norm)
+                clipped.append(update.device_id)
+        accepted.append(update)
+        deltas.append(delta)
+    return ScreenedUpdates(tuple(accepted), tuple(deltas), rejected, tuple(clipped))
 
 
 def weighted_mean(deltas: Sequence[TensorMap], weights: Sequence[float]) -> dict[str, torch.Tensor]:
@@ -282,56 +312,51 @@ class FedAvg(Aggregator):
     norm bound that clips or rejects outliers before they enter the mean.
 
     Updates of a smaller LoRA rank are padded and averaged per rank component (see the
-    module docstring); the norm bound applies to the update as sent."""
+    module docstring); the norm bound applies to the update as sent.
+
+    `aggregate` is a template: every update is screened the same way (`screen_updates`),
+    then `combine` turns the accepted ones into the delta. A variant overrides only
+    `combine`, as DP-FedAvg does (`coordinator.privacy.DpFedAvg`)."""
 
     def __init__(self, norm_bound: NormBound | None = None) -> None:
         self.norm_bound = norm_bound
 
     def aggregate(self, updates: Sequence[ClientUpdate], reference: TensorMap) -> AggregationResult:
-        accepted: list[ClientUpdate] = []
-        accepted_deltas: list[dict[str, torch.Tensor]] = []
-        rejected: dict[str, str] = {}
-        clipped: list[str] = []
-        seen_devices: set[str] = set()
-        for update in updates:
-            if update.device_id in seen_devices:
-                rejected[update.device_id] = "more than one update from this device"
-                continue
-            seen_devices.add(update.device_id)
-            problem = update_problem(update.delta, reference, update.rank)
-            if problem is not None:
-                rejected[update.device_id] = problem
-                continue
-            delta = {name: tensor.float() for name, tensor in update.delta.items()}
-            if self.norm_bound is not None:
-                norm = l2_norm(delta)
-                if norm > self.norm_bound.max_l2_norm:
-                    if self.norm_bound.mode is NormBoundMode.REJECT:
-                        rejected[update.device_id] = (
-                            f"L2 norm {norm:.4g} exceeds bound {self.norm_bound.max_l2_norm:.4g}"
-                        )
-                        continue
-                    delta, _ = clip_to_norm(delta, self.norm_bound.max_l2_norm)
-                    clipped.append(update.device_id)
-            accepted.append(update)
-            accepted_deltas.append(delta)
-        for device_id, reason in rejected.items():
+        screened = screen_updates(updates, reference, self.norm_bound)
+        for device_id, reason in screened.rejected.items():
             logger.warning("update from %s refused: %s", device_id, reason)
-        if not accepted:
-            return AggregationResult(delta={}, accepted_devices=(), rejected_devices=rejected)
-        weights = [u.num_samples for u in accepted]
-        ranks = [u.rank for u in accepted]
+        if not screened.accepted:
+            return AggregationResult(
+                delta={}, accepted_devices=(), rejected_devices=screened.rejected
+            )
+        return AggregationResult(
+            delta=self.combine(screened, reference),
+            accepted_devices=tuple(u.device_id for u in screened.accepted),
+            rejected_devices=screened.rejected,
+            clipped_devices=screened.clipped,
+            total_samples=sum(u.num_samples for u in screened.accepted),
+        )
+
+    def combine(self, screened: ScreenedUpdates, reference: TensorMap) -> dict[str, torch.Tensor]:
+        """The global delta from the round's screened updates.
+
+        Parameters
+        ----------
+        screened
+            The accepted updates (at least one) and their float32, bounded deltas.
+        reference
+            The global adapter the round started from: fixes names, shapes and rank.
+
+        Returns
+        -------
+        dict[str, torch.Tensor]
+            The delta to add to the global adapter, with the reference's names and shapes.
+        """
+        weights = [u.num_samples for u in screened.accepted]
+        ranks = [u.rank for u in screened.accepted]
         if any(rank is not None for rank in ranks):  # full rank stated explicitly = None
             full_rank = adapter_rank(reference)
             ranks = [None if rank == full_rank else rank for rank in ranks]
         if all(rank is None for rank in ranks):
-            mean = weighted_mean(accepted_deltas, weights)
-        else:
-            mean = rank_weighted_mean(accepted_deltas, weights, ranks, reference)
-        return AggregationResult(
-            delta=mean,
-            accepted_devices=tuple(u.device_id for u in accepted),
-            rejected_devices=rejected,
-            clipped_devices=tuple(clipped),
-            total_samples=sum(u.num_samples for u in accepted),
-        )
+            return weighted_mean(screened.deltas, weights)
+        return rank_weighted_mean(screened.deltas, weights, ranks, reference)

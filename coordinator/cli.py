@@ -281,12 +281,12 @@ def status_command(config_path: Path) -> None:
             f"task {task.id}: {completed}/{task.rounds} rounds completed, adapter "
             f"{version}, open rounds {open_rounds or 'none'}"
         )
-        if task.dp_mode != "off":
+        if task.privacy.mode != "off":
             ledger = store.privacy_rounds(task.id)
             spent = ledger[-1].epsilon if ledger else 0.0
             click.echo(
-                f"  privacy ({task.dp_mode} DP): epsilon {spent:.4g} of budget "
-                f"{task.dp_epsilon_budget:g} at delta {task.dp_delta:g}"
+                f"  privacy ({task.privacy.mode} DP): epsilon {spent:.4g} of budget "
+                f"{task.privacy.epsilon_budget:g} at delta {task.privacy.delta:g}"
             )
             stop = store.privacy_stop(task.id)
             if _stop_holds(task, stop):
@@ -309,18 +309,18 @@ def privacy_report_command(config_path: Path, task_id: str) -> None:
         task = config.task(task_id)
     except KeyError as error:
         raise click.ClickException(str(error.args[0])) from None
-    if task.dp_mode == "off":
+    if task.privacy.mode == "off":
         raise click.ClickException(
-            f"task {task_id!r} has dp_mode = 'off': no privacy accounting; set dp_mode, "
-            "dp_clip_norm, dp_noise_multiplier and dp_epsilon_budget in its [[tasks]] table"
+            f"task {task_id!r} has [tasks.privacy] mode = 'off': no privacy accounting; set "
+            "mode, clip_norm, noise_multiplier and epsilon_budget in its [tasks.privacy] table"
         )
     store = _open_store(config_path)
     ledger = store.privacy_rounds(task_id)
     stop = store.privacy_stop(task_id)
     store.close()
     click.echo(
-        f"task {task_id}: {task.dp_mode} DP, budget epsilon {task.dp_epsilon_budget:g} "
-        f"at delta {task.dp_delta:g}"
+        f"task {task_id}: {task.privacy.mode} DP, budget epsilon "
+        f"{task.privacy.epsilon_budget:g} at delta {task.privacy.delta:g}"
     )
     if not ledger:
         click.echo("no completed rounds yet: epsilon 0")
@@ -431,6 +431,7 @@ def _export_onnx(task: TaskConfig, version: AdapterVersion, destination: Path) -
         raise click.ClickException(
             f"--onnx needs {', '.join(missing)}; install them with: pip install 'schoolfl[onnx]'"
         )
+    from coordinator.task_models import onnx_export_spec
     from quantization.export.onnx_export import OnnxExportError, OnnxExportRequest, export_onnx
 
     click.echo(
@@ -440,7 +441,7 @@ def _export_onnx(task: TaskConfig, version: AdapterVersion, destination: Path) -
     try:
         report = export_onnx(
             OnnxExportRequest(
-                task=task,
+                spec=onnx_export_spec(task),
                 adapter_folder=Path(version.folder),
                 destination=destination,
                 version=version.version,

@@ -23,9 +23,216 @@ class CoordinatorConfigError(ValueError):
     """coordinator.toml is missing or invalid; the message names file, table and key."""
 
 
+def _invalid(where: str, key: str, problem: str) -> CoordinatorConfigError:
+    return CoordinatorConfigError(f"{where}: {key} {problem}")
+
+
+def _finite_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _whole_number(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """`[tasks.privacy]`: client-level differential privacy (DP-FedAvg); see
+    docs/coordinator.md. All-or-nothing, so a half-configured private task cannot start."""
+
+    mode: str = "off"
+    """off, central (the coordinator noises the aggregate) or local (each device noises its
+    own update)."""
+    clip_norm: float = 0.0
+    """L2 bound every update is clipped to, on the device and again on the coordinator (the
+    sensitivity the accountant assumes); required (> 0) when mode is not off."""
+    noise_multiplier: float = 0.0
+    """Gaussian noise standard deviation as a multiple of clip_norm (z); > 0 when mode is
+    not off."""
+    epsilon_budget: float = 0.0
+    """The task's total epsilon; a round that would take the cumulative epsilon past it is
+    not opened. Required (> 0) when mode is not off."""
+    delta: float = 1e-5
+    """The delta at which epsilon is reported and budgeted; keep it well below
+    1 / number of devices."""
+
+    def __post_init__(self) -> None:
+        where = "[tasks.privacy]"
+        if self.mode not in DP_MODES:
+            raise _invalid(
+                where, "mode", f"must be one of {', '.join(DP_MODES)}, got {self.mode!r}"
+            )
+        for name in ("clip_norm", "noise_multiplier", "epsilon_budget", "delta"):
+            value = getattr(self, name)
+            if not _finite_number(value) or value < 0:
+                raise _invalid(where, name, f"must be a finite number >= 0, got {value!r}")
+        if not 0 < self.delta < 1:
+            raise _invalid(where, "delta", f"must be within (0, 1), got {self.delta!r}")
+        if self.mode == "off":
+            return
+        for name, why in (
+            ("clip_norm", "the L2 bound every update is clipped to"),
+            (
+                "noise_multiplier",
+                "without noise epsilon is infinite; for clipping alone use mode = 'off' "
+                "with the [[tasks]] key max_update_norm",
+            ),
+            ("epsilon_budget", "the total epsilon the task may spend"),
+        ):
+            if getattr(self, name) <= 0:
+                raise _invalid(
+                    where,
+                    name,
+                    f"must be > 0 when mode is {self.mode!r} ({why}), got {getattr(self, name)!r}",
+                )
+
+
+@dataclass(frozen=True)
+class SecureAggregationConfig:
+    """`[tasks.secure_aggregation]`: masked rounds (docs/secagg.md)."""
+
+    enabled: bool = False
+    """Run rounds with secure aggregation: devices send masked inputs and the coordinator
+    learns only their sum. Only devices whose agent can do it are chosen; every device
+    trains the task's full rank; the mean is unweighted (the coordinator sees no single
+    update to weigh)."""
+    clip_bound: float = 1.0
+    """Each coordinate of a delta is clipped to [-bound, bound] before it is encoded into
+    the ring; the resolution is about bound * 5e-7. Keep it above the largest coordinate a
+    delta can have (with DP, [tasks.privacy] clip_norm is such a bound)."""
+    step_seconds: float = 30.0
+    """The longest the coordinator waits for the devices' answers in each key-exchange step
+    and in the unmasking step; it goes on with those that answered (and aborts the round
+    when fewer than the threshold did)."""
+
+    def __post_init__(self) -> None:
+        where = "[tasks.secure_aggregation]"
+        if not isinstance(self.enabled, bool):
+            raise _invalid(where, "enabled", f"must be true or false, got {self.enabled!r}")
+        for name in ("clip_bound", "step_seconds"):
+            value = getattr(self, name)
+            if not _finite_number(value) or value <= 0:
+                raise _invalid(where, name, f"must be a positive number, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """`[tasks.schedule]`: how many devices a round wants, how they are chosen, and how
+    far a slow device's plan may be shrunk."""
+
+    strategy: str = "equity"
+    """How devices are chosen: equity (utility with an equity floor, plans shrunk to fit),
+    oort (utility only, full plans), random (Flower's default: random, full plans) or
+    fit-first (random among devices whose plan fits)."""
+    devices_per_round: int = 3
+    """Updates wanted per round (the quota): the round aggregates as soon as it has them."""
+    min_updates: int = 2
+    """Quorum: at the deadline, fewer updates than this fail the round."""
+    gather_seconds: float = 30.0
+    """How long a task waits for devices_per_round eligible devices before it opens a round
+    with fewer (but never fewer than min_updates)."""
+    over_selection: float = 0.25
+    """Extra devices assigned, as a fraction of the quota, to absorb drop-outs."""
+    round_deadline_seconds: float = 300.0
+    """Seconds from assignment until the round closes."""
+    allowed_ranks: tuple[int, ...] = ()
+    """LoRA ranks a slow device may be given instead of the task's `rank` (each <= rank);
+    empty: only `rank`."""
+    min_local_steps: int = 0
+    """Steps below which a plan first tries a smaller rank or sequence; 0: local_steps / 4."""
+    min_seq_len: int = 0
+    """Shortest sequence a plan may be cut to; 0: seq_len / 2."""
+    equity_rounds: int = 3
+    """Equity floor: every school with an eligible device takes part at least once in this
+    many rounds."""
+    exploration: float = 0.2
+    """Share of a round's slots given to devices never tried before (Oort's exploration)."""
+
+    def __post_init__(self) -> None:
+        where = "[tasks.schedule]"
+        if self.strategy not in SCHEDULERS:
+            raise _invalid(
+                where,
+                "strategy",
+                f"must be one of {', '.join(SCHEDULERS)}, got {self.strategy!r}",
+            )
+        for name in ("devices_per_round", "min_updates"):
+            value = getattr(self, name)
+            if not _whole_number(value) or value < 1:
+                raise _invalid(where, name, f"must be a positive integer, got {value!r}")
+        if self.min_updates > self.devices_per_round:
+            raise _invalid(
+                where,
+                "min_updates",
+                f"({self.min_updates}) exceeds devices_per_round ({self.devices_per_round})",
+            )
+        value = self.round_deadline_seconds
+        if not _finite_number(value) or value <= 0:
+            raise _invalid(
+                where, "round_deadline_seconds", f"must be a positive number, got {value!r}"
+            )
+        if not _finite_number(self.gather_seconds) or self.gather_seconds < 0:
+            raise _invalid(where, "gather_seconds", f"must be >= 0, got {self.gather_seconds}")
+        if not _finite_number(self.over_selection) or not 0 <= self.over_selection <= 2:
+            raise _invalid(
+                where, "over_selection", f"must be within 0..2, got {self.over_selection}"
+            )
+        if not isinstance(self.allowed_ranks, tuple) or not all(
+            _whole_number(rank) and rank >= 1 for rank in self.allowed_ranks
+        ):
+            raise _invalid(
+                where,
+                "allowed_ranks",
+                f"must be a list of positive integers, got {self.allowed_ranks!r}",
+            )
+        for name in ("min_local_steps", "min_seq_len", "equity_rounds"):
+            value = getattr(self, name)
+            if not _whole_number(value) or value < 0:
+                raise _invalid(where, name, f"must be a non-negative integer, got {value!r}")
+        if self.equity_rounds < 1:
+            raise _invalid(where, "equity_rounds", f"must be >= 1, got {self.equity_rounds}")
+        if not _finite_number(self.exploration) or not 0 <= self.exploration <= 1:
+            raise _invalid(where, "exploration", f"must be within 0..1, got {self.exploration}")
+
+    @property
+    def devices_to_assign(self) -> int:
+        """The quota plus the over-selection: how many devices a round assigns at most."""
+        return math.ceil(self.devices_per_round * (1.0 + self.over_selection))
+
+
+MOVED_TASK_KEYS: dict[str, tuple[str, str]] = {
+    "dp_mode": ("privacy", "mode"),
+    "dp_clip_norm": ("privacy", "clip_norm"),
+    "dp_noise_multiplier": ("privacy", "noise_multiplier"),
+    "dp_epsilon_budget": ("privacy", "epsilon_budget"),
+    "dp_delta": ("privacy", "delta"),
+    "secure_aggregation": ("secure_aggregation", "enabled"),
+    "secagg_clip_bound": ("secure_aggregation", "clip_bound"),
+    "secagg_step_seconds": ("secure_aggregation", "step_seconds"),
+    "scheduler": ("schedule", "strategy"),
+    **{
+        key: ("schedule", key)
+        for key in (
+            "devices_per_round",
+            "min_updates",
+            "gather_seconds",
+            "over_selection",
+            "round_deadline_seconds",
+            "allowed_ranks",
+            "min_local_steps",
+            "min_seq_len",
+            "equity_rounds",
+            "exploration",
+        )
+    },
+}
+"""Flat `[[tasks]]` keys of the old layout -> (sub-table, key): refused with their new place."""
+
+
 @dataclass(frozen=True)
 class TaskConfig:
-    """One `[[tasks]]` table: a model the fleet fine-tunes and how rounds run."""
+    """One `[[tasks]]` table: a model the fleet fine-tunes and how rounds run. The optional
+    features are sub-tables: [tasks.schedule], [tasks.privacy], [tasks.secure_aggregation]."""
 
     id: str
     """Task id (topic level; letters, digits, _ . -)."""
@@ -45,20 +252,12 @@ class TaskConfig:
     """Local AdamW learning rate."""
     rounds: int = 10
     """Rounds to run; the task stops after this many completed rounds."""
-    devices_per_round: int = 3
-    """Updates wanted per round (the quota): the round aggregates as soon as it has them."""
-    min_updates: int = 2
-    """Quorum: at the deadline, fewer updates than this fail the round."""
-    gather_seconds: float = 30.0
-    """How long a task waits for devices_per_round eligible devices before it opens a round
-    with fewer (but never fewer than min_updates)."""
-    over_selection: float = 0.25
-    """Extra devices assigned, as a fraction of the quota, to absorb drop-outs."""
-    round_deadline_seconds: float = 300.0
-    """Seconds from assignment until the round closes."""
     local_steps: int = 20
+    """Local optimizer steps a device runs per round (a plan may shrink them to fit)."""
     batch_size: int = 8
+    """Examples per local step."""
     seq_len: int = 64
+    """Tokens per example (a plan may shorten it to fit)."""
     update_encoding: str = "int8"
     """How devices encode deltas: fp32 (exact) or int8 (a quarter of the bytes)."""
     max_update_norm: float = 0.0
@@ -69,54 +268,16 @@ class TaskConfig:
     """Held-out JSONL/CSV the coordinator evaluates each new version on; empty = none."""
     seed: int = 0
     """Seed of the initial adapter (version 0)."""
-    scheduler: str = "equity"
-    """How devices are chosen: equity (utility with an equity floor, plans shrunk to fit),
-    oort (utility only, full plans), random (Flower's default: random, full plans) or
-    fit-first (random among devices whose plan fits)."""
-    allowed_ranks: tuple[int, ...] = ()
-    """LoRA ranks a slow device may be given instead of `rank` (each <= rank); empty: only
-    `rank`."""
-    min_local_steps: int = 0
-    """Steps below which a plan first tries a smaller rank or sequence; 0: local_steps / 4."""
-    min_seq_len: int = 0
-    """Shortest sequence a plan may be cut to; 0: seq_len / 2."""
-    equity_rounds: int = 3
-    """Equity floor: every school with an eligible device takes part at least once in this
-    many rounds."""
-    exploration: float = 0.2
-    """Share of a round's slots given to devices never tried before (Oort's exploration)."""
-    dp_mode: str = "off"
-    """Client-level differential privacy (DP-FedAvg): off, central (the coordinator noises
-    the aggregate) or local (each device noises its own update). See docs/coordinator.md."""
-    dp_clip_norm: float = 0.0
-    """DP: L2 bound every update is clipped to, on the device and again on the coordinator
-    (the sensitivity the accountant assumes); required (> 0) when dp_mode is not off."""
-    dp_noise_multiplier: float = 0.0
-    """DP: Gaussian noise standard deviation as a multiple of dp_clip_norm (z); > 0 when
-    dp_mode is not off."""
-    dp_epsilon_budget: float = 0.0
-    """DP: the task's total epsilon; a round that would take the cumulative epsilon past it
-    is not opened. Required (> 0) when dp_mode is not off."""
-    dp_delta: float = 1e-5
-    """DP: the delta at which epsilon is reported and budgeted; keep it well below
-    1 / number of devices."""
-    secure_aggregation: bool = False
-    """Run rounds with secure aggregation (docs/secagg.md): devices send masked inputs and
-    the coordinator learns only their sum. Only devices whose agent can do it are chosen;
-    every device trains the task's full rank; the mean is unweighted (the coordinator sees
-    no single update to weigh)."""
-    secagg_clip_bound: float = 1.0
-    """Secure aggregation: each coordinate of a delta is clipped to [-bound, bound] before
-    it is encoded into the ring; the resolution is about bound * 5e-7. Keep it above the
-    largest coordinate a delta can have (with DP, dp_clip_norm is such a bound)."""
-    secagg_step_seconds: float = 30.0
-    """Secure aggregation: the longest the coordinator waits for the devices' answers in
-    each key-exchange step and in the unmasking step; it goes on with those that answered
-    (and aborts the round when fewer than the threshold did)."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """`[tasks.schedule]`: device choice, quota, quorum, deadlines and plan shrinking."""
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    """`[tasks.privacy]`: differential privacy; off unless configured."""
+    secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
+    """`[tasks.secure_aggregation]`: masked rounds; off unless enabled."""
 
     def __post_init__(self) -> None:
         def fail(key: str, problem: str) -> CoordinatorConfigError:
-            return CoordinatorConfigError(f"[[tasks]] {self.id!r}: {key} {problem}")
+            return _invalid(f"[[tasks]] {self.id!r}", key, problem)
 
         try:
             check_identifier("id", self.id)
@@ -126,139 +287,74 @@ class TaskConfig:
             raise fail("kind", f"must be 'classification' or 'causal-lm', got {self.kind!r}")
         if self.kind == "classification" and len(self.labels) < 2:
             raise fail("labels", "needs at least two class names for a classification task")
-        for name in (
-            "rank",
-            "rounds",
-            "devices_per_round",
-            "min_updates",
-            "local_steps",
-            "batch_size",
-            "seq_len",
-        ):
+        for name in ("rank", "rounds", "local_steps", "batch_size", "seq_len"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _whole_number(value) or value < 1:
                 raise fail(name, f"must be a positive integer, got {value!r}")
-        if self.min_updates > self.devices_per_round:
-            raise fail(
-                "min_updates",
-                f"({self.min_updates}) exceeds devices_per_round ({self.devices_per_round})",
-            )
-        for name in ("alpha", "learning_rate", "round_deadline_seconds"):
+        for name in ("alpha", "learning_rate"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            if not _finite_number(value) or value <= 0:
                 raise fail(name, f"must be a positive number, got {value!r}")
-        if self.gather_seconds < 0:
-            raise fail("gather_seconds", f"must be >= 0, got {self.gather_seconds}")
-        if not 0 <= self.over_selection <= 2:
-            raise fail("over_selection", f"must be within 0..2, got {self.over_selection}")
         if self.update_encoding not in {e.value for e in UpdateEncoding}:
             raise fail("update_encoding", f"must be fp32 or int8, got {self.update_encoding!r}")
         if self.max_update_norm < 0:
             raise fail("max_update_norm", f"must be >= 0, got {self.max_update_norm}")
         if self.norm_mode not in ("clip", "reject"):
             raise fail("norm_mode", f"must be clip or reject, got {self.norm_mode!r}")
-        if self.scheduler not in SCHEDULERS:
-            raise fail(
-                "scheduler", f"must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}"
-            )
-        for rank in self.allowed_ranks:
-            if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= self.rank:
+        for name, table in (
+            ("schedule", ScheduleConfig),
+            ("privacy", PrivacyConfig),
+            ("secure_aggregation", SecureAggregationConfig),
+        ):
+            if not isinstance(getattr(self, name), table):
+                raise fail(name, f"must be a [tasks.{name}] table ({table.__name__})")
+        for rank in self.schedule.allowed_ranks:
+            if rank > self.rank:
                 raise fail(
-                    "allowed_ranks", f"must hold integers in 1..rank ({self.rank}), got {rank!r}"
+                    "[tasks.schedule] allowed_ranks",
+                    f"must hold integers in 1..rank ({self.rank}), got {rank!r}",
                 )
-        for name in ("min_local_steps", "min_seq_len", "equity_rounds"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise fail(name, f"must be a non-negative integer, got {value!r}")
-        if self.equity_rounds < 1:
-            raise fail("equity_rounds", f"must be >= 1, got {self.equity_rounds}")
-        if not 0 <= self.exploration <= 1:
-            raise fail("exploration", f"must be within 0..1, got {self.exploration}")
-        self._check_privacy(fail)
-        self._check_secure_aggregation(fail)
+        self._check_across_tables(fail)
 
-    def _check_secure_aggregation(self, fail: Callable[[str, str], CoordinatorConfigError]) -> None:
+    def _check_across_tables(self, fail: Callable[[str, str], CoordinatorConfigError]) -> None:
         """Secure rounds need one tensor layout for every device and leave the coordinator
-        nothing to inspect per update, so the keys that rely on either are refused."""
-        if not isinstance(self.secure_aggregation, bool):
+        nothing to inspect per update; DP already bounds every update. So the keys that rely
+        on either are refused."""
+        if self.secure_aggregation.enabled and set(self.schedule.allowed_ranks) - {self.rank}:
             raise fail(
-                "secure_aggregation", f"must be true or false, got {self.secure_aggregation!r}"
-            )
-        for name in ("secagg_clip_bound", "secagg_step_seconds"):
-            value = getattr(self, name)
-            if not (
-                isinstance(value, (int, float))
-                and not isinstance(value, bool)
-                and math.isfinite(value)
-                and value > 0
-            ):
-                raise fail(name, f"must be a positive number, got {value!r}")
-        if not self.secure_aggregation:
-            return
-        if set(self.allowed_ranks) - {self.rank}:
-            raise fail(
-                "allowed_ranks",
+                "[tasks.schedule] allowed_ranks",
                 f"must be empty with secure_aggregation: every masked input must have the "
-                f"global adapter's layout (rank {self.rank}), got {list(self.allowed_ranks)}",
+                f"global adapter's layout (rank {self.rank}), "
+                f"got {list(self.schedule.allowed_ranks)}",
             )
-        if self.max_update_norm > 0:
+        if self.secure_aggregation.enabled and self.max_update_norm > 0:
             raise fail(
                 "max_update_norm",
                 "must be 0 with secure_aggregation: the coordinator never sees a single update "
-                "to check its norm; use dp_clip_norm, which devices apply before masking",
+                "to check its norm; use [tasks.privacy] clip_norm, which devices apply before "
+                "masking",
             )
-
-    def _check_privacy(self, fail: Callable[[str, str], CoordinatorConfigError]) -> None:
-        """The dp_* keys: all-or-nothing, so a half-configured private task cannot start."""
-        if self.dp_mode not in DP_MODES:
-            raise fail("dp_mode", f"must be one of {', '.join(DP_MODES)}, got {self.dp_mode!r}")
-        for name in ("dp_clip_norm", "dp_noise_multiplier", "dp_epsilon_budget", "dp_delta"):
-            value = getattr(self, name)
-            if not (
-                isinstance(value, (int, float))
-                and not isinstance(value, bool)
-                and math.isfinite(value)
-                and value >= 0
-            ):
-                raise fail(name, f"must be a finite number >= 0, got {value!r}")
-        if not 0 < self.dp_delta < 1:
-            raise fail("dp_delta", f"must be within (0, 1), got {self.dp_delta!r}")
-        if self.dp_mode == "off":
-            return
-        for name, why in (
-            ("dp_clip_norm", "the L2 bound every update is clipped to"),
-            (
-                "dp_noise_multiplier",
-                "without noise epsilon is infinite; for clipping alone "
-                "use dp_mode = 'off' with max_update_norm",
-            ),
-            ("dp_epsilon_budget", "the total epsilon the task may spend"),
-        ):
-            if getattr(self, name) <= 0:
-                raise fail(
-                    name,
-                    f"must be > 0 when dp_mode is {self.dp_mode!r} ({why}), "
-                    f"got {getattr(self, name)!r}",
-                )
-        if self.max_update_norm > 0:
+        if self.privacy.mode != "off" and self.max_update_norm > 0:
             raise fail(
                 "max_update_norm",
-                f"must be 0 when dp_mode is {self.dp_mode!r}: dp_clip_norm is the bound "
-                "(two bounds would make the sensitivity ambiguous)",
+                f"must be 0 when [tasks.privacy] mode is {self.privacy.mode!r}: its clip_norm "
+                "is the bound (two bounds would make the sensitivity ambiguous)",
             )
 
     @property
     def ladder_ranks(self) -> tuple[int, ...]:
         """The ranks a plan may use, largest (the task's rank) first."""
-        return tuple(sorted({self.rank, *self.allowed_ranks}, reverse=True))
+        return tuple(sorted({self.rank, *self.schedule.allowed_ranks}, reverse=True))
 
     @property
     def ladder_min_local_steps(self) -> int:
-        return self.min_local_steps or max(1, self.local_steps // 4)
+        """The fewest steps a plan keeps before it tries a smaller rank or sequence."""
+        return self.schedule.min_local_steps or max(1, self.local_steps // 4)
 
     @property
     def ladder_min_seq_len(self) -> int:
-        return self.min_seq_len or max(1, self.seq_len // 2)
+        """The shortest sequence a plan may be cut to."""
+        return self.schedule.min_seq_len or max(1, self.seq_len // 2)
 
 
 @dataclass(frozen=True)
@@ -308,10 +404,11 @@ class SchoolConfig:
     """The school's uplink, shared likewise; 0 = unknown."""
     max_epsilon: float = 0.0
     """Policy: 0 = no DP required. Above 0, the school's devices join only tasks with DP on
-    (dp_mode central or local) whose dp_epsilon_budget <= max_epsilon and dp_delta <=
+    ([tasks.privacy] mode central or local) whose epsilon_budget <= max_epsilon and delta <=
     max_delta."""
     max_delta: float = 1e-5
-    """Policy: the largest dp_delta the school accepts (checked only when max_epsilon > 0)."""
+    """Policy: the largest [tasks.privacy] delta the school accepts (checked only when
+    max_epsilon > 0)."""
     require_secure_aggregation: bool = False
     """Policy: the school's devices join only tasks that run with secure aggregation."""
     min_devices_per_aggregate: int = 0
@@ -353,10 +450,6 @@ class SchoolConfig:
     def link_known(self) -> bool:
         """Both link figures given: only then does the scheduler share a school link."""
         return self.down_mbps > 0 and self.up_mbps > 0
-
-
-def _finite_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -406,9 +499,7 @@ class CoordinatorConfig:
                 ),
                 broker=BrokerSettings.from_table(dict(data.get("broker", {}))),
                 tasks=tuple(
-                    build_dataclass(
-                        TaskConfig, table, f"[[tasks]] #{index + 1}", CoordinatorConfigError
-                    )
+                    _task_from_table(index, table)
                     for index, table in enumerate(data.get("tasks", []))
                 ),
                 schools=tuple(
@@ -424,3 +515,16 @@ class CoordinatorConfig:
     @classmethod
     def load(cls, path: Path) -> CoordinatorConfig:
         return cls.from_dict(read_toml_file(path, CoordinatorConfigError), str(path))
+
+
+def _task_from_table(index: int, table: object) -> TaskConfig:
+    """One `[[tasks]]` table; a key of the old flat layout is refused with its new place."""
+    task_id = table.get("id") if isinstance(table, dict) else None
+    where = f"[[tasks]] {task_id!r}" if isinstance(task_id, str) else f"[[tasks]] #{index + 1}"
+    for key, value in table.items() if isinstance(table, dict) else ():
+        if key in MOVED_TASK_KEYS and not isinstance(value, dict):
+            sub_table, new_key = MOVED_TASK_KEYS[key]
+            raise CoordinatorConfigError(
+                f"{where}: key {key!r} has moved: write `{new_key} = ...` under [tasks.{sub_table}]"
+            )
+    return build_dataclass(TaskConfig, table, where, CoordinatorConfigError, "tasks")

@@ -5,7 +5,8 @@ order of how little it costs the model: fewer local steps first (down to the tas
 `min_local_steps`), then a smaller LoRA rank from `allowed_ranks` (fewer FLOPs and a smaller
 upload), then a shorter sequence (down to `min_seq_len`), and only as a last resort fewer
 steps than `min_local_steps`. A device whose one-step plan still misses the deadline is left
-out, with the reason.
+out, with the reason. This is the one deadline fitter: the fit-first scheduler uses it with a
+one-rung ladder (`LadderLimits.steps_only`), so only its steps shrink.
 
 Devices of one school share its uplink and downlink: when m of a school's devices train in the
 same round, each is predicted to get 1/m of the school's link (or its own link, if slower).
@@ -23,7 +24,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from device_profiles.cost_model import (
-    DEFAULT_MEMORY_MARGIN,
     UPLOAD_BYTES_PER_PARAM,
     Prediction,
     adapter_bytes,
@@ -31,6 +31,7 @@ from device_profiles.cost_model import (
     peak_bytes_for,
     step_seconds_for,
     transfer_seconds,
+    unfit_reason,
 )
 from device_profiles.plan import TrainingPlan
 from device_profiles.profile import DeviceProfile
@@ -68,6 +69,12 @@ class LadderLimits:
     min_local_steps: int
     min_seq_len: int
 
+    @classmethod
+    def steps_only(cls, plan: TrainingPlan) -> LadderLimits:
+        """A one-rung ladder: the plan's own rank and sequence, any number of steps >= 1
+        (the fit-first scheduler's fitting)."""
+        return cls((plan.rank,), 1, plan.seq_len)
+
 
 class PlanFitter:
     """Predicts and shrinks plans for one task's model shape, with a per-profile cache."""
@@ -99,15 +106,6 @@ class PlanFitter:
         self._plans_by_steps: dict[tuple[int, int, int], TrainingPlan] = {}
         self._upload_bytes: dict[int, int] = {}
 
-    def _step_and_peak(self, profile: DeviceProfile, plan: TrainingPlan) -> tuple[float, float]:
-        key = (profile.name, plan.scheme, plan.rank, plan.batch_size, plan.seq_len)
-        cached = self._compute_cache.get(key)
-        if cached is None:
-            counts = count_step(self.shape, plan)
-            cached = (step_seconds_for(profile, counts), peak_bytes_for(profile, counts))
-            self._compute_cache[key] = cached
-        return cached
-
     def _estimate(
         self,
         profile: DeviceProfile,
@@ -123,14 +121,7 @@ class PlanFitter:
         if cached is None:
             counts = count_step(self.shape, plan)
             step, peak = step_seconds_for(profile, counts), peak_bytes_for(profile, counts)
-            reason = ""
-            if plan.scheme not in profile.throughput.quant_schemes:
-                reason = f"scheme {plan.scheme} is not usable on {profile.name}"
-            elif peak * (1.0 + DEFAULT_MEMORY_MARGIN) > profile.usable_ram_bytes:
-                reason = (
-                    f"needs {peak * (1.0 + DEFAULT_MEMORY_MARGIN) / 1e9:.2f} GB with margin "
-                    f"but only {profile.usable_ram_bytes / 1e9:.2f} GB usable"
-                )
+            reason = unfit_reason(profile, plan.scheme, peak)
             cached = self._compute_cache[key] = (step, peak, reason)
         step, peak, reason = cached
         upload_bytes = self._upload_bytes.get(plan.rank)
@@ -239,6 +230,15 @@ class PlanFitter:
         if cached is None:
             cached = self._plans_by_steps[key] = replace(plan, local_steps=steps)
         return cached
+
+
+def fit_plan_to_deadline(
+    profile: DeviceProfile, shape: ModelShape, plan: TrainingPlan, deadline_seconds: float
+) -> tuple[TrainingPlan, Prediction] | str:
+    """`plan` with as many of its local steps as fit the deadline, or why none fits: a
+    `PlanFitter` on `LadderLimits.steps_only` (the rank and sequence stay the plan's). A
+    scheduler fitting many devices builds the fitter once instead."""
+    return PlanFitter(shape, plan, LadderLimits.steps_only(plan), deadline_seconds).fit(profile)
 
 
 def _seq_lengths(full: int, minimum: int) -> Sequence[int]:

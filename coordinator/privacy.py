@@ -43,22 +43,17 @@ import torch
 from dp_accounting import rdp
 
 from coordinator.aggregation import (
-    AggregationResult,
-    Aggregator,
-    ClientUpdate,
+    FedAvg,
+    NormBound,
+    NormBoundMode,
+    ScreenedUpdates,
     TensorMap,
-    update_problem,
     weighted_mean,
 )
 from coordinator.config import TaskConfig
 from coordinator.store import CoordinatorStore, PrivacyRound, PrivacyStop
 from edge_runtime.wire import DevicePrivacy, PrivacyMode
-from quantization.adapter_deltas import (
-    add_gaussian_noise,
-    clip_update,
-    secure_generator,
-    update_l2_norm,
-)
+from quantization.adapter_deltas import add_gaussian_noise, secure_generator
 from quantization.lora_ranks import pad_to_shapes
 
 logger = logging.getLogger(__name__)
@@ -69,7 +64,7 @@ RDP_ORDERS: tuple[int, ...] = (*range(2, 65), 80, 96, 128, 256, 512, 1024)
 
 @dataclass(frozen=True)
 class DpPolicy:
-    """A task's client-level DP settings (the `dp_*` keys of its `[[tasks]]` table)."""
+    """A task's client-level DP settings (its `[tasks.privacy]` table)."""
 
     mode: PrivacyMode
     clip_norm: float
@@ -79,15 +74,17 @@ class DpPolicy:
 
     @classmethod
     def of(cls, task: TaskConfig) -> DpPolicy | None:
-        """The task's policy; None when `dp_mode` is off (validated by TaskConfig)."""
-        if task.dp_mode == "off":
+        """The task's policy; None when [tasks.privacy] mode is off (validated by
+        PrivacyConfig)."""
+        privacy = task.privacy
+        if privacy.mode == "off":
             return None
         return cls(
-            PrivacyMode(task.dp_mode),
-            task.dp_clip_norm,
-            task.dp_noise_multiplier,
-            task.dp_epsilon_budget,
-            task.dp_delta,
+            PrivacyMode(privacy.mode),
+            privacy.clip_norm,
+            privacy.noise_multiplier,
+            privacy.epsilon_budget,
+            privacy.delta,
         )
 
     def device_instructions(self) -> DevicePrivacy:
@@ -178,9 +175,12 @@ def sampling_probability(participants: int, eligible_devices: int) -> float:
 # Strategy
 
 
-class DpFedAvg(Aggregator):
+class DpFedAvg(FedAvg):
     """DP-FedAvg: clip every update to `clip_norm`, take the unweighted mean, and under
     central DP add Gaussian noise of standard deviation z * C / n to every coordinate.
+
+    The screening is FedAvg's, with the norm bound set to clip at `clip_norm`
+    (`screen_updates`); only the combining step differs.
 
     Updates of a smaller LoRA rank are zero padded to the global rank and averaged over all
     n updates (not per rank component as FedAvg does): a per-component mean would divide a
@@ -190,54 +190,31 @@ class DpFedAvg(Aggregator):
     """
 
     def __init__(self, policy: DpPolicy, generator: torch.Generator | None = None) -> None:
+        super().__init__(NormBound(policy.clip_norm, NormBoundMode.CLIP))
         self.policy = policy
         self.generator = generator
         """Noise source; None draws a fresh OS-seeded one per aggregate (tests fix it)."""
 
-    def aggregate(self, updates: Sequence[ClientUpdate], reference: TensorMap) -> AggregationResult:
+    def combine(self, screened: ScreenedUpdates, reference: TensorMap) -> dict[str, torch.Tensor]:
         shapes = {name: tuple(tensor.shape) for name, tensor in reference.items()}
-        accepted: list[str] = []
-        deltas: list[dict[str, torch.Tensor]] = []
-        rejected: dict[str, str] = {}
-        clipped: list[str] = []
-        for update in updates:
-            if update.device_id in rejected or update.device_id in accepted:
-                rejected[update.device_id] = "more than one update from this device"
-                continue
-            problem = update_problem(update.delta, reference, update.rank)
-            if problem is not None:
-                rejected[update.device_id] = problem
-                continue
-            if update_l2_norm(update.delta) > self.policy.clip_norm:
-                clipped.append(update.device_id)
-            bounded = clip_update(update.delta, self.policy.clip_norm)
-            deltas.append(pad_to_shapes(bounded, shapes) if update.rank is not None else bounded)
-            accepted.append(update.device_id)
-        for device_id, reason in rejected.items():
-            logger.warning("update from %s refused: %s", device_id, reason)
-        if not accepted:
-            return AggregationResult(delta={}, accepted_devices=(), rejected_devices=rejected)
+        deltas = [
+            pad_to_shapes(delta, shapes) if update.rank is not None else delta
+            for update, delta in zip(screened.accepted, screened.deltas, strict=True)
+        ]
         mean = weighted_mean(deltas, [1.0] * len(deltas))
         if self.policy.central_noise and self.policy.noise_multiplier > 0:
             std = central_noise_std(
                 self.policy.noise_multiplier, self.policy.clip_norm, len(deltas)
             )
             mean = add_gaussian_noise(mean, std, self.generator or secure_generator())
-        if clipped:
+        if screened.clipped:
             logger.info(
                 "DP clipping: %d of %d updates scaled to the bound %.4g",
-                len(clipped),
-                len(accepted),
+                len(screened.clipped),
+                len(screened.accepted),
                 self.policy.clip_norm,
             )
-        by_device = {u.device_id: u for u in updates}
-        return AggregationResult(
-            delta=mean,
-            accepted_devices=tuple(accepted),
-            rejected_devices=rejected,
-            clipped_devices=tuple(clipped),
-            total_samples=sum(by_device[d].num_samples for d in accepted),
-        )
+        return mean
 
 
 def budget_refusal(task_id: str, round_number: int, epsilon: float, policy: DpPolicy) -> str:
@@ -252,7 +229,8 @@ def budget_refusal(task_id: str, round_number: int, epsilon: float, policy: DpPo
 def stop_holds(task: TaskConfig, stop: PrivacyStop | None) -> bool:
     """A recorded budget stop still applies: the task has DP on and the epsilon the refused
     round needed exceeds the *configured* budget (raising the budget lets the task go on)."""
-    return task.dp_mode != "off" and stop is not None and stop.epsilon > task.dp_epsilon_budget
+    privacy = task.privacy
+    return privacy.mode != "off" and stop is not None and stop.epsilon > privacy.epsilon_budget
 
 
 # ---------------------------------------------------------------------------------------
@@ -272,7 +250,7 @@ def plan_round_privacy(
     from then on, so this is logged once)."""
     policy = DpPolicy.of(task)
     if policy is None:
-        raise ValueError(f"task {task.id} has dp_mode = 'off': no privacy ledger")
+        raise ValueError(f"task {task.id} has [tasks.privacy] mode = 'off': no privacy ledger")
     planned = next_round_privacy(
         policy,
         store.privacy_rounds(task.id),
@@ -280,7 +258,7 @@ def plan_round_privacy(
         round_number,
         participants,
         eligible_devices,
-        secure_aggregation=task.secure_aggregation,
+        secure_aggregation=task.secure_aggregation.enabled,
     )
     if planned.epsilon <= policy.epsilon_budget:
         store.clear_privacy_stop(task.id)
@@ -316,5 +294,5 @@ def spent_round_privacy(
         round_number,
         participants,
         planned.eligible_devices,
-        secure_aggregation=task.secure_aggregation,
+        secure_aggregation=task.secure_aggregation.enabled,
     )

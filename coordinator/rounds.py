@@ -54,6 +54,7 @@ from coordinator.store import (
 )
 from coordinator.task_models import AdapterBody, TaskModel, wire_task_spec
 from coordinator.utility_scheduler import scheduler_named
+from device_profiles.plan import TrainingPlan
 from device_profiles.shapes import ModelShape, resolve_shape
 from edge_runtime.wire import (
     COORDINATOR_SENDER,
@@ -73,7 +74,6 @@ from edge_runtime.wire import (
     tensor_shapes,
     to_json_fields,
 )
-from edge_runtime.wire import TrainingPlan as WirePlan
 from quantization.lora_ranks import adapter_rank, truncated_shapes
 from quantization.task_model import resolve_base_model
 
@@ -98,18 +98,22 @@ def update_shapes(reference: dict[str, torch.Tensor], rank: int) -> dict[str, tu
     return truncated_shapes(shapes, rank)
 
 
-def wire_plan(task: TaskConfig, chosen: DevicePlan) -> WirePlan:
-    """The plan a device receives, from the scheduler's plan for it."""
-    return WirePlan(
-        adapter_rank=chosen.plan.rank,
-        local_steps=chosen.plan.local_steps,
-        batch_size=chosen.plan.batch_size,
-        sequence_length=chosen.plan.seq_len,
-        update_encoding=UpdateEncoding(task.update_encoding),
-        scheme=chosen.plan.scheme,
-        learning_rate=task.learning_rate,
-        predicted_round_seconds=chosen.prediction.round_seconds,
+def assignment_json(task: TaskConfig, chosen: DevicePlan) -> str:
+    """What the store keeps of one device's assignment: the scheduler's plan, as the
+    `TaskAssignment` carries it, and the terms the assignment carries beside it."""
+    return json.dumps(
+        {
+            "plan": to_json_fields(chosen.plan),
+            "update_encoding": UpdateEncoding(task.update_encoding).value,
+            "predicted_round_seconds": chosen.prediction.round_seconds,
+        },
+        sort_keys=True,
     )
+
+
+def stored_plan(text: str) -> TrainingPlan:
+    """The plan of a stored assignment (`assignment_json`), checked as the wire checks it."""
+    return from_json_fields(TrainingPlan, json.loads(text)["plan"], "plan")
 
 
 def make_aggregator(task: TaskConfig) -> Aggregator:
@@ -138,7 +142,8 @@ class RoundManager:
         self.fleet = config.coordinator.fleet
         self.store = store
         self.scheduler = scheduler
-        """Used for every task when given (tests); otherwise each task's `scheduler` key."""
+        """Used for every task when given (tests); otherwise each task's [tasks.schedule]
+        `strategy`."""
         self.school_links = {
             school.id: SchoolLink(school.down_mbps, school.up_mbps)
             for school in config.schools
@@ -199,7 +204,7 @@ class RoundManager:
 
     def privacy_blocked(self, task_id: str) -> bool:
         """A recorded budget stop that the configured budget still upholds (an operator
-        who raises dp_epsilon_budget lets the task go on)."""
+        who raises [tasks.privacy] epsilon_budget lets the task go on)."""
         return stop_holds(self.config.task(task_id), self.store.privacy_stop(task_id))
 
     def open_rounds_if_possible(self, candidates: Sequence[DeviceCandidate]) -> list[Outgoing]:
@@ -214,20 +219,20 @@ class RoundManager:
                 self.schools, task, [c for c in candidates if c.device_id not in busy]
             )
             self._log_policy_exclusions(task.id, excluded)
-            if task.secure_aggregation:
+            if task.secure_aggregation.enabled:
                 free = self._secure_capable(task.id, free)
-            if len(free) < task.min_updates:
+            if len(free) < task.schedule.min_updates:
                 if task.id not in self._waiting_logged:
                     logger.info(
                         "task %s waits: %d eligible free devices, quorum is %d",
                         task.id,
                         len(free),
-                        task.min_updates,
+                        task.schedule.min_updates,
                     )
                     self._waiting_logged.add(task.id)
                 continue
             round_number = self._last_round(task.id) + 1
-            scheduler = self.scheduler or scheduler_named(task.scheduler)
+            scheduler = self.scheduler or scheduler_named(task.schedule.strategy)
             context = RoundContext(
                 self._history(task.id),
                 self.school_links,
@@ -243,26 +248,26 @@ class RoundManager:
             )
             self._log_policy_exclusions(task.id, too_small)
             chosen = [p for p in schedule.plans if school_of[p.device_id] not in too_small]
-            if len(chosen) < task.min_updates:
+            if len(chosen) < task.schedule.min_updates:
                 if task.id not in self._waiting_logged:
                     logger.info(
                         "task %s waits: only %d devices fit the plan and the schools' "
                         "policies (quorum %d)",
                         task.id,
                         len(chosen),
-                        task.min_updates,
+                        task.schedule.min_updates,
                     )
                     self._waiting_logged.add(task.id)
                 continue
-            if len(chosen) < task.devices_per_round:
+            if len(chosen) < task.schedule.devices_per_round:
                 first_seen = self._short_since.setdefault(task.id, self.now())
-                if self.now() - first_seen < task.gather_seconds:
+                if self.now() - first_seen < task.schedule.gather_seconds:
                     continue  # give more devices a moment to come online
             self._short_since.pop(task.id, None)
             self._waiting_logged.discard(task.id)
-            plans = {p.device_id: wire_plan(task, p) for p in chosen}
+            plans = {p.device_id: assignment_json(task, p) for p in chosen}
             privacy = None
-            if task.dp_mode != "off":
+            if task.privacy.mode != "off":
                 privacy = plan_round_privacy(
                     self.store, task, round_number, len(plans), len(free), self.now()
                 )
@@ -272,12 +277,12 @@ class RoundManager:
                 task.id,
                 round_number,
                 base_version=self.store.latest_adapter_version(task.id).version,  # type: ignore[union-attr]
-                deadline=self.now() + task.round_deadline_seconds,
-                plans_json={device: _plan_json(plan) for device, plan in plans.items()},
+                deadline=self.now() + task.schedule.round_deadline_seconds,
+                plans_json=plans,
                 privacy=privacy,
             )
             busy |= set(plans)
-            if task.secure_aggregation:
+            if task.secure_aggregation.enabled:
                 self.secure.open(task, round_number)
             logger.info(
                 "task %s round %d opened: %d devices (%s), deadline in %.0f s",
@@ -285,7 +290,7 @@ class RoundManager:
                 round_number,
                 len(plans),
                 ", ".join(sorted(plans)),
-                task.round_deadline_seconds,
+                task.schedule.round_deadline_seconds,
             )
             outgoing += self._assignment_messages(record)
         return outgoing
@@ -337,16 +342,19 @@ class RoundManager:
         for device_id, plan_json in self.store.assignments(
             record.task_id, record.round_number
         ).items():
+            stored = json.loads(plan_json)
             assignment = TaskAssignment(
                 fleet=self.fleet,
                 task=record.task_id,
                 server_round=record.round_number,
                 device_id=device_id,
                 attempt=0,
-                plan=_plan_from_json(plan_json),
+                plan=stored_plan(plan_json),
                 deadline=record.deadline,
                 model_version=body.version,
                 spec=wire_task_spec(task),
+                update_encoding=UpdateEncoding(stored["update_encoding"]),
+                predicted_round_seconds=stored["predicted_round_seconds"],
             )
             frame = encode_frame(assignment, sender=COORDINATOR_SENDER, signing_key=self.key)
             outgoing.append(Outgoing(inbox_topic(self.fleet, device_id, InboxChannel.TASK), frame))
@@ -365,7 +373,7 @@ class RoundManager:
         if update.device_id not in plans:
             return AckStatus.REJECTED, "no assignment for this device in that round", []
         current = self.current[update.task]
-        if self.config.task(update.task).secure_aggregation:
+        if self.config.task(update.task).secure_aggregation.enabled:
             return AckStatus.REJECTED, "the task runs secure aggregation: send a masked input", []
         if record.state is not RoundState.OPEN:
             stored = self.store.reported_devices(update.task, update.server_round).values()
@@ -374,7 +382,7 @@ class RoundManager:
             return AckStatus.REJECTED, f"round {update.server_round} is {record.state.value}", []
         if update.model_version != current.version:
             return AckStatus.REJECTED, "trained on another model version", []
-        rank = _plan_from_json(plans[update.device_id]).adapter_rank
+        rank = stored_plan(plans[update.device_id]).rank
         try:
             delta = decode_update(body, update_shapes(current.state(), rank))
         except CodecError as error:
@@ -413,12 +421,12 @@ class RoundManager:
         """Quota met, or every assigned device has either reported or declined."""
         task = self.config.task(record.task_id)
         reported = set(self.store.reported_devices(record.task_id, record.round_number))
-        if len(reported) >= task.devices_per_round:
+        if len(reported) >= task.schedule.devices_per_round:
             return True
         assigned = set(self.store.assignments(record.task_id, record.round_number))
         declined = set(self.store.declined_devices(record.task_id, record.round_number))
         answered = reported | declined
-        return answered >= assigned and len(reported) >= task.min_updates
+        return answered >= assigned and len(reported) >= task.schedule.min_updates
 
     def accept_decline(
         self, task_id: str, round_number: int, device_id: str, reason: str
@@ -430,7 +438,7 @@ class RoundManager:
         if not self.store.record_decline(task_id, round_number, device_id, reason):
             return []
         task = self.config.task(task_id)
-        if task.secure_aggregation:
+        if task.secure_aggregation.enabled:
             outgoing, outcomes = self.secure.accept_decline(task, round_number)
             return outgoing + self._finish_secure(outcomes)
         if self.round_is_complete(record):
@@ -445,14 +453,15 @@ class RoundManager:
         outgoing += self._finish_secure(outcomes)
         for record in self.store.open_rounds():
             task = self.config.task(record.task_id)
-            if self.now() < record.deadline or task.secure_aggregation:
+            if self.now() < record.deadline or task.secure_aggregation.enabled:
                 continue  # secure rounds end through their phases (self.secure.tick)
             received = len(self.store.reported_devices(record.task_id, record.round_number))
-            if received >= task.min_updates:
+            if received >= task.schedule.min_updates:
                 outgoing += self.aggregate(record, reason="deadline with quorum")
             else:
+                quorum = task.schedule.min_updates
                 reason = (
-                    f"deadline passed with {received} update(s), quorum is {task.min_updates}; "
+                    f"deadline passed with {received} update(s), quorum is {quorum}; "
                     "global adapter unchanged"
                 )
                 self.store.close_round(
@@ -488,7 +497,7 @@ class RoundManager:
         plans = self.store.assignments(task.id, record.round_number)
         updates = []
         for u in self.store.updates(task.id, record.round_number):
-            rank = _plan_from_json(plans[u.device_id]).adapter_rank  # validated on arrival
+            rank = stored_plan(plans[u.device_id]).rank  # validated on arrival
             updates.append(
                 ClientUpdate(
                     u.device_id,
@@ -631,11 +640,3 @@ class RoundManager:
             )
             self.secure.finish(outcome.task_id, outcome.round_number, True, outcome.reason)
         return outgoing
-
-
-def _plan_json(plan: WirePlan) -> str:
-    return json.dumps(to_json_fields(plan), sort_keys=True)
-
-
-def _plan_from_json(text: str) -> WirePlan:
-    return from_json_fields(WirePlan, json.loads(text), "plan")

@@ -12,15 +12,14 @@ fit-first); the utility-based ones are in `coordinator.utility_scheduler`.
 from __future__ import annotations
 
 import logging
-import math
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from coordinator.config import TaskConfig
 from coordinator.fleet_history import FleetHistory
-from coordinator.plan_fitting import DEADLINE_SAFETY, SchoolLink
+from coordinator.plan_fitting import LadderLimits, PlanFitter, SchoolLink
 from device_profiles.cost_model import Prediction, predict
 from device_profiles.plan import TrainingPlan
 from device_profiles.profile import DeviceProfile
@@ -48,6 +47,9 @@ class DeviceCandidate:
 
 @dataclass(frozen=True)
 class DevicePlan:
+    """One chosen device, its plan (what goes on the wire, unchanged) and the prediction
+    the scheduler chose it on."""
+
     device_id: str
     plan: TrainingPlan
     prediction: Prediction
@@ -84,33 +86,8 @@ def task_plan(task: TaskConfig, shape: ModelShape) -> TrainingPlan:
         seq_len=task.seq_len,
         local_steps=task.local_steps,
         target_modules=roles,
+        learning_rate=task.learning_rate,
     )
-
-
-def fit_plan_to_deadline(
-    profile: DeviceProfile, shape: ModelShape, plan: TrainingPlan, deadline_seconds: float
-) -> tuple[TrainingPlan, Prediction] | str:
-    """The plan with as many of its local steps as fit the deadline, or why none fits.
-
-    Only steps shrink here (the fit-first scheduler keeps the task's rank); the equity
-    scheduler's fuller ladder of steps, rank and sequence is in `coordinator.plan_fitting`.
-    """
-    prediction = predict(profile, shape, plan)
-    if not prediction.fits:
-        return prediction.reason
-    budget = deadline_seconds * DEADLINE_SAFETY
-    if prediction.round_seconds <= budget:
-        return plan, prediction
-    transfer = prediction.download_seconds + prediction.upload_seconds
-    steps = math.floor((budget - transfer) / prediction.step_seconds)
-    if steps < 1:
-        return (
-            f"predicted {prediction.round_seconds:.0f} s per round "
-            f"({prediction.step_seconds:.2f} s per step, {transfer:.0f} s transfer) does not "
-            f"fit {budget:.0f} s of the deadline even with one step"
-        )
-    smaller = replace(plan, local_steps=min(steps, plan.local_steps))
-    return smaller, predict(profile, shape, smaller)
 
 
 class Scheduler(ABC):
@@ -151,7 +128,8 @@ class Scheduler(ABC):
 
 class FitFirstScheduler(Scheduler):
     """Random selection among the devices whose predicted plan fits (Flower's default
-    selection, plus the cost model's feasibility check and deadline-driven step counts)."""
+    selection, plus the cost model's feasibility check and deadline-driven step counts:
+    `PlanFitter` with `LadderLimits.steps_only`, so the task's rank and sequence stay)."""
 
     def configure_round(
         self,
@@ -162,27 +140,22 @@ class FitFirstScheduler(Scheduler):
         context: RoundContext | None = None,
     ) -> RoundSchedule:
         base_plan = task_plan(task, shape)
+        fitter = PlanFitter(
+            shape,
+            base_plan,
+            LadderLimits.steps_only(base_plan),
+            task.schedule.round_deadline_seconds,
+        )
         feasible: list[DevicePlan] = []
         skipped: dict[str, str] = {}
         for candidate in candidates:
-            fitted = fit_plan_to_deadline(
-                candidate.profile, shape, base_plan, task.round_deadline_seconds
-            )
+            fitted = fitter.fit(candidate.profile, free_memory_bytes=candidate.free_memory_bytes)
             if isinstance(fitted, str):
                 skipped[candidate.device_id] = fitted
                 continue
             plan, prediction = fitted
-            if (
-                candidate.free_memory_bytes is not None
-                and prediction.peak_bytes > candidate.free_memory_bytes
-            ):
-                skipped[candidate.device_id] = (
-                    f"predicted peak {prediction.peak_bytes / 2**20:.0f} MiB exceeds the "
-                    f"{candidate.free_memory_bytes / 2**20:.0f} MiB free right now"
-                )
-                continue
             feasible.append(DevicePlan(candidate.device_id, plan, prediction))
-        wanted = math.ceil(task.devices_per_round * (1.0 + task.over_selection))
+        wanted = task.schedule.devices_to_assign
         rng = random.Random(f"{task.id}/{round_number}")
         feasible.sort(key=lambda p: p.device_id)
         rng.shuffle(feasible)
@@ -215,7 +188,7 @@ class RandomScheduler(Scheduler):
                 skipped[candidate.device_id] = prediction.reason
                 continue
             runnable.append(DevicePlan(candidate.device_id, plan, prediction))
-        wanted = math.ceil(task.devices_per_round * (1.0 + task.over_selection))
+        wanted = task.schedule.devices_to_assign
         chosen = random.Random(f"{task.id}/{round_number}").sample(
             runnable, min(wanted, len(runnable))
         )

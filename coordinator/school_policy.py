@@ -13,7 +13,8 @@ from coordinator.config import SchoolConfig, TaskConfig
 from coordinator.scheduler import DeviceCandidate
 
 SECURE_AGGREGATION_MISSING = (
-    "the school requires secure aggregation and the task has secure_aggregation = false"
+    "the school requires secure aggregation and the task has [tasks.secure_aggregation] "
+    "enabled = false"
 )
 
 
@@ -26,22 +27,23 @@ def policy_problem(school: SchoolConfig | None, task: TaskConfig) -> str | None:
         return None
     if school.allowed_tasks and task.id not in school.allowed_tasks:
         return f"task {task.id} is not in the school's allowed_tasks {list(school.allowed_tasks)}"
-    if school.require_secure_aggregation and not task.secure_aggregation:
+    if school.require_secure_aggregation and not task.secure_aggregation.enabled:
         return SECURE_AGGREGATION_MISSING
     if school.max_epsilon > 0:
-        if task.dp_mode == "off":
+        privacy = task.privacy
+        if privacy.mode == "off":
             return (
                 f"the school requires differential privacy (max_epsilon {school.max_epsilon}) "
-                "but the task has dp_mode = 'off'"
+                "but the task has [tasks.privacy] mode = 'off'"
             )
-        if task.dp_epsilon_budget > school.max_epsilon:
+        if privacy.epsilon_budget > school.max_epsilon:
             return (
-                f"the task's dp_epsilon_budget {task.dp_epsilon_budget} exceeds the school's "
-                f"max_epsilon {school.max_epsilon}"
+                f"the task's [tasks.privacy] epsilon_budget {privacy.epsilon_budget} exceeds "
+                f"the school's max_epsilon {school.max_epsilon}"
             )
-        if task.dp_delta > school.max_delta:
+        if privacy.delta > school.max_delta:
             return (
-                f"the task's dp_delta {task.dp_delta} exceeds the school's "
+                f"the task's [tasks.privacy] delta {privacy.delta} exceeds the school's "
                 f"max_delta {school.max_delta}"
             )
     return None

@@ -32,6 +32,7 @@ from quantization.adapters import (
     save_adapter,
     set_adapter_state,
 )
+from quantization.export.onnx_export import ExportSpec
 from quantization.task_data import LabelledText, read_labelled_texts, read_lm_texts
 from quantization.task_model import (
     TaskModelSpec,
@@ -53,10 +54,22 @@ def wire_task_spec(task: TaskConfig) -> TaskSpec:
         adapter_alpha=task.alpha,
         privacy=None if policy is None else policy.device_instructions(),
         secure_aggregation=(
-            SecureAggregationSpec(clip_bound=task.secagg_clip_bound)
-            if task.secure_aggregation
+            SecureAggregationSpec(clip_bound=task.secure_aggregation.clip_bound)
+            if task.secure_aggregation.enabled
             else None
         ),
+    )
+
+
+def onnx_export_spec(task: TaskConfig) -> ExportSpec:
+    """What `quantization.export.onnx_export` needs of a task to export its adapter."""
+    return ExportSpec(
+        task_id=task.id,
+        kind=task.kind,
+        base_model=task.base_model,
+        labels=task.labels,
+        max_length=task.seq_len,
+        eval_file=Path(task.eval_file).expanduser() if task.eval_file else None,
     )
 
 

@@ -104,7 +104,7 @@ class OortScheduler(Scheduler):
         history = context.history
         full_plan = task_plan(task, shape)
         limits = LadderLimits((task.rank,), task.local_steps, task.seq_len)
-        fitter = PlanFitter(shape, full_plan, limits, task.round_deadline_seconds)
+        fitter = PlanFitter(shape, full_plan, limits, task.schedule.round_deadline_seconds)
         preferred_seconds = fitter.budget_seconds
         utilities = statistical_utilities(candidates, history, round_number)
         skipped: dict[str, str] = {}
@@ -127,8 +127,10 @@ class OortScheduler(Scheduler):
                 explored.append(pick)
             else:
                 unexplored.append(_Pick(candidate, full_plan, prediction, 0.0))
-        wanted = math.ceil(task.devices_per_round * (1.0 + task.over_selection))
-        explore_slots = _explore_slots(wanted, task.exploration, len(explored), len(unexplored))
+        wanted = task.schedule.devices_to_assign
+        explore_slots = _explore_slots(
+            wanted, task.schedule.exploration, len(explored), len(unexplored)
+        )
         rng = random.Random(f"{task.id}/{round_number}")
         explored = _sample_by_utility(explored, rng)
         unexplored.sort(key=lambda p: (p.prediction.round_seconds, p.candidate.device_id))
@@ -154,10 +156,10 @@ class EquityScheduler(Scheduler):
         limits = LadderLimits(
             task.ladder_ranks, task.ladder_min_local_steps, task.ladder_min_seq_len
         )
-        fitter = PlanFitter(shape, full_plan, limits, task.round_deadline_seconds)
+        fitter = PlanFitter(shape, full_plan, limits, task.schedule.round_deadline_seconds)
         utilities = statistical_utilities(candidates, history, round_number)
         mean_utility = sum(utilities.values()) / len(utilities) if utilities else 1.0
-        quota = task.devices_per_round
+        quota = task.schedule.devices_per_round
         feasible, skipped, preferred = _fit_candidates(
             fitter, candidates, utilities, context, quota
         )
@@ -188,7 +190,9 @@ class EquityScheduler(Scheduler):
         unexplored = [p for p in competing if p.utility < 0]
         rng.shuffle(unexplored)
         unexplored.sort(key=lambda p: -work_fraction(p.plan, full_plan))
-        explore_slots = _explore_slots(quota, task.exploration, len(explored), len(unexplored))
+        explore_slots = _explore_slots(
+            quota, task.schedule.exploration, len(explored), len(unexplored)
+        )
         explore_target = min(quota, selection.expected_updates() + explore_slots)
         for pick in unexplored:
             if selection.expected_updates() >= explore_target:
@@ -278,7 +282,8 @@ class _Selection:
         self.fitter = fitter
         self.schools = schools
         self.history = history
-        self.fleet_dropout = history.dropout_rate(task.over_selection / (1 + task.over_selection))
+        over_selection = task.schedule.over_selection
+        self.fleet_dropout = history.dropout_rate(over_selection / (1 + over_selection))
         self.picks: dict[str, _Pick] = {}
         self.per_school: dict[str, list[str]] = {}
         self.refused: dict[str, str] = {}
@@ -341,7 +346,7 @@ class _Selection:
 def _is_due(school: str, history: FleetHistory, round_number: int, task: TaskConfig) -> bool:
     """The equity floor: the school waited `equity_rounds`, or has taken part in fewer
     than 60% of the mean school's rounds (so no school falls below half the mean)."""
-    if round_number - history.school_last_round.get(school, 0) >= task.equity_rounds:
+    if round_number - history.school_last_round.get(school, 0) >= task.schedule.equity_rounds:
         return True
     counts = history.school_rounds
     if not counts:

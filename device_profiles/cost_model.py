@@ -223,6 +223,32 @@ def transfer_seconds(size_bytes: float, mbps: float, rtt_ms: float) -> float:
     return size_bytes * 8.0 / (mbps * 1e6) + 2.0 * rtt_ms / 1000.0
 
 
+def unfit_reason(
+    profile: DeviceProfile,
+    scheme: str,
+    peak_bytes: float,
+    memory_margin: float = DEFAULT_MEMORY_MARGIN,
+) -> str:
+    """Why a plan of `scheme` with this peak cannot run on `profile` at all (a scheme the
+    device lacks, or a peak above usable RAM with `memory_margin` headroom); empty when it
+    can. Whether it fits a deadline is the scheduler's question, not this one."""
+    if scheme not in profile.throughput.quant_schemes:
+        return (
+            f"scheme {scheme} is not usable on {profile.name} "
+            f"(usable: {', '.join(profile.throughput.quant_schemes)})"
+        )
+    usable = profile.usable_ram_bytes
+    needed = peak_bytes * (1.0 + memory_margin)
+    if needed > usable:
+        return (
+            f"needs {peak_bytes / 1e9:.2f} GB peak (+{memory_margin:.0%} margin = "
+            f"{needed / 1e9:.2f} GB) but only {usable / 1e9:.2f} GB usable "
+            f"({profile.hardware.ram_bytes / 1e9:.2f} GB RAM - "
+            f"{profile.hardware.os_reserved_bytes / 1e9:.2f} GB OS reserve)"
+        )
+    return ""
+
+
 def predict(
     profile: DeviceProfile,
     model_shape: ModelShape,
@@ -251,25 +277,7 @@ def predict(
     download = transfer_seconds(download_bytes, network.down_mbps, network.rtt_ms)
     upload = transfer_seconds(upload_bytes, network.up_mbps, network.rtt_ms)
     compute = step * plan.local_steps
-    usable = profile.usable_ram_bytes
-    needed = peak * (1.0 + memory_margin)
-    if plan.scheme not in profile.throughput.quant_schemes:
-        fits = False
-        reason = (
-            f"scheme {plan.scheme} is not usable on {profile.name} "
-            f"(usable: {', '.join(profile.throughput.quant_schemes)})"
-        )
-    elif needed > usable:
-        fits = False
-        reason = (
-            f"needs {peak / 1e9:.2f} GB peak (+{memory_margin:.0%} margin = "
-            f"{needed / 1e9:.2f} GB) but only {usable / 1e9:.2f} GB usable "
-            f"({profile.hardware.ram_bytes / 1e9:.2f} GB RAM - "
-            f"{profile.hardware.os_reserved_bytes / 1e9:.2f} GB OS reserve)"
-        )
-    else:
-        fits = True
-        reason = ""
+    reason = unfit_reason(profile, plan.scheme, peak, memory_margin)
     return Prediction(
         step_seconds=step,
         peak_bytes=int(peak),
@@ -277,7 +285,7 @@ def predict(
         download_seconds=download,
         upload_seconds=upload,
         compute_seconds=compute,
-        fits=fits,
+        fits=not reason,
         reason=reason,
-        usable_bytes=usable,
+        usable_bytes=profile.usable_ram_bytes,
     )

@@ -7,7 +7,8 @@ and by `schoolfl profile plan` on a planner's laptop) never imports torch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 from device_profiles.errors import ProfileError
 from device_profiles.shapes import LINEAR_ROLES
@@ -53,49 +54,82 @@ DEFAULT_TARGET_MODULES: tuple[str, ...] = ("q", "v")
 """LoRA on the query and value projections: the LoRA paper's default and PEFT's for BERT/Llama."""
 
 
+PLAN_INTEGER_LIMITS: dict[str, int] = {
+    "rank": 1024,
+    "batch_size": 65536,
+    "seq_len": 1_000_000,
+    "local_steps": 1_000_000,
+}
+"""The largest value of each integer plan field (the smallest is 1), as the wire allows."""
+
+WIRE_REQUIRED = {"wire_required": True}
+"""Field metadata: the wire's decoder refuses a plan that leaves this field out, although
+Python code may rely on its default (see `edge_runtime.wire.schema.from_json_fields`)."""
+
+
 def check_scheme(value: object, where: str) -> str:
     """Return the scheme name or raise naming the field, the value and the known schemes."""
     text = str(value).strip().lower() if isinstance(value, str) else value
     if text not in SCHEME_STORAGE:
-        raise ProfileError(f"{where} is {value!r}; expected one of {', '.join(KNOWN_SCHEMES)}")
+        raise ProfileError(f"{where} is {value!r:.80}; expected one of {', '.join(KNOWN_SCHEMES)}")
     return str(text)
 
 
 @dataclass(frozen=True)
 class TrainingPlan:
-    """What the scheduler asks one device to do in one round."""
+    """What the scheduler asks one device to do in one round.
+
+    The one plan form: the scheduler builds it, the cost model prices it, `TaskAssignment`
+    carries it (its JSON fields are these names) and the device's trainer runs it. The bounds
+    below are the wire's: a plan decoded from an assignment is checked here, and the wire's
+    decoder turns a `ProfileError` into a `SchemaError` naming the field."""
 
     scheme: str = "none"
     """Quantization of the frozen base (a `quantization.schemes.Scheme` value)."""
-    rank: int = 8
-    """LoRA rank r."""
-    batch_size: int = 8
-    seq_len: int = 128
-    local_steps: int = 10
-    """Optimizer steps this device runs in the round."""
+    rank: int = field(default=8, metadata=WIRE_REQUIRED)
+    """LoRA rank r (1..1024)."""
+    batch_size: int = field(default=8, metadata=WIRE_REQUIRED)
+    """Examples per optimizer step (1..65536)."""
+    seq_len: int = field(default=128, metadata=WIRE_REQUIRED)
+    """Tokens per example (1..1,000,000)."""
+    local_steps: int = field(default=10, metadata=WIRE_REQUIRED)
+    """Optimizer steps this device runs in the round (1..1,000,000)."""
     target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
     """Block linears that get a LoRA adapter, by generic role (q k v o gate up down)."""
     optimizer_states: int = 2
-    """Extra fp32 tensors per trainable parameter the optimizer keeps (AdamW: 2)."""
+    """Extra fp32 tensors per trainable parameter the optimizer keeps (AdamW: 2; 0..16)."""
+    learning_rate: float = 2e-3
+    """The device's AdamW learning rate, in (0, 10]; 2e-3 suits LoRA on small models (the
+    coordinator sends its task's `learning_rate`)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scheme", check_scheme(self.scheme, "TrainingPlan.scheme"))
-        for field_name in ("rank", "batch_size", "seq_len", "local_steps"):
+        for field_name, highest in PLAN_INTEGER_LIMITS.items():
             value = getattr(self, field_name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= highest:
                 raise ProfileError(
-                    f"TrainingPlan.{field_name} is {value!r}; expected an integer >= 1"
+                    f"TrainingPlan.{field_name} is {value!r}; expected an integer in 1..{highest}"
                 )
-        if self.optimizer_states < 0:
+        states = self.optimizer_states
+        if not isinstance(states, int) or isinstance(states, bool) or not 0 <= states <= 16:
             raise ProfileError(
-                f"TrainingPlan.optimizer_states is {self.optimizer_states!r}; expected >= 0"
+                f"TrainingPlan.optimizer_states is {states!r}; expected an integer in 0..16"
+            )
+        rate = self.learning_rate
+        if (
+            not isinstance(rate, (int, float))
+            or isinstance(rate, bool)
+            or not (math.isfinite(rate) and 0.0 < rate <= 10.0)
+        ):
+            raise ProfileError(
+                f"TrainingPlan.learning_rate is {rate!r}; expected a number in (0, 10]"
             )
         targets = tuple(self.target_modules)
         unknown = [role for role in targets if role not in LINEAR_ROLES]
-        if not targets or unknown:
+        if not targets or unknown or len(set(targets)) != len(targets):
             raise ProfileError(
-                f"TrainingPlan.target_modules is {targets!r}; expected a non-empty subset of "
-                f"{', '.join(LINEAR_ROLES)}"
+                f"TrainingPlan.target_modules is {targets[: len(LINEAR_ROLES) + 1]!r}; expected "
+                f"a non-empty subset of {', '.join(LINEAR_ROLES)}, each role once"
             )
         object.__setattr__(self, "target_modules", targets)
 

@@ -6,7 +6,7 @@ Shared by agent.toml and coordinator.toml so both reject typos the same way.
 from __future__ import annotations
 
 import sys
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, fields, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,23 +18,46 @@ else:  # pragma: no cover - Python 3.10
 T = TypeVar("T")
 
 
-def build_dataclass(cls: type[T], table: object, where: str, error: type[Exception]) -> T:
-    """`cls(**table)` after checking for unknown and missing keys; lists become tuples."""
+def build_dataclass(
+    cls: type[T], table: object, where: str, error: type[Exception], name: str = ""
+) -> T:
+    """`cls(**table)` after checking for unknown and missing keys; lists become tuples.
+
+    A field whose `default_factory` is itself a dataclass is a sub-table, `[name.field]` in
+    TOML (`name` is this table's dotted TOML name): it is checked the same way, and the
+    errors its own validation raises are prefixed with `where`, so they name both tables.
+    """
+    return cls(**_checked_values(cls, table, where, error, name))
+
+
+def _checked_values(
+    cls: type, table: object, where: str, error: type[Exception], name: str
+) -> dict[str, Any]:
     if not isinstance(table, dict):
         raise error(f"{where} must be a table")
-    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    names = {f.name for f in fields(cls)}
     unknown = sorted(set(table) - names)
     if unknown:
         raise error(f"{where}: unknown keys {unknown}; known keys: {sorted(names)}")
     missing = sorted(
         f.name
-        for f in fields(cls)  # type: ignore[arg-type]
+        for f in fields(cls)
         if f.default is MISSING and f.default_factory is MISSING and f.name not in table
     )
     if missing:
         raise error(f"{where}: missing keys {missing}")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in table.items()}
-    return cls(**values)
+    for f in fields(cls):
+        sub_cls = f.default_factory
+        if f.name in values and isinstance(sub_cls, type) and is_dataclass(sub_cls):
+            sub_name = f"{name}.{f.name}" if name else f.name
+            sub_where = f"{where} [{sub_name}]"
+            sub_values = _checked_values(sub_cls, values[f.name], sub_where, error, sub_name)
+            try:
+                values[f.name] = sub_cls(**sub_values)
+            except error as problem:
+                raise error(f"{where} {problem}") from None
+    return values
 
 
 def read_toml_file(path: Path, error: type[Exception], missing_hint: str = "") -> dict[str, Any]:

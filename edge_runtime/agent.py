@@ -20,7 +20,6 @@ from collections.abc import Callable
 import torch
 
 from device_profiles.cost_model import predict
-from device_profiles.plan import TrainingPlan as CostPlan
 from device_profiles.profile import DeviceProfile, find_profile, profile_toml_text
 from device_profiles.shapes import resolve_shape
 from durable.atomic_files import atomic_write_text
@@ -33,7 +32,7 @@ from edge_runtime.outbox import Outbox, RoundHistory
 from edge_runtime.privacy_policy import privacy_refusals
 from edge_runtime.secagg import SecAggError
 from edge_runtime.secagg_session import SecureSessions
-from edge_runtime.trainer import LocalPlan, LocalTrainer
+from edge_runtime.trainer import LocalTrainer
 from edge_runtime.wire import (
     COORDINATOR_SENDER,
     DEFAULT_CHUNK_BYTES,
@@ -383,7 +382,7 @@ class AgentDaemon:
             assignment.task,
             assignment.spec,
             assignment.plan.scheme,
-            assignment.plan.adapter_rank,
+            assignment.plan.rank,
             global_rank,
         )
         trainer = self.trainers.get(assignment.task)
@@ -406,25 +405,19 @@ class AgentDaemon:
         return trainer
 
     def _predicted_peak_bytes(self, assignment: TaskAssignment) -> int:
-        plan = assignment.plan
+        """The cost model's peak for the assignment's plan: the same object the scheduler
+        priced and the trainer runs."""
         try:
             shape = resolve_shape(assignment.spec.base_model)
         except Exception:  # noqa: BLE001 - unknown shape: no memory requirement to check
             return 0
-        cost_plan = CostPlan(
-            scheme=plan.scheme,
-            rank=plan.adapter_rank,
-            batch_size=plan.batch_size,
-            seq_len=plan.sequence_length,
-            local_steps=plan.local_steps,
-        )
-        return predict(self.profile, shape, cost_plan).peak_bytes
+        return predict(self.profile, shape, assignment.plan).peak_bytes
 
     def _train(self, assignment: TaskAssignment) -> None:
         plan = assignment.plan
         try:
             start_state, global_rank = start_state_for_rank(
-                self.global_states[assignment.model_version], plan.adapter_rank
+                self.global_states[assignment.model_version], plan.rank
             )
         except ValueError as error:
             self._decline(assignment, [str(error)])
@@ -440,24 +433,25 @@ class AgentDaemon:
             self._decline(assignment, ["the deadline has already passed"])
             return
         trainer = self._trainer(assignment, global_rank)
-        if plan.adapter_rank < global_rank:
+        if plan.rank < global_rank:
             logger.info(
                 "task %s round %d: training rank %d of the global rank %d (alpha %.4g)",
                 assignment.task,
                 assignment.server_round,
-                plan.adapter_rank,
+                plan.rank,
                 global_rank,
                 trainer.spec.adapter.alpha,
             )
         started = time.monotonic()
         result = trainer.train_round(
             start_state,
-            LocalPlan(plan.local_steps, plan.batch_size, plan.sequence_length, plan.learning_rate),
+            plan,
             deadline=trainer.clock() + seconds_left,
             round_seed=assignment.server_round,
         )
-        if self.config.agent.emulate_profile and plan.predicted_round_seconds:
-            self._wait_out_emulated_time(plan.predicted_round_seconds, started, seconds_left)
+        predicted = assignment.predicted_round_seconds
+        if self.config.agent.emulate_profile and predicted:
+            self._wait_out_emulated_time(predicted, started, seconds_left)
         delta = result.delta
         if assignment.spec.privacy is not None:  # clip (and under local DP, noise) on device
             delta = privatize_update(delta, assignment.spec.privacy)
@@ -477,7 +471,9 @@ class AgentDaemon:
             )
             bytes_up = len(frame)
         else:
-            encoded = encode_update(delta, CodecConfig(plan.update_encoding, plan.top_k_fraction))
+            encoded = encode_update(
+                delta, CodecConfig(assignment.update_encoding, assignment.top_k_fraction)
+            )
             bytes_up = encoded.encoded_bytes
             update = Update(
                 fleet=self.fleet,
@@ -488,9 +484,9 @@ class AgentDaemon:
                 model_version=assignment.model_version,
                 num_samples=result.num_examples,
                 num_steps=result.num_steps,
-                encoding=plan.update_encoding,
+                encoding=assignment.update_encoding,
                 metrics={**metrics, "bytes_up": float(bytes_up)},
-                top_k_fraction=plan.top_k_fraction,
+                top_k_fraction=assignment.top_k_fraction,
             )
             message_id = update.message_id
             frame = encode_frame(
@@ -547,7 +543,7 @@ class AgentDaemon:
                         "adapter_alpha": trainer.spec.adapter.alpha,
                     },
                     "scheme": assignment.plan.scheme,
-                    "rank": assignment.plan.adapter_rank,
+                    "rank": assignment.plan.rank,
                     "version": assignment.model_version,
                 },
                 sort_keys=True,

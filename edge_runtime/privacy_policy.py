@@ -21,7 +21,7 @@ class PrivacyPolicy:
 
     require_dp: bool = False
     """Decline assignments that carry no differential privacy instructions (a task with
-    dp_mode = 'off' on the coordinator)."""
+    [tasks.privacy] mode = 'off' on the coordinator)."""
     min_noise_multiplier: float = 0.0
     """Decline DP assignments whose noise multiplier is below this; 0 = any. Under central
     DP the coordinator adds the noise, so the device checks the figure it was told."""

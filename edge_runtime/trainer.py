@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from device_profiles.plan import TrainingPlan
 from quantization.adapters import get_adapter_state, set_adapter_state
 from quantization.task_data import LabelledText
 from quantization.task_model import (
@@ -28,24 +29,6 @@ from quantization.task_model import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LocalPlan:
-    """The part of the coordinator's plan that the trainer executes."""
-
-    local_steps: int
-    batch_size: int
-    seq_len: int
-    learning_rate: float
-
-    def __post_init__(self) -> None:
-        for name in ("local_steps", "batch_size", "seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"plan {name} must be a positive integer, got {value!r}")
-        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
-            raise ValueError(f"plan learning_rate must be > 0, got {self.learning_rate!r}")
 
 
 @dataclass(frozen=True)
@@ -94,7 +77,7 @@ class LocalTrainer:
             return classification_batch(self.tokenizer, chosen, self.spec.labels, seq_len)  # type: ignore[arg-type]
         return causal_lm_batch(self.tokenizer, chosen, seq_len)  # type: ignore[arg-type]
 
-    def _batches(self, plan: LocalPlan, round_seed: int) -> list[list[int]]:
+    def _batches(self, plan: TrainingPlan, round_seed: int) -> list[list[int]]:
         """Shuffled passes over the local data, cut into the plan's batches."""
         rng = random.Random(round_seed)
         order: list[int] = []
@@ -110,12 +93,15 @@ class LocalTrainer:
     def train_round(
         self,
         global_state: dict[str, torch.Tensor],
-        plan: LocalPlan,
+        plan: TrainingPlan,
         *,
         deadline: float | None = None,
         round_seed: int = 0,
     ) -> TrainingResult:
         """Train from `global_state` for up to `plan.local_steps` steps.
+
+        The trainer runs the plan's steps, batch size, sequence length and learning rate;
+        its scheme and rank are already the model's (`spec`, built from the same plan).
 
         `deadline` is a `clock()` time: before each step the trainer predicts its end from
         the slowest step so far and stops if it would land past the deadline.

@@ -25,14 +25,17 @@ def update_l2_norm(delta: TensorMap) -> float:
 def clip_update(delta: TensorMap, clip_norm: float) -> dict[str, torch.Tensor]:
     """`delta` scaled by min(1, clip_norm / ||delta||), as float32.
 
-    The scale is computed in float64 and shaved by one part in 10^6 so float32 rounding
-    can never leave the clipped norm above the bound (the accountant's sensitivity)."""
+    The scale is computed in float64 and shaved by 2^-22 (about 2.4e-7, four times the
+    largest relative error of rounding to float32, 2^-24) so float32 rounding can never
+    leave the clipped norm above the bound (the accountant's sensitivity), while the norm
+    stays within 1e-6 of it. Whether an update was clipped: `update_l2_norm(delta) >
+    clip_norm`."""
     if not (math.isfinite(clip_norm) and clip_norm > 0):
         raise ValueError(f"clip_norm must be a positive number, got {clip_norm!r}")
     norm = update_l2_norm(delta)
     if norm <= clip_norm:
         return {name: tensor.float() for name, tensor in delta.items()}
-    scale = clip_norm / norm * (1.0 - 1e-6)
+    scale = clip_norm / norm * (1.0 - 2.0**-22)
     return {name: (tensor.double() * scale).float() for name, tensor in delta.items()}
 
 

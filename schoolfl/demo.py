@@ -57,8 +57,8 @@ DEFAULT_FLEET: tuple[tuple[str, str], ...] = (
 
 FLEET = "demo"
 
-SECURE_AGGREGATION_TOML = "secure_aggregation = true\nsecagg_clip_bound = 8.0\n"
-"""The demo's secure-aggregation keys. The ring bound 8 is far above any coordinate of a
+SECURE_AGGREGATION_TOML = "\n[tasks.secure_aggregation]\nenabled = true\nclip_bound = 8.0\n"
+"""The demo's [tasks.secure_aggregation] table. The ring bound 8 is far above any coordinate of a
 demo update (their L2 norms are about 4.5), at a resolution of 4e-6."""
 
 
@@ -127,11 +127,12 @@ class DemoFleet:
             f'base_model = "{task.base_model}"\n{labels_line}'
             f'scheme = "nf4"\nrank = 8\nalpha = 16.0\n'
             f"learning_rate = {task.learning_rate}\nrounds = {self.settings.rounds}\n"
+            f"local_steps = {self.settings.local_steps}\nbatch_size = {task.batch_size}\n"
+            f'seq_len = {task.seq_len}\nupdate_encoding = "int8"\neval_file = "{eval_file}"\n'
+            f"\n[tasks.schedule]\n"
             f"devices_per_round = {self.settings.devices}\nmin_updates = {quorum}\n"
             f"gather_seconds = 60.0\nover_selection = 0.0\n"
             f"round_deadline_seconds = {self.settings.deadline_seconds}\n"
-            f"local_steps = {self.settings.local_steps}\nbatch_size = {task.batch_size}\n"
-            f'seq_len = {task.seq_len}\nupdate_encoding = "int8"\neval_file = "{eval_file}"\n'
             + (self.settings.privacy.toml_lines() if self.settings.privacy else "")
             + (SECURE_AGGREGATION_TOML if self.settings.secure_aggregation else "")
         )

@@ -7,7 +7,6 @@ demo measured without DP. Also the summary lines the demo prints about it.
 
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,8 @@ of the updates whole and the noise is not scaled to a bound far above real updat
 
 @dataclass(frozen=True)
 class DemoPrivacy:
-    """Central client-level DP for the demo task: the `dp_*` keys the coordinator gets."""
+    """Central client-level DP for the demo task: the `[tasks.privacy]` table the
+    coordinator gets."""
 
     epsilon_budget: float
     clip_norm: float
@@ -31,11 +31,11 @@ class DemoPrivacy:
     delta: float = DP_DELTA
 
     def toml_lines(self) -> str:
-        """The task table's dp_* keys (coordinator/config.py TaskConfig)."""
+        """The task's [tasks.privacy] table (coordinator/config.py PrivacyConfig)."""
         return (
-            f'dp_mode = "central"\ndp_clip_norm = {self.clip_norm!r}\n'
-            f"dp_noise_multiplier = {self.noise_multiplier!r}\n"
-            f"dp_epsilon_budget = {self.epsilon_budget!r}\ndp_delta = {self.delta!r}\n"
+            f'\n[tasks.privacy]\nmode = "central"\nclip_norm = {self.clip_norm!r}\n'
+            f"noise_multiplier = {self.noise_multiplier!r}\n"
+            f"epsilon_budget = {self.epsilon_budget!r}\ndelta = {self.delta!r}\n"
         )
 
 
@@ -91,11 +91,11 @@ def update_norms(state_dir: Path, task_id: str, round_number: int = 1) -> list[f
     The median of a non-private first round is the clip norm DP-FedAvg papers start from;
     the coordinator keeps every update body, so it is read back, not estimated.
     """
-    from coordinator.aggregation import l2_norm
-    from coordinator.rounds import update_shapes
+    from coordinator.rounds import stored_plan, update_shapes
     from coordinator.store import CoordinatorStore
     from coordinator.task_models import AdapterBody
     from edge_runtime.wire import decode_update
+    from quantization.adapter_deltas import update_l2_norm
 
     store = CoordinatorStore(state_dir / "coordinator" / "coordinator.db")
     try:
@@ -106,8 +106,8 @@ def update_norms(state_dir: Path, task_id: str, round_number: int = 1) -> list[f
         plans = store.assignments(task_id, round_number)
         norms = []
         for update in store.updates(task_id, round_number):
-            rank = json.loads(plans[update.device_id])["adapter_rank"]
-            norms.append(l2_norm(decode_update(update.body, update_shapes(reference, rank))))
+            rank = stored_plan(plans[update.device_id]).rank
+            norms.append(update_l2_norm(decode_update(update.body, update_shapes(reference, rank))))
     finally:
         store.close()
     return norms

@@ -32,7 +32,8 @@ def round_rows(store: object, task: DemoTask) -> list[dict[str, object]]:
                 "round": record.round_number,
                 "state": record.state.value,
                 "plans": ", ".join(
-                    f"{d}:r{p['adapter_rank']}x{p['local_steps']}" for d, p in sorted(plans.items())
+                    f"{d}:r{p['plan']['rank']}x{p['plan']['local_steps']}"
+                    for d, p in sorted(plans.items())
                 ),
                 "updates": f"{len(updates)}/{len(plans)}",
                 "predicted": predicted,

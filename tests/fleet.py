@@ -65,7 +65,8 @@ class Fleet:
     def write_coordinator_config(
         self, coordinator: dict[str, object] | None = None, **task_overrides: object
     ) -> Path:
-        task = {
+        """A task override that is a dict (`schedule={...}`) updates that sub-table."""
+        task: dict[str, object] = {
             "id": TASK,
             "kind": "classification",
             "base_model": "minilm-l6",
@@ -75,16 +76,24 @@ class Fleet:
             "alpha": 8.0,
             "learning_rate": 3e-3,
             "rounds": 3,
-            "devices_per_round": 3,
-            "min_updates": 3,
-            "over_selection": 0.0,
-            "round_deadline_seconds": 300.0,
             "local_steps": 12,
             "batch_size": 8,
             "seq_len": 40,
             "eval_file": str(write_jsonl(self.held_out, self.root / "held_out.jsonl")),
+            "schedule": {
+                "devices_per_round": 3,
+                "min_updates": 3,
+                "over_selection": 0.0,
+                "round_deadline_seconds": 300.0,
+            },
         }
-        task.update(task_overrides)
+        for key, item in task_overrides.items():
+            current = task.get(key)
+            if isinstance(item, dict) and isinstance(current, dict):
+                task[key] = {**current, **item}
+            else:
+                task[key] = item
+        sub_tables = {k: v for k, v in task.items() if isinstance(v, dict)}
 
         def value(item: object) -> str:
             if isinstance(item, str):
@@ -106,8 +115,10 @@ class Fleet:
             f'url = "{self.broker.url}"',
             "",
             "[[tasks]]",
-            *(f"{key} = {value(item)}" for key, item in task.items()),
+            *(f"{key} = {value(item)}" for key, item in task.items() if key not in sub_tables),
         ]
+        for name, table in sub_tables.items():
+            lines += ["", f"[tasks.{name}]", *(f"{k} = {value(v)}" for k, v in table.items())]
         self.coordinator_config = self.root / "coordinator.toml"
         self.coordinator_config.write_text("\n".join(lines) + "\n")
         return self.coordinator_config

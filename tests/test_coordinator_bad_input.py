@@ -12,7 +12,12 @@ import pytest
 import torch
 from safetensors.torch import save as safetensors_save
 
-from coordinator.config import CoordinatorConfig, CoordinatorSettings, TaskConfig
+from coordinator.config import (
+    CoordinatorConfig,
+    CoordinatorSettings,
+    ScheduleConfig,
+    TaskConfig,
+)
 from coordinator.daemon import CoordinatorDaemon
 from coordinator.mosquitto import MosquittoProcess
 from coordinator.store import CoordinatorStore, RoundState
@@ -51,12 +56,14 @@ def _config(tmp_path: Path, broker: MosquittoProcess, model: Path) -> Coordinato
                 labels=("a", "b", "c"),
                 rank=4,
                 rounds=1,
-                devices_per_round=2,
-                min_updates=2,
-                over_selection=0.0,
-                round_deadline_seconds=600,
                 local_steps=2,
                 update_encoding="fp32",
+                schedule=ScheduleConfig(
+                    devices_per_round=2,
+                    min_updates=2,
+                    over_selection=0.0,
+                    round_deadline_seconds=600,
+                ),
             ),
         ),
     )

@@ -77,17 +77,20 @@ def test_the_coordinator_config_carries_the_policy(tmp_path: Path) -> None:
     # The budget the coordinator checks before each round lets all 10 rounds run.
     assert (
         epsilon_for_rounds(
-            PrivacyMode.CENTRAL, [(1.0, task.dp_noise_multiplier)] * task.rounds, task.dp_delta
+            PrivacyMode.CENTRAL,
+            [(1.0, task.privacy.noise_multiplier)] * task.rounds,
+            task.privacy.delta,
         )
-        <= task.dp_epsilon_budget
+        <= task.privacy.epsilon_budget
     )
 
 
 def test_no_dp_by_default(tmp_path: Path) -> None:
-    assert _written_task(tmp_path, rounds=1, privacy=None).dp_mode == "off"
+    assert _written_task(tmp_path, rounds=1, privacy=None).privacy.mode == "off"
 
 
 def test_secure_aggregation_flag_reaches_the_task(tmp_path: Path) -> None:
     task = _written_task(tmp_path, rounds=2, privacy=None, secure=True)
-    assert task.secure_aggregation and task.secagg_clip_bound == 8.0
-    assert not _written_task(tmp_path / "plain", rounds=2, privacy=None).secure_aggregation
+    assert task.secure_aggregation.enabled and task.secure_aggregation.clip_bound == 8.0
+    plain = _written_task(tmp_path / "plain", rounds=2, privacy=None)
+    assert not plain.secure_aggregation.enabled

@@ -33,7 +33,7 @@ def _fleet(
         "local_steps": 20,
         "batch_size": 4,
         "seq_len": 24,
-        "round_deadline_seconds": 300.0,
+        "schedule": {"round_deadline_seconds": 300.0},
     }
     settings.update(task)
     fleet.write_coordinator_config(coordinator, **settings)
@@ -114,8 +114,7 @@ def test_silent_devices_do_not_stall_rounds(
         mosquitto,
         tiny_bert_folder,
         coordinator={"device_timeout_seconds": 600.0},
-        min_updates=2,
-        round_deadline_seconds=25.0,
+        schedule={"min_updates": 2, "round_deadline_seconds": 25.0},
     )
     try:
         fleet.start_coordinator()

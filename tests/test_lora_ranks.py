@@ -15,11 +15,11 @@ from coordinator.aggregation import (
     ClientUpdate,
     FedAvg,
     NormBound,
-    l2_norm,
     rank_weighted_mean,
     update_problem,
     weighted_mean,
 )
+from quantization.adapter_deltas import update_l2_norm as l2_norm
 from quantization.lora_ranks import (
     adapter_rank,
     pad_to_shapes,
@@ -291,7 +291,12 @@ class _Clock:
 
 @pytest.mark.slow
 def test_round_with_rank_4_and_rank_2_devices(tmp_path: Path, tiny_bert_folder: Path) -> None:
-    from coordinator.config import CoordinatorConfig, CoordinatorSettings, TaskConfig
+    from coordinator.config import (
+        CoordinatorConfig,
+        CoordinatorSettings,
+        ScheduleConfig,
+        TaskConfig,
+    )
     from coordinator.rounds import RoundManager
     from coordinator.scheduler import DeviceCandidate, FitFirstScheduler
     from coordinator.store import CoordinatorStore, RoundState
@@ -322,11 +327,13 @@ def test_round_with_rank_4_and_rank_2_devices(tmp_path: Path, tiny_bert_folder: 
         base_model=str(tiny_bert_folder),
         labels=("a", "b"),
         rank=4,
-        devices_per_round=2,
-        min_updates=2,
-        over_selection=0.0,
-        round_deadline_seconds=60.0,
-        gather_seconds=0.0,
+        schedule=ScheduleConfig(
+            devices_per_round=2,
+            min_updates=2,
+            over_selection=0.0,
+            round_deadline_seconds=60.0,
+            gather_seconds=0.0,
+        ),
     )
     config = CoordinatorConfig(
         coordinator=CoordinatorSettings(fleet="f", state_dir=str(tmp_path / "state")),
@@ -344,7 +351,7 @@ def test_round_with_rank_4_and_rank_2_devices(tmp_path: Path, tiny_bert_folder: 
         if "/task" in item.topic
         and isinstance(message := decode_frame(item.payload).message, TaskAssignment)
     }
-    assert {d: a.plan.adapter_rank for d, a in assignments.items()} == {"dev-0": 4, "dev-1": 2}
+    assert {d: a.plan.rank for d, a in assignments.items()} == {"dev-0": 4, "dev-1": 2}
     reference = manager.current["alpha"].state()
     version = manager.current["alpha"].version
 
@@ -431,6 +438,7 @@ def test_agent_trains_a_smaller_rank_plan_and_declines_a_larger_one(
 ) -> None:
     import time
 
+    from device_profiles.plan import TrainingPlan
     from edge_runtime.wire import (
         COORDINATOR_SENDER,
         AssignmentDecline,
@@ -444,7 +452,6 @@ def test_agent_trains_a_smaller_rank_plan_and_declines_a_larger_one(
         encode_frame,
         generate_private_key,
     )
-    from edge_runtime.wire import TrainingPlan as WirePlan
     from quantization.adapters import AdapterConfig, get_adapter_state
     from quantization.task_model import TaskModelSpec, build_task_model
 
@@ -461,10 +468,11 @@ def test_agent_trains_a_smaller_rank_plan_and_declines_a_larger_one(
     daemon.global_states[version] = global_state
 
     def assign(server_round: int, rank: int) -> list[object]:
-        plan = WirePlan(rank, 2, 4, 16, UpdateEncoding.FP32, scheme="none")
+        plan = TrainingPlan(scheme="none", rank=rank, batch_size=4, seq_len=16, local_steps=2)
         assignment = TaskAssignment(
-            "f", "alpha", server_round, "pi-1", 0, plan, time.time() + 600, version, spec
-        )
+            "f", "alpha", server_round, "pi-1", 0, plan, time.time() + 600, version, spec,
+            UpdateEncoding.FP32,
+        )  # fmt: skip
         frame = encode_frame(assignment, sender=COORDINATOR_SENDER, signing_key=key)
         daemon.transport.published.clear()
         daemon.handle(ReceivedMessage("schoolfl/f/dev/pi-1/inbox/task", frame, 1, False))

@@ -21,6 +21,7 @@ from click.testing import CliRunner
 
 from coordinator.config import TaskConfig
 from coordinator.store import AdapterVersion, CoordinatorStore
+from coordinator.task_models import onnx_export_spec
 from quantization.adapters import AdapterConfig, attach_adapter, save_adapter
 from quantization.export.onnx_export import (
     OnnxExportError,
@@ -118,7 +119,9 @@ def test_onnx_int8_agrees_with_pytorch_on_held_out(trained_fleet_state: Path) ->
     labels = json.loads((destination / "labels.json").read_text())["labels"]
     questions = ["How do plants make food from sunlight?", "what is 3/4 as a percentage"]
     model, tokenizer = load_merged_classifier(
-        TaskConfig(id=TASK, kind="classification", base_model="minilm-l6", labels=tuple(labels)),
+        onnx_export_spec(
+            TaskConfig(id=TASK, kind="classification", base_model="minilm-l6", labels=tuple(labels))
+        ),
         root / "state" / "adapters" / TASK / "v0001",
     )
     expected = [
@@ -173,7 +176,7 @@ def test_onnx_export_refuses_bad_requests(tmp_path: Path) -> None:
 
     task = TaskConfig(id="stories", kind="causal-lm", base_model="smollm2-135m")
     with pytest.raises(OnnxExportError, match="only classification tasks"):
-        OnnxExportRequest(task, folder, tmp_path / "x", 1, "ab" * 32)
+        OnnxExportRequest(onnx_export_spec(task), folder, tmp_path / "x", 1, "ab" * 32)
 
 
 def test_torchscript_fallback_when_dynamo_fails(
@@ -201,7 +204,8 @@ def test_torchscript_fallback_when_dynamo_fails(
         seq_len=16,
         eval_file=str(eval_file),
     )
-    report = export_onnx(OnnxExportRequest(task, adapter, tmp_path / "onnx", 3, "cd" * 32))
+    request = OnnxExportRequest(onnx_export_spec(task), adapter, tmp_path / "onnx", 3, "cd" * 32)
+    report = export_onnx(request)
     assert report.exporter == "torch.onnx.export(dynamo=False)"
     assert report.eval_examples == 6 and report.fp32_agreement == 1.0
     assert report.int8_bytes > 0 and (tmp_path / "onnx" / "export_report.json").is_file()

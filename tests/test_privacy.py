@@ -21,6 +21,8 @@ from coordinator.config import (
     CoordinatorConfig,
     CoordinatorConfigError,
     CoordinatorSettings,
+    PrivacyConfig,
+    ScheduleConfig,
     TaskConfig,
 )
 from coordinator.privacy import (
@@ -192,35 +194,38 @@ def test_local_dp_epsilon_has_no_sampling_amplification() -> None:
 
 
 def _task(**overrides: object) -> TaskConfig:
+    """The task of a coordinator.toml [[tasks]] table (so errors name the task and table)."""
     values: dict[str, object] = {
         "id": "alpha",
         "kind": "classification",
         "base_model": "minilm-l6",
-        "labels": ("a", "b"),
+        "labels": ["a", "b"],
     }
     values.update(overrides)
-    return TaskConfig(**values)  # type: ignore[arg-type]
+    data = {"coordinator": {"fleet": "f", "state_dir": "/unused"}, "tasks": [values]}
+    return CoordinatorConfig.from_dict(data).tasks[0]
 
 
-DP_ON = {
-    "dp_mode": "central",
-    "dp_clip_norm": 1.0,
-    "dp_noise_multiplier": 1.0,
-    "dp_epsilon_budget": 8.0,
-}
+DP_ON = {"mode": "central", "clip_norm": 1.0, "noise_multiplier": 1.0, "epsilon_budget": 8.0}
 
 
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"dp_mode": "global"}, "dp_mode must be one of off, central, local, got 'global'"),
-        ({**DP_ON, "dp_clip_norm": 0.0}, "dp_clip_norm must be > 0 when dp_mode is 'central'"),
-        ({**DP_ON, "dp_noise_multiplier": 0.0}, "without noise epsilon is infinite"),
-        ({**DP_ON, "dp_epsilon_budget": 0.0}, "dp_epsilon_budget must be > 0"),
-        ({**DP_ON, "dp_delta": 1.5}, "dp_delta must be within (0, 1), got 1.5"),
-        ({**DP_ON, "dp_clip_norm": -1.0}, "dp_clip_norm must be a finite number >= 0"),
-        ({**DP_ON, "dp_noise_multiplier": float("nan")}, "dp_noise_multiplier must be a finite"),
-        ({**DP_ON, "max_update_norm": 2.0}, "max_update_norm must be 0 when dp_mode"),
+        ({"privacy": {"mode": "global"}}, "mode must be one of off, central, local, got 'global'"),
+        ({"privacy": {**DP_ON, "clip_norm": 0.0}}, "clip_norm must be > 0 when mode is 'central'"),
+        ({"privacy": {**DP_ON, "noise_multiplier": 0.0}}, "without noise epsilon is infinite"),
+        ({"privacy": {**DP_ON, "epsilon_budget": 0.0}}, "epsilon_budget must be > 0"),
+        ({"privacy": {**DP_ON, "delta": 1.5}}, "delta must be within (0, 1), got 1.5"),
+        ({"privacy": {**DP_ON, "clip_norm": -1.0}}, "clip_norm must be a finite number >= 0"),
+        (
+            {"privacy": {**DP_ON, "noise_multiplier": float("nan")}},
+            "noise_multiplier must be a finite",
+        ),
+        (
+            {"privacy": DP_ON, "max_update_norm": 2.0},
+            "max_update_norm must be 0 when [tasks.privacy] mode",
+        ),
     ],
 )
 def test_dp_config_errors_name_the_key(overrides: dict[str, object], message: str) -> None:
@@ -232,7 +237,7 @@ def test_dp_config_errors_name_the_key(overrides: dict[str, object], message: st
 def test_dp_off_by_default_and_policy_from_config() -> None:
     assert DpPolicy.of(_task()) is None
     assert type(make_aggregator(_task())).__name__ == "FedAvg"
-    task = _task(**{**DP_ON, "dp_mode": "local"})
+    task = _task(privacy={**DP_ON, "mode": "local"})
     assert DpPolicy.of(task) == DpPolicy(PrivacyMode.LOCAL, 1.0, 1.0, 8.0, 1e-5)
     assert isinstance(make_aggregator(task), DpFedAvg)
 
@@ -262,15 +267,16 @@ def test_budget_allows_k_rounds_then_refuses_the_next(
         base_model=str(tiny_bert_folder),
         labels=("a", "b"),
         rank=2,
-        devices_per_round=2,
-        min_updates=2,
-        over_selection=0.0,
-        round_deadline_seconds=60.0,
-        gather_seconds=0.0,
-        dp_mode="central",
-        dp_clip_norm=0.1,
-        dp_noise_multiplier=z,
-        dp_epsilon_budget=(two + three) / 2,
+        schedule=ScheduleConfig(
+            devices_per_round=2,
+            min_updates=2,
+            over_selection=0.0,
+            round_deadline_seconds=60.0,
+            gather_seconds=0.0,
+        ),
+        privacy=PrivacyConfig(
+            mode="central", clip_norm=0.1, noise_multiplier=z, epsilon_budget=(two + three) / 2
+        ),
     )
     config = CoordinatorConfig(
         coordinator=CoordinatorSettings(fleet="f", state_dir=str(tmp_path / "state")),
@@ -357,10 +363,12 @@ id = "private"
 kind = "classification"
 base_model = "minilm-l6"
 labels = ["a", "b"]
-dp_mode = "central"
-dp_clip_norm = 0.5
-dp_noise_multiplier = 1.1
-dp_epsilon_budget = 3.0
+
+[tasks.privacy]
+mode = "central"
+clip_norm = 0.5
+noise_multiplier = 1.1
+epsilon_budget = 3.0
 
 [[tasks]]
 id = "plain"
@@ -439,7 +447,7 @@ def test_privacy_report_lists_rounds_and_refuses_unknown_or_plain_tasks(tmp_path
     code, output = run("nosuch")
     assert code != 0 and "no task 'nosuch'" in output
     code, output = run("plain")
-    assert code != 0 and "dp_mode = 'off'" in output
+    assert code != 0 and "[tasks.privacy] mode = 'off'" in output
 
 
 # ---------------------------------------------------------------------------------------
@@ -452,8 +460,8 @@ def test_agent_clips_and_under_local_dp_noises_what_it_uploads(
 ) -> None:
     import time
 
+    from device_profiles.plan import TrainingPlan
     from edge_runtime.wire import COORDINATOR_SENDER, ReceivedMessage, decode_update, encode_frame
-    from edge_runtime.wire import TrainingPlan as WirePlan
     from quantization.adapters import AdapterConfig, get_adapter_state
     from quantization.task_model import TaskModelSpec, build_task_model
     from tests.test_lora_ranks import _agent
@@ -471,10 +479,10 @@ def test_agent_clips_and_under_local_dp_noises_what_it_uploads(
     clip = 1e-4
 
     def uploaded(server_round: int, privacy: DevicePrivacy) -> dict[str, torch.Tensor]:
-        plan = WirePlan(2, 2, 4, 16, UpdateEncoding.FP32, scheme="none")
+        plan = TrainingPlan(scheme="none", rank=2, batch_size=4, seq_len=16, local_steps=2)
         assignment = TaskAssignment(
             "f", "alpha", server_round, "pi-1", 0, plan, time.time() + 600, version,
-            replace(spec, privacy=privacy),
+            replace(spec, privacy=privacy), UpdateEncoding.FP32,
         )  # fmt: skip
         frame = encode_frame(assignment, sender=COORDINATOR_SENDER, signing_key=key)
         daemon.transport.published.clear()

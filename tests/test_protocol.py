@@ -5,9 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import struct
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
+from device_profiles.plan import TrainingPlan
 from edge_runtime.wire import (
     COORDINATOR_SENDER,
     MAGIC,
@@ -35,7 +38,6 @@ from edge_runtime.wire import (
     SignatureError,
     TaskAssignment,
     TaskSpec,
-    TrainingPlan,
     TransferStatus,
     TransferStatusRequest,
     UnsupportedVersionError,
@@ -47,12 +49,14 @@ from edge_runtime.wire import (
     device_subscriptions,
     device_topic,
     encode_frame,
+    from_json_fields,
     generate_private_key,
     inbox_topic,
     model_blob_topic,
     model_manifest_topic,
     parse_device_topic,
     public_key_hex,
+    to_json_fields,
     update_id,
     verify_enrollment_request,
     verify_frame,
@@ -64,7 +68,9 @@ SHA = "0f" * 32
 
 def all_messages() -> list[object]:
     """One valid instance of every message kind (the fuzz tests reuse this)."""
-    plan = TrainingPlan(8, 20, 4, 128, UpdateEncoding.INT8, 0.1, "nf4", 1e-3, 42.5)
+    plan = TrainingPlan(
+        scheme="nf4", rank=8, batch_size=4, seq_len=128, local_steps=20, learning_rate=1e-3
+    )
     spec = TaskSpec("classification", "minilm-l6", ("neg", "pos"), 16.0)
     return [
         EnrollmentRequest("fleet", "dev-1", "req-1", "t" * 32, public_key_hex(KEY), SHA),
@@ -83,7 +89,9 @@ def all_messages() -> list[object]:
             42.0,
         ),
         CoordinatorStatus("fleet", 3, True, public_key_hex(KEY)),
-        TaskAssignment("fleet", "task", 4, "dev-1", 0, plan, 1.8e9, SHA, spec),
+        TaskAssignment(
+            "fleet", "task", 4, "dev-1", 0, plan, 1.8e9, SHA, spec, UpdateEncoding.INT8, 0.1, 42.5
+        ),
         AssignmentDecline("fleet", "task", 4, "dev-1", 0, ("on battery",)),
         Update("fleet", "task", 4, "dev-1", 1, SHA, 100, 20, UpdateEncoding.INT8, {"loss": 0.3}),
         Acknowledgement(
@@ -97,6 +105,12 @@ def all_messages() -> list[object]:
             "fleet-1", "task-1", 3, "device-1", SecAggStep.MASKED_INPUT, 12, 4, {"train_loss": 0.5}
         ),
     ]
+
+
+def _plan_from_wire(**fields: object) -> TrainingPlan:
+    """A plan decoded as the wire decodes one: a valid plan's JSON with `fields` changed."""
+    wire_fields = to_json_fields(TrainingPlan(rank=8, batch_size=1, seq_len=1, local_steps=1))
+    return from_json_fields(TrainingPlan, {**wire_fields, **fields}, "plan")
 
 
 def example(cls: type) -> object:
@@ -232,8 +246,8 @@ def test_limits_are_checked_before_parsing() -> None:
 
 
 def test_plan_and_message_validation_messages() -> None:
-    with pytest.raises(SchemaError, match="adapter_rank must be in"):
-        TrainingPlan(0, 1, 1, 1)
+    with pytest.raises(SchemaError, match="TrainingPlan.rank is 0"):
+        _plan_from_wire(rank=0)
     with pytest.raises(SchemaError, match="chunk_count must be ceil"):
         ModelManifest("f", "t", SHA, 0, 1000, 300, 3)
     with pytest.raises(SchemaError, match="increasing"):
@@ -293,6 +307,71 @@ def test_task_spec_and_plan_validation() -> None:
     with pytest.raises(SchemaError, match="adapter_alpha"):
         TaskSpec("causal-lm", "smollm2-135m", adapter_alpha=float("nan"))
     with pytest.raises(SchemaError, match="learning_rate"):
-        TrainingPlan(8, 1, 1, 1, learning_rate=0.0)
+        _plan_from_wire(learning_rate=0.0)
     with pytest.raises(SchemaError, match="scheme"):
-        TrainingPlan(8, 1, 1, 1, scheme="nf4/evil")
+        _plan_from_wire(scheme="nf4/evil")
+
+
+def _assignment_frame_with(mutate: Callable[[dict[str, Any]], None]) -> bytes:
+    """The example assignment's frame, its header's message changed by `mutate` (the old
+    signature stays: decoding, not verification, is what must refuse it)."""
+    frame = decode_frame(encode_frame(example(TaskAssignment), sender="c", signing_key=KEY))  # type: ignore[arg-type]
+    header = json.loads(frame.signed_bytes)
+    mutate(header["msg"])
+    header_bytes = json.dumps(header).encode()
+    prefix = struct.pack(">2sBBI", MAGIC, PROTOCOL_VERSION, 0x01, len(header_bytes))
+    return prefix + (frame.signature or b"") + header_bytes + frame.body
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("rank", 5000, "plan: TrainingPlan.rank is 5000"),
+        ("rank", 0, "TrainingPlan.rank is 0"),
+        ("rank", 8.5, "plan.rank: expected an integer"),
+        ("seq_len", 0, "TrainingPlan.seq_len is 0"),
+        ("seq_len", 1_000_001, "TrainingPlan.seq_len"),
+        ("local_steps", 2_000_000, "TrainingPlan.local_steps"),
+        ("batch_size", 65537, "TrainingPlan.batch_size"),
+        ("learning_rate", 11.0, "TrainingPlan.learning_rate"),
+        ("learning_rate", 0.0, "TrainingPlan.learning_rate"),
+        ("scheme", "fp8", "TrainingPlan.scheme is 'fp8'"),
+        ("scheme", "nf4/evil", "TrainingPlan.scheme"),
+        ("target_modules", [], "TrainingPlan.target_modules"),
+        ("target_modules", ["q", "lm_head"], "TrainingPlan.target_modules"),
+        ("target_modules", ["q"] * 1000, "TrainingPlan.target_modules"),
+        ("optimizer_states", 99, "TrainingPlan.optimizer_states"),
+    ],
+)
+def test_assignment_with_an_out_of_bounds_plan_is_refused(
+    field: str, value: object, match: str
+) -> None:
+    frame = _assignment_frame_with(lambda message: message["plan"].update({field: value}))
+    with pytest.raises(SchemaError, match=match):
+        decode_frame(frame)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda message: message["plan"].pop("rank"), "plan: missing required field 'rank'"),
+        (lambda message: message["plan"].pop("seq_len"), "plan: missing required field"),
+        (lambda message: message["plan"].update(adapter_rank=8), "plan: unknown field"),
+        (lambda message: message.update(update_encoding="zip"), "update_encoding: expected"),
+        (lambda message: message.update(top_k_fraction=2.0), "top_k_fraction must be in"),
+        (lambda message: message.update(predicted_round_seconds=-1.0), "predicted_round_sec"),
+    ],
+    ids=["no-rank", "no-seq-len", "old-field-name", "encoding", "top-k", "prediction"],
+)
+def test_assignment_plan_fields_are_required_and_terms_checked(
+    mutate: Callable[[dict[str, Any]], None], match: str
+) -> None:
+    with pytest.raises(SchemaError, match=match):
+        decode_frame(_assignment_frame_with(mutate))
+
+
+def test_assignment_plan_json_uses_the_plan_field_names() -> None:
+    frame = decode_frame(encode_frame(example(TaskAssignment), sender="c", signing_key=KEY))  # type: ignore[arg-type]
+    message = json.loads(frame.signed_bytes)["msg"]
+    assert set(message["plan"]) == {field.name for field in dataclasses.fields(TrainingPlan)}
+    assert message["update_encoding"] == "int8" and message["predicted_round_seconds"] == 42.5

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.config import CoordinatorConfig, CoordinatorSettings, TaskConfig
+from coordinator.config import CoordinatorConfig, CoordinatorSettings, ScheduleConfig, TaskConfig
 from coordinator.rounds import RoundManager
 from coordinator.scheduler import DeviceCandidate, FitFirstScheduler
 from coordinator.store import CoordinatorStore, RoundState
@@ -30,11 +30,13 @@ def _config(tmp_path: Path, model: Path, gather: float = 0.0, quota: int = 2) ->
             base_model=str(model),
             labels=("a", "b"),
             rank=2,
-            devices_per_round=quota,
-            min_updates=2,
-            over_selection=0.0,
-            round_deadline_seconds=60.0,
-            gather_seconds=gather,
+            schedule=ScheduleConfig(
+                devices_per_round=quota,
+                min_updates=2,
+                over_selection=0.0,
+                round_deadline_seconds=60.0,
+                gather_seconds=gather,
+            ),
         )
 
     return CoordinatorConfig(

@@ -6,33 +6,32 @@ import dataclasses
 
 import pytest
 
-from coordinator.config import TaskConfig
-from coordinator.scheduler import (
-    DeviceCandidate,
-    FitFirstScheduler,
-    fit_plan_to_deadline,
-    task_plan,
-)
+from coordinator.config import ScheduleConfig, TaskConfig
+from coordinator.plan_fitting import fit_plan_to_deadline
+from coordinator.scheduler import DeviceCandidate, FitFirstScheduler, task_plan
 from device_profiles.profile import find_profile
 from device_profiles.shapes import resolve_shape
 
 MINILM = resolve_shape("minilm-l6")
 
 
-def _task(**changes: object) -> TaskConfig:
+def _task(local_steps: int = 20, **schedule: object) -> TaskConfig:
+    """A task; `schedule` changes its [tasks.schedule] keys."""
     values: dict[str, object] = dict(
-        id="t",
-        kind="classification",
-        base_model="minilm-l6",
-        labels=("a", "b"),
         devices_per_round=2,
         min_updates=1,
         over_selection=0.5,
         round_deadline_seconds=600.0,
-        local_steps=20,
     )
-    values.update(changes)
-    return TaskConfig(**values)  # type: ignore[arg-type]
+    values.update(schedule)
+    return TaskConfig(
+        id="t",
+        kind="classification",
+        base_model="minilm-l6",
+        labels=("a", "b"),
+        local_steps=local_steps,
+        schedule=ScheduleConfig(**values),  # type: ignore[arg-type]
+    )
 
 
 def _candidates() -> list[DeviceCandidate]:

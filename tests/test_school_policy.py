@@ -16,7 +16,10 @@ from coordinator.config import (
     CoordinatorConfig,
     CoordinatorConfigError,
     CoordinatorSettings,
+    PrivacyConfig,
+    ScheduleConfig,
     SchoolConfig,
+    SecureAggregationConfig,
     TaskConfig,
 )
 from coordinator.rounds import RoundManager
@@ -27,6 +30,7 @@ from coordinator.school_policy import (
     schools_below_minimum,
 )
 from coordinator.store import CoordinatorStore
+from device_profiles.plan import TrainingPlan
 from device_profiles.profile import find_profile
 from edge_runtime.agent_config import AgentConfig, AgentConfigError
 from edge_runtime.privacy_policy import PrivacyPolicy, privacy_refusals
@@ -48,8 +52,8 @@ BASE = {
         {"id": "subjects", "kind": "classification", "base_model": "minilm-l6",
          "labels": ["maths", "history"]},
         {"id": "private", "kind": "classification", "base_model": "minilm-l6",
-         "labels": ["maths", "history"], "dp_mode": "central", "dp_clip_norm": 1.0,
-         "dp_noise_multiplier": 1.0, "dp_epsilon_budget": 4.0},
+         "labels": ["maths", "history"], "privacy": {"mode": "central", "clip_norm": 1.0,
+         "noise_multiplier": 1.0, "epsilon_budget": 4.0}},
     ],
 }  # fmt: skip
 
@@ -99,26 +103,30 @@ def test_bad_school_policies_name_school_key_and_value(
 
 
 def test_secure_aggregation_task_loads_with_its_keys() -> None:
-    secure = {**BASE["tasks"][0], "secure_aggregation": True, "secagg_clip_bound": 0.5}  # type: ignore[index, dict-item]
+    secure = {**BASE["tasks"][0], "secure_aggregation": {"enabled": True, "clip_bound": 0.5}}  # type: ignore[index, dict-item]
     task = CoordinatorConfig.from_dict({**BASE, "tasks": [secure]}).task("subjects")
-    assert task.secure_aggregation and task.secagg_clip_bound == 0.5
-    assert task.secagg_step_seconds == 30.0
+    assert task.secure_aggregation.enabled and task.secure_aggregation.clip_bound == 0.5
+    assert task.secure_aggregation.step_seconds == 30.0
 
 
 @pytest.mark.parametrize(
     ("keys", "message"),
     [
-        ({"allowed_ranks": [4]}, "allowed_ranks must be empty with secure_aggregation"),
+        (
+            {"schedule": {"allowed_ranks": [4]}},
+            "allowed_ranks must be empty with secure_aggregation",
+        ),
         ({"max_update_norm": 2.0}, "never sees a single update"),
-        ({"secagg_clip_bound": 0}, "secagg_clip_bound must be a positive number"),
-        ({"secagg_step_seconds": -1}, "secagg_step_seconds must be a positive number"),
-        ({"secure_aggregation": "yes"}, "secure_aggregation must be true or false"),
+        ({"secure_aggregation": {"clip_bound": 0}}, "clip_bound must be a positive number"),
+        ({"secure_aggregation": {"step_seconds": -1}}, "step_seconds must be a positive number"),
+        ({"secure_aggregation": {"enabled": "yes"}}, "enabled must be true or false"),
     ],
 )
 def test_secure_aggregation_refuses_what_it_cannot_honour(
     keys: dict[str, object], message: str
 ) -> None:
-    task = {**BASE["tasks"][0], "secure_aggregation": True, **keys}  # type: ignore[index, dict-item]
+    secure = {"enabled": True, **keys.pop("secure_aggregation", {})}  # type: ignore[dict-item]
+    task = {**BASE["tasks"][0], "secure_aggregation": secure, **keys}  # type: ignore[index, dict-item]
     with pytest.raises(CoordinatorConfigError) as caught:
         CoordinatorConfig.from_dict({**BASE, "tasks": [task]})
     assert message in str(caught.value)
@@ -133,12 +141,11 @@ def _task(task_id: str = "alpha", **keys: object) -> TaskConfig:
     return TaskConfig(id=task_id, kind="classification", base_model="m", labels=("a", "b"), **keys)  # type: ignore[arg-type]
 
 
+SECURE = SecureAggregationConfig(enabled=True)
 PRIVATE = {
-    "dp_mode": "local",
-    "dp_clip_norm": 1.0,
-    "dp_noise_multiplier": 1.0,
-    "dp_epsilon_budget": 4.0,
-    "dp_delta": 1e-6,
+    "privacy": PrivacyConfig(
+        mode="local", clip_norm=1.0, noise_multiplier=1.0, epsilon_budget=4.0, delta=1e-6
+    ),
 }
 
 
@@ -153,7 +160,7 @@ def test_no_table_or_default_policy_allows_every_task() -> None:
     [
         (SchoolConfig("n", allowed_tasks=("beta",)), _task(), "not in the school's allowed_tasks"),
         (SchoolConfig("n", allowed_tasks=("alpha",)), _task(), None),
-        (SchoolConfig("n", max_epsilon=8.0), _task(), "has dp_mode = 'off'"),
+        (SchoolConfig("n", max_epsilon=8.0), _task(), "has [tasks.privacy] mode = 'off'"),
         (SchoolConfig("n", max_epsilon=8.0), _task(**PRIVATE), None),
         (SchoolConfig("n", max_epsilon=4.0), _task(**PRIVATE), None),
         (SchoolConfig("n", max_epsilon=2.0), _task(**PRIVATE), "exceeds the school's max_epsilon"),
@@ -165,11 +172,11 @@ def test_no_table_or_default_policy_allows_every_task() -> None:
         (
             SchoolConfig("n", require_secure_aggregation=True),
             _task(**PRIVATE),
-            "the task has secure_aggregation = false",
+            "the task has [tasks.secure_aggregation] enabled = false",
         ),
         (
             SchoolConfig("n", require_secure_aggregation=True),
-            _task(secure_aggregation=True),
+            _task(secure_aggregation=SECURE),
             None,
         ),
     ],
@@ -217,10 +224,9 @@ def _manager(tmp_path: Path, model: Path, schools: tuple[SchoolConfig, ...]) -> 
         base_model=str(model),
         labels=("a", "b"),
         rank=2,
-        devices_per_round=6,
-        min_updates=2,
-        over_selection=0.0,
-        gather_seconds=0.0,
+        schedule=ScheduleConfig(
+            devices_per_round=6, min_updates=2, over_selection=0.0, gather_seconds=0.0
+        ),
     )
     config = CoordinatorConfig(
         coordinator=CoordinatorSettings(fleet="f", state_dir=str(tmp_path / "state")),
@@ -270,7 +276,7 @@ def test_a_school_whose_policy_excludes_the_task_gets_no_assignment(
     excluded = [r.getMessage() for r in caplog.records if "excluded" in r.getMessage()]
     assert len(excluded) == 2
     assert any("school east" in m and "secure aggregation" in m for m in excluded)
-    assert any("school north" in m and "dp_mode = 'off'" in m for m in excluded)
+    assert any("school north" in m and "[tasks.privacy] mode = 'off'" in m for m in excluded)
 
 
 @pytest.mark.slow
@@ -392,7 +398,6 @@ def test_agent_declines_a_task_its_school_policy_forbids(tmp_path: Path) -> None
         COORDINATOR_SENDER,
         AssignmentDecline,
         ReceivedMessage,
-        TrainingPlan,
         UpdateEncoding,
         encode_frame,
         public_key_hex,
@@ -409,10 +414,11 @@ def test_agent_declines_a_task_its_school_policy_forbids(tmp_path: Path) -> None
     transport = _FakeTransport()
     daemon.transport = transport  # type: ignore[assignment]
     try:
-        plan = TrainingPlan(2, 2, 4, 16, UpdateEncoding.FP32, scheme="none")
+        plan = TrainingPlan(scheme="none", rank=2, batch_size=4, seq_len=16, local_steps=2)
         assignment = TaskAssignment(
-            "f", "alpha", 1, "pi-1", 0, plan, time.time() + 600, "ab" * 32, _spec()
-        )
+            "f", "alpha", 1, "pi-1", 0, plan, time.time() + 600, "ab" * 32, _spec(),
+            UpdateEncoding.FP32,
+        )  # fmt: skip
         frame = encode_frame(assignment, sender=COORDINATOR_SENDER, signing_key=coordinator_key)
         daemon.handle(ReceivedMessage("schoolfl/f/dev/pi-1/inbox/task", frame, 1, False))
         messages = [decode_frame(payload).message for _, payload in transport.published]

@@ -19,7 +19,15 @@ import pytest
 import torch
 from scipy import stats
 
-from coordinator.config import CoordinatorConfig, CoordinatorSettings, SchoolConfig, TaskConfig
+from coordinator.config import (
+    CoordinatorConfig,
+    CoordinatorSettings,
+    PrivacyConfig,
+    ScheduleConfig,
+    SchoolConfig,
+    SecureAggregationConfig,
+    TaskConfig,
+)
 from coordinator.daemon import CoordinatorDaemon
 from coordinator.mosquitto import MosquittoProcess
 from coordinator.rounds import RoundManager
@@ -74,16 +82,18 @@ def _config(tmp_path: Path, broker: MosquittoProcess, model: Path) -> Coordinato
                 scheme="none",
                 rank=4,
                 rounds=1,
-                devices_per_round=5,
-                min_updates=3,
-                over_selection=0.0,
-                gather_seconds=60.0,
-                round_deadline_seconds=ROUND_DEADLINE,
                 local_steps=2,
-                scheduler="random",
-                secure_aggregation=True,
-                secagg_step_seconds=STEP_SECONDS,
-                secagg_clip_bound=0.5,
+                schedule=ScheduleConfig(
+                    strategy="random",
+                    devices_per_round=5,
+                    min_updates=3,
+                    over_selection=0.0,
+                    gather_seconds=60.0,
+                    round_deadline_seconds=ROUND_DEADLINE,
+                ),
+                secure_aggregation=SecureAggregationConfig(
+                    enabled=True, step_seconds=STEP_SECONDS, clip_bound=0.5
+                ),
             ),
         ),
     )
@@ -282,9 +292,19 @@ def test_below_the_threshold_the_round_aborts_without_unmasking(
 # rounds are never formed across the secure-aggregation line
 
 
-def _manager(tmp_path: Path, model: Path, **keys: object) -> RoundManager:
+def _manager(
+    tmp_path: Path, model: Path, schedule: dict[str, object] | None = None, **keys: object
+) -> RoundManager:
     """A round manager (no broker) for one small task "alpha" on the tiny BERT; `keys`
-    override the task's; a school "strict" requires secure aggregation."""
+    override the task's, `schedule` its [tasks.schedule] keys; a school "strict" requires
+    secure aggregation."""
+    schedule_keys = {
+        "devices_per_round": 6,
+        "min_updates": 2,
+        "over_selection": 0.0,
+        "gather_seconds": 0.0,
+        **(schedule or {}),
+    }
     task = {
         "id": "alpha",
         "kind": "classification",
@@ -292,10 +312,7 @@ def _manager(tmp_path: Path, model: Path, **keys: object) -> RoundManager:
         "labels": ("a", "b"),
         "scheme": "none",
         "rank": 2,
-        "devices_per_round": 6,
-        "min_updates": 2,
-        "over_selection": 0.0,
-        "gather_seconds": 0.0,
+        "schedule": ScheduleConfig(**schedule_keys),  # type: ignore[arg-type]
         **keys,
     }
     config = CoordinatorConfig(
@@ -332,7 +349,9 @@ def _assigned(outgoing: list) -> set[str]:  # noqa: ANN001
 def test_a_round_never_mixes_a_secure_school_with_a_device_that_cannot(
     tmp_path: Path, tiny_bert_folder: Path, secure: bool
 ) -> None:
-    manager = _manager(tmp_path, tiny_bert_folder, secure_aggregation=secure)
+    manager = _manager(
+        tmp_path, tiny_bert_folder, secure_aggregation=SecureAggregationConfig(enabled=secure)
+    )
     assigned = _assigned(manager.open_rounds_if_possible(_candidates()))
     if secure:  # the school's devices join; the old agent, which would send in the clear, not
         assert assigned == {"strict-0", "strict-1", "open-0"}
@@ -359,10 +378,8 @@ def test_real_agents_run_a_secure_round(
         scheme="none",
         rounds=1,
         local_steps=4,
-        round_deadline_seconds=180.0,
-        secure_aggregation=True,
-        secagg_step_seconds=60.0,
-        secagg_clip_bound=0.5,
+        schedule={"round_deadline_seconds": 180.0},
+        secure_aggregation={"enabled": True, "step_seconds": 60.0, "clip_bound": 0.5},
     )
     fleet.add_agents(fleet.shards, ["raspberry-pi-5-8gb", "laptop-mid-16gb", "laptop-low-4gb"])
     try:
@@ -401,7 +418,7 @@ def test_real_agents_run_a_secure_round(
 
 def _assignment(task: TaskConfig, device_id: str, server_round: int = 1) -> TaskAssignment:
     from coordinator.task_models import wire_task_spec
-    from edge_runtime.wire import TrainingPlan
+    from device_profiles.plan import TrainingPlan
 
     return TaskAssignment(
         fleet="f",
@@ -409,7 +426,7 @@ def _assignment(task: TaskConfig, device_id: str, server_round: int = 1) -> Task
         server_round=server_round,
         device_id=device_id,
         attempt=0,
-        plan=TrainingPlan(2, 2, 4, 16, scheme="none"),
+        plan=TrainingPlan(scheme="none", rank=2, batch_size=4, seq_len=16, local_steps=2),
         deadline=2e9,
         model_version="ab" * 32,
         spec=wire_task_spec(task),
@@ -421,7 +438,7 @@ def test_a_device_answers_a_repeated_step_the_same_and_refuses_a_different_one()
 
     task = TaskConfig(
         id="alpha", kind="classification", base_model="m", labels=("a", "b"),
-        secure_aggregation=True,
+        secure_aggregation=SecureAggregationConfig(enabled=True),
     )  # fmt: skip
     sessions = [
         SecureSession(_assignment(task, f"d{i}"), f"d{i}", generate_private_key()) for i in range(5)
@@ -458,13 +475,11 @@ def test_secure_round_in_process_with_central_dp_and_refusals(
     manager = _manager(
         tmp_path,
         tiny_bert_folder,
-        devices_per_round=3,
-        min_updates=3,
-        secure_aggregation=True,
-        dp_mode="central",
-        dp_clip_norm=1.0,
-        dp_noise_multiplier=0.5,
-        dp_epsilon_budget=100.0,
+        schedule={"devices_per_round": 3, "min_updates": 3},
+        secure_aggregation=SecureAggregationConfig(enabled=True),
+        privacy=PrivacyConfig(
+            mode="central", clip_norm=1.0, noise_multiplier=0.5, epsilon_budget=100.0
+        ),
     )
     capable = frozenset({SECURE_AGGREGATION_CAPABILITY})
     profile = find_profile("laptop-mid-16gb")

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from edge_runtime.trainer import LocalPlan, LocalTrainer
+from device_profiles.plan import TrainingPlan
+from edge_runtime.trainer import LocalTrainer
 from quantization.adapters import AdapterConfig
 from quantization.task_data import LabelledText
 from quantization.task_model import TaskModelSpec, resolve_base_model
@@ -18,6 +19,17 @@ from quantization.task_model import TaskModelSpec, resolve_base_model
 pytestmark = pytest.mark.slow
 
 DATA = Path(__file__).resolve().parents[1] / "quantization" / "data" / "school_questions.jsonl"
+
+
+def _plan(local_steps: int, batch_size: int, seq_len: int, learning_rate: float) -> TrainingPlan:
+    """A plan as the trainer runs it (scheme and rank are the fixture model's)."""
+    return TrainingPlan(
+        scheme="nf4",
+        local_steps=local_steps,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        learning_rate=learning_rate,
+    )
 
 
 def _questions() -> list[LabelledText]:
@@ -52,7 +64,7 @@ def trainer() -> LocalTrainer:
 
 def test_round_lowers_loss_and_returns_a_delta(trainer: LocalTrainer) -> None:
     start = trainer.adapter_state()
-    result = trainer.train_round(start, LocalPlan(12, 8, 32, 3e-3))
+    result = trainer.train_round(start, _plan(12, 8, 32, 3e-3))
     assert result.num_steps == 12 and not result.stopped_early
     assert result.last_loss < result.first_loss
     assert result.num_examples == 200
@@ -64,7 +76,7 @@ def test_round_lowers_loss_and_returns_a_delta(trainer: LocalTrainer) -> None:
 
 def test_round_starts_from_the_given_global_state(trainer: LocalTrainer) -> None:
     start = {name: torch.zeros_like(t) for name, t in trainer.adapter_state().items()}
-    result = trainer.train_round(start, LocalPlan(1, 4, 16, 1e-3))
+    result = trainer.train_round(start, _plan(1, 4, 16, 1e-3))
     trained = trainer.adapter_state()
     for name in start:
         assert torch.allclose(trained[name], start[name] + result.delta[name], atol=1e-6)
@@ -76,7 +88,7 @@ def test_deadline_stops_training_early(trainer: LocalTrainer) -> None:
     try:
         deadline = clock.now + 45.0
         result = trainer.train_round(
-            trainer.adapter_state(), LocalPlan(20, 4, 16, 1e-3), deadline=deadline
+            trainer.adapter_state(), _plan(20, 4, 16, 1e-3), deadline=deadline
         )
     finally:
         trainer.clock = time.monotonic
@@ -95,4 +107,4 @@ def test_task_spec_validation() -> None:
     with pytest.raises(ValueError, match="task kind"):
         TaskModelSpec("t", "regression", "minilm-l6", "nf4", AdapterConfig())
     with pytest.raises(ValueError, match="local_steps"):
-        LocalPlan(0, 1, 1, 1e-3)
+        _plan(0, 1, 1, 1e-3)

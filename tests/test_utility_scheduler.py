@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.config import CoordinatorConfigError, TaskConfig
+from coordinator.config import CoordinatorConfigError, ScheduleConfig, TaskConfig
 from coordinator.fleet_history import FleetHistory, RoundOutcome
 from coordinator.plan_fitting import DEADLINE_SAFETY, SchoolLink
 from coordinator.scheduler import DeviceCandidate, RandomScheduler, RoundContext
@@ -19,25 +19,28 @@ FAST = find_profile("laptop-mid-16gb")
 SLOW = find_profile("raspberry-pi-4-4gb")
 
 
-def _task(**changes: object) -> TaskConfig:
+def _task(local_steps: int = 20, **schedule: object) -> TaskConfig:
+    """A task; `schedule` changes its [tasks.schedule] keys."""
     values: dict[str, object] = dict(
-        id="t",
-        kind="classification",
-        base_model="minilm-l6",
-        labels=("a", "b"),
-        rank=8,
         allowed_ranks=(4, 2),
         devices_per_round=4,
         min_updates=2,
         over_selection=0.0,
         round_deadline_seconds=120.0,
-        local_steps=20,
-        seq_len=64,
         exploration=0.0,
         equity_rounds=3,
     )
-    values.update(changes)
-    return TaskConfig(**values)  # type: ignore[arg-type]
+    values.update(schedule)
+    return TaskConfig(
+        id="t",
+        kind="classification",
+        base_model="minilm-l6",
+        labels=("a", "b"),
+        rank=8,
+        local_steps=local_steps,
+        seq_len=64,
+        schedule=ScheduleConfig(**values),  # type: ignore[arg-type]
+    )
 
 
 def _fleet(schools: dict[str, list[object]]) -> list[DeviceCandidate]:
@@ -215,7 +218,7 @@ def test_same_round_same_selection_and_unknown_names_refused() -> None:
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"scheduler": "fastest"}, "scheduler must be one of"),
+        ({"strategy": "fastest"}, "strategy must be one of"),
         ({"allowed_ranks": (16,)}, "allowed_ranks must hold integers in 1..rank"),
         ({"equity_rounds": 0}, "equity_rounds must be >= 1"),
         ({"exploration": 1.5}, "exploration must be within 0..1"),

@@ -10,13 +10,14 @@ each waiting for one message from every device still in the round:
     UNMASKING    revealed shares               -> the sum, handed to the round manager
 
 A phase ends when every device it waits for has answered (or declined), or at its deadline
-(`secagg_step_seconds`; the masking phase ends at the round's deadline); it then goes on
-with the devices that answered, and the round is aborted, revealing nothing, when fewer than
-t did. The coordinator keeps no in-memory protocol state: every device message is stored as
-it arrives (`coordinator.secure_store`, masked inputs in the main store's updates table) and
-a `SecAggServer` is replayed from them at each phase change, so a restarted coordinator
-resumes where it stopped and re-sends its last phase's messages (devices answer a repeated
-message with the answer they already gave).
+([tasks.secure_aggregation] `step_seconds`; the masking phase ends at the round's
+deadline); it then goes on with the devices that answered, and the round is aborted,
+revealing nothing, when fewer than t did. The coordinator keeps no in-memory protocol
+state: every device message is stored as it arrives (`coordinator.secure_store`, masked
+inputs in the main store's updates table) and a `SecAggServer` is replayed from them at
+each phase change, so a restarted coordinator resumes where it stopped and re-sends its
+last phase's messages (devices answer a repeated message with the answer they already
+gave).
 """
 
 from __future__ import annotations
@@ -120,7 +121,8 @@ class SecureRounds:
         self.now = now
 
     def open(self, task: TaskConfig, round_number: int) -> None:
-        self.secure_store.start(task.id, round_number, self.now() + task.secagg_step_seconds)
+        step_deadline = self.now() + task.secure_aggregation.step_seconds
+        self.secure_store.start(task.id, round_number, step_deadline)
 
     # -- device messages ---------------------------------------------------------------
 
@@ -320,7 +322,7 @@ class SecureRounds:
 
     def _send_roster(self, task: TaskConfig, state: SecureRoundState) -> list[Outgoing]:
         adverts = self._adverts(state)
-        threshold = reconstruction_threshold(len(adverts), task.min_updates)
+        threshold = reconstruction_threshold(len(adverts), task.schedule.min_updates)
         if len(adverts) < threshold:
             assigned = len(self.store.assignments(task.id, state.round_number))
             raise SecAggAbort(
@@ -331,7 +333,7 @@ class SecureRounds:
             task.id,
             state.round_number,
             SecurePhase.SHARING,
-            self.now() + task.secagg_step_seconds,
+            self.now() + task.secure_aggregation.step_seconds,
             threshold=threshold,
         )
         logger.info(
@@ -355,7 +357,7 @@ class SecureRounds:
         )
         record = self.store.round(task.id, state.round_number)
         assert record is not None  # callers check the round is open
-        deadline = max(record.deadline, self.now() + task.secagg_step_seconds)
+        deadline = max(record.deadline, self.now() + task.secure_aggregation.step_seconds)
         self.secure_store.advance(task.id, state.round_number, SecurePhase.MASKING, deadline)
         return outgoing
 
@@ -375,7 +377,7 @@ class SecureRounds:
             task.id,
             state.round_number,
             SecurePhase.UNMASKING,
-            self.now() + task.secagg_step_seconds,
+            self.now() + task.secure_aggregation.step_seconds,
         )
         logger.info(
             "task %s round %d: %d masked inputs, %d dropped; asking the survivors to unmask",

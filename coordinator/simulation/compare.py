@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from coordinator.config import TaskConfig
+from coordinator.config import ScheduleConfig, TaskConfig
 from coordinator.simulation.fleet import SimFleet, build_fleet
 from coordinator.simulation.simulator import (
     EvalPoint,
@@ -62,17 +62,19 @@ class SimulationSettings:
             base_model=self.timing_model,
             labels=labels,
             rank=self.rank,
-            allowed_ranks=self.allowed_ranks,
             learning_rate=self.learning_rate,
             rounds=self.rounds,
-            devices_per_round=self.devices_per_round,
-            min_updates=max(1, self.devices_per_round // 2),
-            over_selection=0.3,
-            round_deadline_seconds=self.deadline_seconds,
             local_steps=self.local_steps,
             batch_size=8,
             seq_len=64,
-            equity_rounds=self.equity_rounds,
+            schedule=ScheduleConfig(
+                allowed_ranks=self.allowed_ranks,
+                devices_per_round=self.devices_per_round,
+                min_updates=max(1, self.devices_per_round // 2),
+                over_selection=0.3,
+                round_deadline_seconds=self.deadline_seconds,
+                equity_rounds=self.equity_rounds,
+            ),
         )
 
 

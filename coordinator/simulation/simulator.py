@@ -201,7 +201,7 @@ def simulate(
         shape,
         full_plan,
         LadderLimits(task.ladder_ranks, task.ladder_min_local_steps, task.ladder_min_seq_len),
-        task.round_deadline_seconds,
+        task.schedule.round_deadline_seconds,
     )
     links = {school.school_id: school.link for school in fleet.schools}
     by_id = {device.device_id: device for device in fleet.devices}
@@ -220,14 +220,14 @@ def simulate(
             for device in fleet.devices
             if is_available(device, clock, availability_rng)
         ]
-        if len(candidates) < task.min_updates:
+        if len(candidates) < task.schedule.min_updates:
             clock += WAIT_WHEN_SHORT_SECONDS
             continue
         round_number += 1
         schedule = scheduler.configure_round(
             task, shape, candidates, round_number, RoundContext(history, links)
         )
-        if len(schedule.plans) < task.min_updates:
+        if len(schedule.plans) < task.schedule.min_updates:
             clock += WAIT_WHEN_SHORT_SECONDS
             result.rounds_failed += 1
             continue
@@ -256,14 +256,14 @@ def simulate(
         for p in wasted:
             if p.finish_seconds is None:
                 result.dropped_updates += 1
-            elif p.finish_seconds > task.round_deadline_seconds:
+            elif p.finish_seconds > task.schedule.round_deadline_seconds:
                 result.late_updates += 1
             else:
                 result.surplus_updates += 1
         result.wasted_compute_seconds += sum(p.compute_seconds for p in wasted)
         outcomes: list[RoundOutcome] = []
         updates: list[ClientUpdate] = []
-        if len(on_time) >= task.min_updates:
+        if len(on_time) >= task.schedule.min_updates:
             for index, p in enumerate(on_time):
                 local = trainer.train(
                     global_state,
@@ -360,12 +360,12 @@ def _play(
 
 def _close_seconds(played: Sequence[_Played], task: TaskConfig) -> float:
     """When the round closes: quota in, everyone delivered, or the deadline."""
-    deadline = task.round_deadline_seconds
+    deadline = task.schedule.round_deadline_seconds
     arrivals = sorted(p.finish_seconds for p in played if p.finish_seconds is not None)
     in_time = [t for t in arrivals if t <= deadline]
-    if len(in_time) >= task.devices_per_round:
-        return in_time[task.devices_per_round - 1]
-    if len(in_time) == len(played) and len(in_time) >= task.min_updates:
+    if len(in_time) >= task.schedule.devices_per_round:
+        return in_time[task.schedule.devices_per_round - 1]
+    if len(in_time) == len(played) and len(in_time) >= task.schedule.min_updates:
         return in_time[-1]
     return deadline
 

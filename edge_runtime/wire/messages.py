@@ -12,6 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from device_profiles.plan import TrainingPlan
 from edge_runtime.wire.errors import SchemaError
 from edge_runtime.wire.message_kinds import (
     AckStatus,
@@ -35,38 +36,6 @@ TASK_KINDS = ("classification", "causal-lm")
 
 
 # ----------------------------------------------------------------------------- messages
-
-
-@dataclass(frozen=True)
-class TrainingPlan:
-    """What the scheduler asks one device to do in one round."""
-
-    adapter_rank: int
-    local_steps: int
-    batch_size: int
-    sequence_length: int
-    update_encoding: UpdateEncoding = UpdateEncoding.INT8
-    """INT8 by default: a quarter of fp32's bytes, which slow school uplinks need."""
-    top_k_fraction: float | None = None
-    """Keep only this fraction of each tensor's largest entries; None sends all."""
-    scheme: str = "nf4"
-    """Quantization of the frozen base on the device (nf4, int8, none, bnb-nf4, ...)."""
-    learning_rate: float = 2e-3
-    predicted_round_seconds: float | None = None
-    """The scheduler's prediction for this device (lets an agent emulate a slower profile)."""
-
-    def __post_init__(self) -> None:
-        check_range("adapter_rank", self.adapter_rank, 1, 1024)
-        check_range("local_steps", self.local_steps, 1, 1_000_000)
-        check_range("batch_size", self.batch_size, 1, 65536)
-        check_range("sequence_length", self.sequence_length, 1, 1_000_000)
-        if self.top_k_fraction is not None:
-            check_range("top_k_fraction", self.top_k_fraction, 1e-6, 1.0)
-        check_identifier("scheme", self.scheme)
-        if not 0.0 < self.learning_rate <= 10.0:
-            raise SchemaError(f"learning_rate must be in (0, 10], got {self.learning_rate!r}")
-        if self.predicted_round_seconds is not None:
-            check_range("predicted_round_seconds", self.predicted_round_seconds, 0.0, 1e7)
 
 
 @dataclass(frozen=True)
@@ -261,11 +230,19 @@ class TaskAssignment:
     device_id: str
     attempt: int
     plan: TrainingPlan
+    """The scheduler's plan for this device, as it built it (see `device_profiles.plan`)."""
     deadline: float
     """Unix time (seconds) by which the update must have arrived."""
     model_version: str
     """sha256 of the global adapter body to start from (see ModelManifest)."""
     spec: TaskSpec
+    update_encoding: UpdateEncoding = UpdateEncoding.INT8
+    """How to encode the update; INT8 by default: a quarter of fp32's bytes, which slow
+    school uplinks need."""
+    top_k_fraction: float | None = None
+    """Keep only this fraction of each tensor's largest entries; None sends all."""
+    predicted_round_seconds: float | None = None
+    """The scheduler's prediction for this device (lets an agent emulate a slower profile)."""
 
     def __post_init__(self) -> None:
         check_identifier("fleet", self.fleet)
@@ -275,6 +252,10 @@ class TaskAssignment:
         check_range("attempt", self.attempt, 0, 1000)
         check_range("deadline", self.deadline, 0.0, 1e11)
         check_sha256("model_version", self.model_version)
+        if self.top_k_fraction is not None:
+            check_range("top_k_fraction", self.top_k_fraction, 1e-6, 1.0)
+        if self.predicted_round_seconds is not None:
+            check_range("predicted_round_seconds", self.predicted_round_seconds, 0.0, 1e7)
 
     @property
     def message_id(self) -> str:

@@ -83,7 +83,13 @@ def _to_json(value: Any) -> Any:
 
 
 def from_json_fields(cls: type[T], data: object, path: str = "") -> T:
-    """Build `cls` from parsed JSON, refusing unknown/missing fields and wrong types."""
+    """Build `cls` from parsed JSON, refusing unknown/missing fields and wrong types.
+
+    A field may be left out when it has a default, unless it is declared with
+    `metadata={"wire_required": True}` (a plan's defaults serve Python callers, not peers).
+    The constructor's own checks run last; a `ValueError` or `TypeError` they raise (a
+    `device_profiles.ProfileError` from a `TrainingPlan`, say) becomes a `SchemaError`
+    naming the path, so a daemon's `ProtocolError` boundary catches every bad value."""
     where = path or cls.__name__
     if not isinstance(data, dict):
         raise SchemaError(f"{where}: expected a JSON object, got {type(data).__name__}")
@@ -102,7 +108,7 @@ def from_json_fields(cls: type[T], data: object, path: str = "") -> T:
                 spec.default is not dataclasses.MISSING
                 or spec.default_factory is not dataclasses.MISSING
             )
-            if has_default:
+            if has_default and not spec.metadata.get("wire_required"):
                 continue
             raise SchemaError(f"{where}: missing required field {name!r}")
         values[name] = _from_json(hints[name], data[name], f"{where}.{name}")

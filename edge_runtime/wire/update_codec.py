@@ -43,7 +43,7 @@ DEFAULT_MAX_ELEMENTS = 64 * 1024 * 1024
 
 @dataclass(frozen=True)
 class CodecConfig:
-    """How to encode one update (normally taken from the round's `TrainingPlan`)."""
+    """How to encode one update (normally taken from the round's `TaskAssignment`)."""
 
     encoding: UpdateEncoding = UpdateEncoding.INT8
     top_k_fraction: float | None = None

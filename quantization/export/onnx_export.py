@@ -9,7 +9,7 @@ needs only onnxruntime, tokenizers and numpy:
     model.int8.onnx     the same graph with int8 weights (onnxruntime dynamic quantization)
     tokenizer.json ...  the base model's tokenizer
     labels.json         class names in output order and the tokenization settings
-    predict.py          a standalone example (coordinator/onnx_predict.py)
+    predict.py          a standalone example (quantization/export/onnx_predict.py)
     export_report.json  held-out accuracy of PyTorch vs ONNX, their agreement, file sizes
 
 Steps: the base is loaded in fp32 (scheme "none", not the quantized training base), the
@@ -26,6 +26,10 @@ TorchScript exporter (`dynamo=False`) is kept only as a fallback, because it is 
 
 The folder is assembled under a temporary name next to its destination and renamed into
 place at the end, so an interrupted export never leaves a half-written folder behind.
+
+What is exported is described by an `ExportSpec`, which the caller builds from its task
+(`coordinator.task_models.onnx_export_spec`): this module sits below the daemons and does
+not read their configuration.
 """
 
 from __future__ import annotations
@@ -46,7 +50,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from coordinator.config import TaskConfig
 from durable.atomic_files import atomic_write_text, fsync_directory
 from quantization.errors import QuantizationError
 from quantization.export.onnx_report import (
@@ -77,10 +80,27 @@ class OnnxExportError(Exception):
 
 
 @dataclass(frozen=True)
+class ExportSpec:
+    """The task model an export merges, tokenizes for and scores: what it needs of a task."""
+
+    task_id: str
+    kind: str
+    """Only 'classification' is exported; anything else is refused with a reason."""
+    base_model: str
+    """Known name (minilm-l6, ...) or a path, as `resolve_base_model` reads it."""
+    labels: tuple[str, ...]
+    """Class names in head order."""
+    max_length: int
+    """Tokenization length: the task's seq_len."""
+    eval_file: Path | None = None
+    """The task's held-out labelled questions; None = none."""
+
+
+@dataclass(frozen=True)
 class OnnxExportRequest:
     """Which adapter version to export, where to, and what to score it on."""
 
-    task: TaskConfig
+    spec: ExportSpec
     adapter_folder: Path
     """A PEFT adapter folder (adapter_config.json + adapter_model.safetensors)."""
     destination: Path
@@ -88,24 +108,22 @@ class OnnxExportRequest:
     version: int
     adapter_sha256: str
     eval_file: Path | None = None
-    """Held-out labelled questions; None = the task's eval_file (none if that is empty)."""
+    """Held-out labelled questions; None = the spec's eval_file."""
     batch_size: int = 32
     """Evaluation batch size (memory only; results do not depend on it)."""
 
     def __post_init__(self) -> None:
-        if self.task.kind != "classification":
+        if self.spec.kind != "classification":
             raise OnnxExportError(
-                f"only classification tasks are exported to ONNX; task {self.task.id!r} is "
-                f"{self.task.kind!r} (export its PEFT adapter folder without --onnx)"
+                f"only classification tasks are exported to ONNX; task {self.spec.task_id!r} "
+                f"is {self.spec.kind!r} (export its PEFT adapter folder without --onnx)"
             )
         if self.batch_size < 1:
             raise OnnxExportError(f"batch_size must be >= 1, got {self.batch_size}")
 
     @property
     def held_out_file(self) -> Path | None:
-        if self.eval_file is not None:
-            return self.eval_file
-        return Path(self.task.eval_file).expanduser() if self.task.eval_file else None
+        return self.eval_file if self.eval_file is not None else self.spec.eval_file
 
 
 # -- the merged PyTorch model ----------------------------------------------------------------
@@ -122,7 +140,7 @@ class LogitsOnly(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, C)
 
 
-def load_merged_classifier(task: TaskConfig, adapter_folder: Path) -> tuple[nn.Module, object]:
+def load_merged_classifier(spec: ExportSpec, adapter_folder: Path) -> tuple[nn.Module, object]:
     """(fp32 base with the adapter merged in, tokenizer).
 
     The base is loaded unquantized: devices train on an nf4 base, but merging into a
@@ -131,11 +149,11 @@ def load_merged_classifier(task: TaskConfig, adapter_folder: Path) -> tuple[nn.M
     from peft import PeftModel
 
     try:
-        source = resolve_base_model(task.base_model)
-        base = load_quantized(source, "none", task="classification", num_labels=len(task.labels))
+        source = resolve_base_model(spec.base_model)
+        base = load_quantized(source, "none", task="classification", num_labels=len(spec.labels))
         tokenizer = load_tokenizer(source)
     except (QuantizationError, FileNotFoundError) as error:
-        raise OnnxExportError(f"cannot load the base model {task.base_model!r}: {error}") from error
+        raise OnnxExportError(f"cannot load the base model {spec.base_model!r}: {error}") from error
     if getattr(tokenizer, "pad_token", None) is None:
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(base.config, "pad_token_id", None) is None:
@@ -144,8 +162,8 @@ def load_merged_classifier(task: TaskConfig, adapter_folder: Path) -> tuple[nn.M
         peft_model = PeftModel.from_pretrained(base, str(adapter_folder))
     except (OSError, ValueError, RuntimeError, KeyError) as error:
         raise OnnxExportError(
-            f"cannot apply the adapter {adapter_folder} to {task.base_model} with "
-            f"{len(task.labels)} labels: {error}"
+            f"cannot apply the adapter {adapter_folder} to {spec.base_model} with "
+            f"{len(spec.labels)} labels: {error}"
         ) from error
     merged = peft_model.merge_and_unload().eval()
     for name, parameter in merged.named_parameters():
@@ -317,19 +335,19 @@ def _opset(path: Path) -> int:
 # -- the folder ----------------------------------------------------------------------------
 
 
-def _write_inference_files(folder: Path, task: TaskConfig, tokenizer: object) -> None:
+def _write_inference_files(folder: Path, spec: ExportSpec, tokenizer: object) -> None:
     from quantization.export import onnx_predict
 
     tokenizer.save_pretrained(str(folder))  # type: ignore[attr-defined]
     if not (folder / "tokenizer.json").is_file():
         raise OnnxExportError(
-            f"the tokenizer of {task.base_model} has no fast (tokenizer.json) form, which "
+            f"the tokenizer of {spec.base_model} has no fast (tokenizer.json) form, which "
             "predict.py needs"
         )
     settings = {
-        "task": task.id,
-        "labels": list(task.labels),
-        "max_length": task.seq_len,
+        "task": spec.task_id,
+        "labels": list(spec.labels),
+        "max_length": spec.max_length,
         "pad_token": tokenizer.pad_token,  # type: ignore[attr-defined]
         "pad_token_id": tokenizer.pad_token_id,  # type: ignore[attr-defined]
         "input_names": list(INPUT_NAMES),
@@ -358,21 +376,23 @@ def _agreement_metrics(
         "fp32_agreement": None,
     }
     if eval_file is None:
-        logger.warning("task %s has no eval_file: ONNX agreement is not measured", request.task.id)
+        logger.warning(
+            "task %s has no eval_file: ONNX agreement is not measured", request.spec.task_id
+        )
         return empty
     try:
         examples = read_labelled_texts(eval_file)
     except LocalDataError as error:
         raise OnnxExportError(f"cannot read the held-out file: {error}") from error
-    label_index = {label: index for index, label in enumerate(request.task.labels)}
+    label_index = {label: index for index, label in enumerate(request.spec.labels)}
     unknown = sorted({e.label for e in examples} - label_index.keys())
     if unknown:
         raise OnnxExportError(
-            f"{eval_file} has labels {unknown} that task {request.task.id!r} does not know"
+            f"{eval_file} has labels {unknown} that task {request.spec.task_id!r} does not know"
         )
     texts = [e.text for e in examples]
     targets = np.array([label_index[e.label] for e in examples])
-    max_length = request.task.seq_len
+    max_length = request.spec.max_length
     reference = pytorch_logits(model, tokenizer, texts, max_length, request.batch_size)
     reference_labels = reference.argmax(axis=-1)
     settings = onnx_predict.read_settings(folder)
@@ -415,19 +435,19 @@ def export_onnx(request: OnnxExportRequest) -> OnnxExportReport:
     work = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}.tmp-"))
     try:
         work.chmod(0o755)  # mkdtemp's 0700 would hide the folder from a classroom account
-        model, tokenizer = load_merged_classifier(request.task, request.adapter_folder)
-        max_length = request.task.seq_len
+        model, tokenizer = load_merged_classifier(request.spec, request.adapter_folder)
+        max_length = request.spec.max_length
         exporter = export_graph(model, tokenizer, work / FP32_FILE, max_length)
         check_graph(model, tokenizer, work / FP32_FILE, max_length)
         quantize_graph(work / FP32_FILE, work / INT8_FILE)
-        _write_inference_files(work, request.task, tokenizer)
+        _write_inference_files(work, request.spec, tokenizer)
         metrics = _agreement_metrics(work, tokenizer, model, request)
         eval_file = request.held_out_file
         report = OnnxExportReport(
-            task=request.task.id,
+            task=request.spec.task_id,
             version=request.version,
             adapter_sha256=request.adapter_sha256,
-            base_model=request.task.base_model,
+            base_model=request.spec.base_model,
             exporter=exporter,
             opset=_opset(work / FP32_FILE),
             max_length=max_length,
@@ -446,7 +466,7 @@ def export_onnx(request: OnnxExportRequest) -> OnnxExportReport:
             shutil.rmtree(work, ignore_errors=True)
     logger.info(
         "exported %s v%d to %s: int8 %d bytes, agreement %s",
-        request.task.id,
+        request.spec.task_id,
         request.version,
         destination,
         report.int8_bytes,

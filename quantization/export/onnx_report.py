@@ -1,6 +1,6 @@
 """What an ONNX export wrote and measured: file names, the report, required packages.
 
-Kept apart from `coordinator/onnx_export.py` so that reading a report (the demo's summary,
+Kept apart from `quantization/export/onnx_export.py` so that reading a report (the demo's summary,
 an operator's script) or checking whether the export can run imports neither torch nor
 onnxruntime.
 """
