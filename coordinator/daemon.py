@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator.config import CoordinatorConfig
-from coordinator.rounds import Outgoing, RoundManager
+from coordinator.outgoing import Outgoing
+from coordinator.rounds import RoundManager
 from coordinator.scheduler import DeviceCandidate, Scheduler
 from coordinator.store import CoordinatorStore
 from device_profiles.profile import DeviceProfile, profile_from_toml_text

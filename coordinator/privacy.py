@@ -296,3 +296,14 @@ def spent_round_privacy(
         planned.eligible_devices,
         secure_aggregation=task.secure_aggregation.enabled,
     )
+
+
+def make_aggregator(task: TaskConfig) -> FedAvg:
+    """The aggregator a task's settings call for: DP-FedAvg when DP is on, FedAvg with the
+    norm bound when one is set, plain FedAvg otherwise."""
+    policy = DpPolicy.of(task)
+    if policy is not None:
+        return DpFedAvg(policy)
+    if task.max_update_norm > 0:
+        return FedAvg(NormBound(task.max_update_norm, NormBoundMode(task.norm_mode)))
+    return FedAvg()

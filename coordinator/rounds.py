@@ -13,7 +13,6 @@ the lifecycle can be tested one tick at a time without a broker.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -21,12 +20,15 @@ from collections.abc import Callable, Sequence
 import torch
 
 from coordinator.aggregation import (
-    Aggregator,
     ClientUpdate,
-    FedAvg,
-    NormBound,
-    NormBoundMode,
     apply_delta,
+)
+from coordinator.assignments import (
+    assignment_json,
+    assignment_messages,
+    shape_of,
+    stored_plan,
+    update_shapes,
 )
 from coordinator.config import CoordinatorConfig, TaskConfig
 from coordinator.fleet_history import FleetHistory, history_from_store
@@ -34,8 +36,7 @@ from coordinator.model_versions import ModelVersions
 from coordinator.outgoing import Outgoing
 from coordinator.plan_fitting import SchoolLink
 from coordinator.privacy import (
-    DpFedAvg,
-    DpPolicy,
+    make_aggregator,
     plan_round_privacy,
     spent_round_privacy,
     stop_holds,
@@ -52,77 +53,19 @@ from coordinator.store import (
     StoredUpdate,
     UpdateOutcome,
 )
-from coordinator.task_models import AdapterBody, TaskModel, wire_task_spec
+from coordinator.task_models import AdapterBody, TaskModel
 from coordinator.utility_scheduler import scheduler_named
-from device_profiles.plan import TrainingPlan
-from device_profiles.shapes import ModelShape, resolve_shape
 from edge_runtime.wire import (
-    COORDINATOR_SENDER,
     SECURE_AGGREGATION_CAPABILITY,
     AckStatus,
     CodecError,
     Ed25519PrivateKey,
-    InboxChannel,
     SecAggEnvelope,
-    TaskAssignment,
     Update,
-    UpdateEncoding,
     decode_update,
-    encode_frame,
-    from_json_fields,
-    inbox_topic,
-    tensor_shapes,
-    to_json_fields,
 )
-from quantization.lora_ranks import adapter_rank, truncated_shapes
-from quantization.task_model import resolve_base_model
 
 logger = logging.getLogger(__name__)
-
-
-def shape_of(task: TaskConfig) -> ModelShape:
-    """The cost-model shape of a task's base model (known name or its config.json)."""
-    try:
-        return resolve_shape(task.base_model)
-    except Exception:  # noqa: BLE001 - fall back to the model's own config file
-        source = resolve_base_model(task.base_model)
-        return resolve_shape(str(source if source.is_dir() else source.parent))
-
-
-def update_shapes(reference: dict[str, torch.Tensor], rank: int) -> dict[str, tuple[int, ...]]:
-    """The tensor shapes of an update from a device whose plan has LoRA rank `rank`: the
-    global adapter's, truncated to that rank (ValueError when it exceeds the global's)."""
-    shapes = tensor_shapes(reference)
-    if rank == adapter_rank(reference):
-        return shapes
-    return truncated_shapes(shapes, rank)
-
-
-def assignment_json(task: TaskConfig, chosen: DevicePlan) -> str:
-    """What the store keeps of one device's assignment: the scheduler's plan, as the
-    `TaskAssignment` carries it, and the terms the assignment carries beside it."""
-    return json.dumps(
-        {
-            "plan": to_json_fields(chosen.plan),
-            "update_encoding": UpdateEncoding(task.update_encoding).value,
-            "predicted_round_seconds": chosen.prediction.round_seconds,
-        },
-        sort_keys=True,
-    )
-
-
-def stored_plan(text: str) -> TrainingPlan:
-    """The plan of a stored assignment (`assignment_json`), checked as the wire checks it."""
-    return from_json_fields(TrainingPlan, json.loads(text)["plan"], "plan")
-
-
-def make_aggregator(task: TaskConfig) -> Aggregator:
-    policy = DpPolicy.of(task)
-    if policy is not None:
-        return DpFedAvg(policy)
-    if task.max_update_norm > 0:
-        return FedAvg(NormBound(task.max_update_norm, NormBoundMode(task.norm_mode)))
-    return FedAvg()
 
 
 class RoundManager:
@@ -222,78 +165,91 @@ class RoundManager:
             if task.secure_aggregation.enabled:
                 free = self._secure_capable(task.id, free)
             if len(free) < task.schedule.min_updates:
-                if task.id not in self._waiting_logged:
-                    logger.info(
-                        "task %s waits: %d eligible free devices, quorum is %d",
-                        task.id,
-                        len(free),
-                        task.schedule.min_updates,
-                    )
-                    self._waiting_logged.add(task.id)
+                self._log_waiting(task.id, "%d eligible free devices, quorum is %d", len(free))
                 continue
             round_number = self._last_round(task.id) + 1
-            scheduler = self.scheduler or scheduler_named(task.schedule.strategy)
-            context = RoundContext(
-                self._history(task.id),
-                self.school_links,
-            )
-            schedule = scheduler.configure_round(task, shape_of(task), free, round_number, context)
-            for device_id, reason in schedule.skipped.items():
-                logger.debug(
-                    "task %s round %d: %s left out: %s", task.id, round_number, device_id, reason
-                )
-            school_of = {c.device_id: c.school for c in free}
-            too_small = schools_below_minimum(
-                self.schools, [school_of[p.device_id] for p in schedule.plans]
-            )
-            self._log_policy_exclusions(task.id, too_small)
-            chosen = [p for p in schedule.plans if school_of[p.device_id] not in too_small]
-            if len(chosen) < task.schedule.min_updates:
-                if task.id not in self._waiting_logged:
-                    logger.info(
-                        "task %s waits: only %d devices fit the plan and the schools' "
-                        "policies (quorum %d)",
-                        task.id,
-                        len(chosen),
-                        task.schedule.min_updates,
-                    )
-                    self._waiting_logged.add(task.id)
+            chosen = self._choose_devices(task, free, round_number)
+            if chosen is None:
                 continue
-            if len(chosen) < task.schedule.devices_per_round:
-                first_seen = self._short_since.setdefault(task.id, self.now())
-                if self.now() - first_seen < task.schedule.gather_seconds:
-                    continue  # give more devices a moment to come online
-            self._short_since.pop(task.id, None)
-            self._waiting_logged.discard(task.id)
-            plans = {p.device_id: assignment_json(task, p) for p in chosen}
-            privacy = None
-            if task.privacy.mode != "off":
-                privacy = plan_round_privacy(
-                    self.store, task, round_number, len(plans), len(free), self.now()
-                )
-                if privacy is None:
-                    continue
-            record = self.store.open_round(
-                task.id,
-                round_number,
-                base_version=self.store.latest_adapter_version(task.id).version,  # type: ignore[union-attr]
-                deadline=self.now() + task.schedule.round_deadline_seconds,
-                plans_json=plans,
-                privacy=privacy,
-            )
-            busy |= set(plans)
-            if task.secure_aggregation.enabled:
-                self.secure.open(task, round_number)
-            logger.info(
-                "task %s round %d opened: %d devices (%s), deadline in %.0f s",
-                task.id,
-                round_number,
-                len(plans),
-                ", ".join(sorted(plans)),
-                task.schedule.round_deadline_seconds,
-            )
-            outgoing += self._assignment_messages(record)
+            record = self._open_round(task, round_number, chosen, len(free))
+            if record is not None:
+                busy |= {p.device_id for p in chosen}
+                outgoing += self._assignment_messages(record)
         return outgoing
+
+    def _log_waiting(self, task_id: str, why: str, count: int) -> None:
+        """INFO once while a task waits for devices (it asks again on every tick)."""
+        if task_id not in self._waiting_logged:
+            quorum = self.config.task(task_id).schedule.min_updates
+            logger.info("task %s waits: " + why, task_id, count, quorum)
+            self._waiting_logged.add(task_id)
+
+    def _choose_devices(
+        self, task: TaskConfig, free: list[DeviceCandidate], round_number: int
+    ) -> list[DevicePlan] | None:
+        """The scheduler's selection among the free devices, less the schools whose minimum
+        aggregate size it misses; None while the task should wait (below quorum, or short of
+        devices_per_round and still inside gather_seconds)."""
+        scheduler = self.scheduler or scheduler_named(task.schedule.strategy)
+        context = RoundContext(self._history(task.id), self.school_links)
+        schedule = scheduler.configure_round(task, shape_of(task), free, round_number, context)
+        for device_id, reason in schedule.skipped.items():
+            logger.debug(
+                "task %s round %d: %s left out: %s", task.id, round_number, device_id, reason
+            )
+        school_of = {c.device_id: c.school for c in free}
+        too_small = schools_below_minimum(
+            self.schools, [school_of[p.device_id] for p in schedule.plans]
+        )
+        self._log_policy_exclusions(task.id, too_small)
+        chosen = [p for p in schedule.plans if school_of[p.device_id] not in too_small]
+        if len(chosen) < task.schedule.min_updates:
+            self._log_waiting(
+                task.id,
+                "only %d devices fit the plan and the schools' policies (quorum %d)",
+                len(chosen),
+            )
+            return None
+        if len(chosen) < task.schedule.devices_per_round:
+            first_seen = self._short_since.setdefault(task.id, self.now())
+            if self.now() - first_seen < task.schedule.gather_seconds:
+                return None  # give more devices a moment to come online
+        self._short_since.pop(task.id, None)
+        self._waiting_logged.discard(task.id)
+        return chosen
+
+    def _open_round(
+        self, task: TaskConfig, round_number: int, chosen: list[DevicePlan], free_count: int
+    ) -> RoundRecord | None:
+        """Record the round and its assignments (and its planned privacy spend); None when
+        the privacy budget does not allow it."""
+        plans = {p.device_id: assignment_json(task, p) for p in chosen}
+        privacy = None
+        if task.privacy.mode != "off":
+            privacy = plan_round_privacy(
+                self.store, task, round_number, len(plans), free_count, self.now()
+            )
+            if privacy is None:
+                return None
+        record = self.store.open_round(
+            task.id,
+            round_number,
+            base_version=self.store.latest_adapter_version(task.id).version,  # type: ignore[union-attr]
+            deadline=self.now() + task.schedule.round_deadline_seconds,
+            plans_json=plans,
+            privacy=privacy,
+        )
+        if task.secure_aggregation.enabled:
+            self.secure.open(task, round_number)
+        logger.info(
+            "task %s round %d opened: %d devices (%s), deadline in %.0f s",
+            task.id,
+            round_number,
+            len(plans),
+            ", ".join(sorted(plans)),
+            task.schedule.round_deadline_seconds,
+        )
+        return record
 
     def _history(self, task_id: str) -> FleetHistory:
         """The scheduler's history of the task, replayed from the store only when a round
@@ -336,29 +292,14 @@ class RoundManager:
                 )
 
     def _assignment_messages(self, record: RoundRecord) -> list[Outgoing]:
-        task = self.config.task(record.task_id)
-        body = self.current[record.task_id]
-        outgoing = []
-        for device_id, plan_json in self.store.assignments(
-            record.task_id, record.round_number
-        ).items():
-            stored = json.loads(plan_json)
-            assignment = TaskAssignment(
-                fleet=self.fleet,
-                task=record.task_id,
-                server_round=record.round_number,
-                device_id=device_id,
-                attempt=0,
-                plan=stored_plan(plan_json),
-                deadline=record.deadline,
-                model_version=body.version,
-                spec=wire_task_spec(task),
-                update_encoding=UpdateEncoding(stored["update_encoding"]),
-                predicted_round_seconds=stored["predicted_round_seconds"],
-            )
-            frame = encode_frame(assignment, sender=COORDINATOR_SENDER, signing_key=self.key)
-            outgoing.append(Outgoing(inbox_topic(self.fleet, device_id, InboxChannel.TASK), frame))
-        return outgoing
+        return assignment_messages(
+            self.fleet,
+            record,
+            self.store.assignments(record.task_id, record.round_number),
+            self.config.task(record.task_id),
+            self.current[record.task_id].version,
+            self.key,
+        )
 
     # -- updates ---------------------------------------------------------------------------
 
@@ -527,6 +468,19 @@ class RoundManager:
             reason,
         )
 
+    def _round_metrics(
+        self, task_id: str, round_number: int, evaluation: dict[str, float]
+    ) -> dict[str, float]:
+        """The new version's evaluation plus the devices' mean training loss."""
+        metrics = dict(evaluation)
+        losses = [
+            u.metrics.get("train_loss") for u in self.store.update_summaries(task_id, round_number)
+        ]
+        known = [loss for loss in losses if loss is not None]
+        if known:
+            metrics["train_loss"] = sum(known) / len(known)
+        return metrics
+
     def _complete_round(
         self,
         record: RoundRecord,
@@ -548,15 +502,8 @@ class RoundManager:
         version_number = self.store.latest_adapter_version(task.id).version + 1  # type: ignore[union-attr]
         folder = self.versions.write(task.id, version_number, new_state, body)
         evaluation = self.versions.model(task.id).evaluate(new_state)
-        metrics = dict(evaluation)
+        metrics = self._round_metrics(task.id, record.round_number, evaluation)
         metrics.update({"updates": float(aggregated), "samples": float(total_samples)})
-        losses = [
-            u.metrics.get("train_loss")
-            for u in self.store.update_summaries(task.id, record.round_number)
-        ]
-        known = [loss for loss in losses if loss is not None]
-        if known:
-            metrics["train_loss"] = sum(known) / len(known)
         privacy = spent_round_privacy(self.store, task, record.round_number, aggregated)
         if privacy is not None:
             metrics["epsilon"] = privacy.epsilon

@@ -89,121 +89,105 @@ class _Pick:
     share (a slow device that only the equity floor brings in)."""
 
 
-class OortScheduler(Scheduler):
-    """Oort-style selection with the task's full plan and no equity floor."""
-
-    def configure_round(
-        self,
-        task: TaskConfig,
-        shape: ModelShape,
-        candidates: Sequence[DeviceCandidate],
-        round_number: int,
-        context: RoundContext | None = None,
-    ) -> RoundSchedule:
-        context = context or RoundContext()
-        history = context.history
-        full_plan = task_plan(task, shape)
-        limits = LadderLimits((task.rank,), task.local_steps, task.seq_len)
-        fitter = PlanFitter(shape, full_plan, limits, task.schedule.round_deadline_seconds)
-        preferred_seconds = fitter.budget_seconds
-        utilities = statistical_utilities(candidates, history, round_number)
-        skipped: dict[str, str] = {}
-        explored: list[_Pick] = []
-        unexplored: list[_Pick] = []
-        for candidate in sorted(candidates, key=lambda c: c.device_id):
-            stats = history.devices.get(candidate.device_id)
-            speed = stats.speed_factor if stats else 1.0
-            prediction = fitter.predict(candidate.profile, full_plan, None, speed)
-            if not prediction.fits:
-                skipped[candidate.device_id] = prediction.reason
-                continue
-            penalty = 1.0
-            if prediction.round_seconds > preferred_seconds:
-                penalty = (preferred_seconds / prediction.round_seconds) ** LATENESS_ALPHA
-            if candidate.device_id in utilities:
-                pick = _Pick(
-                    candidate, full_plan, prediction, utilities[candidate.device_id] * penalty
-                )
-                explored.append(pick)
-            else:
-                unexplored.append(_Pick(candidate, full_plan, prediction, 0.0))
-        wanted = task.schedule.devices_to_assign
-        explore_slots = _explore_slots(
-            wanted, task.schedule.exploration, len(explored), len(unexplored)
-        )
-        rng = random.Random(f"{task.id}/{round_number}")
-        explored = _sample_by_utility(explored, rng)
-        unexplored.sort(key=lambda p: (p.prediction.round_seconds, p.candidate.device_id))
-        chosen = explored[: wanted - explore_slots] + unexplored[:explore_slots]
-        return _schedule(chosen, [*explored, *unexplored], skipped)
+def _speed(history: FleetHistory, device_id: str) -> float:
+    stats = history.devices.get(device_id)
+    return stats.speed_factor if stats else 1.0
 
 
-class EquityScheduler(Scheduler):
-    """schoolfl's scheduler: utility selection with shrunk plans, shared school links,
-    an equity floor per school, and drop-out-sized over-selection."""
+def _explore_slots(wanted: int, exploration: float, explored: int, unexplored: int) -> int:
+    """Oort's exploration share; all slots explore while nothing is explored yet."""
+    if explored == 0:
+        return min(wanted, unexplored)
+    return min(unexplored, max(1, round(wanted * exploration)) if unexplored else 0)
 
-    def configure_round(
-        self,
-        task: TaskConfig,
-        shape: ModelShape,
-        candidates: Sequence[DeviceCandidate],
-        round_number: int,
-        context: RoundContext | None = None,
-    ) -> RoundSchedule:
-        context = context or RoundContext()
-        history = context.history
-        full_plan = task_plan(task, shape)
-        limits = LadderLimits(
-            task.ladder_ranks, task.ladder_min_local_steps, task.ladder_min_seq_len
+
+def _sample_by_utility(picks: list[_Pick], rng: random.Random) -> list[_Pick]:
+    """An order drawn without replacement with probability proportional to utility
+    (Efraimidis-Spirakis keys), as Oort samples among high-utility devices instead of
+    always taking the same top few."""
+    keyed = []
+    for pick in sorted(picks, key=lambda p: p.candidate.device_id):
+        weight = max(pick.utility, 1e-9)
+        keyed.append((rng.random() ** (1.0 / weight), pick))
+    keyed.sort(key=lambda item: -item[0])
+    return [pick for _, pick in keyed]
+
+
+def _is_due(school: str, history: FleetHistory, round_number: int, task: TaskConfig) -> bool:
+    """The equity floor: the school waited `equity_rounds`, or has taken part in fewer
+    than 60% of the mean school's rounds (so no school falls below half the mean)."""
+    if round_number - history.school_last_round.get(school, 0) >= task.schedule.equity_rounds:
+        return True
+    counts = history.school_rounds
+    if not counts:
+        return False
+    mean = sum(counts.values()) / len(counts)
+    return counts.get(school, 0) < 0.6 * mean
+
+
+def _fit_to_deadline(
+    fitter: PlanFitter,
+    candidates: Sequence[DeviceCandidate],
+    utilities: Mapping[str, float],
+    context: RoundContext,
+) -> tuple[list[_Pick], dict[str, str], list[float]]:
+    """(the picks whose plan fits the deadline, why the others do not, each pick's seconds
+    for the full plan). The full-plan times are kept even for shrunk plans: they decide the
+    preferred round time, which must not depend on how much each device was shrunk."""
+    skipped: dict[str, str] = {}
+    fitted_picks: list[_Pick] = []
+    full_seconds: list[float] = []
+    for candidate in sorted(candidates, key=lambda c: c.device_id):
+        link = context.schools.get(candidate.school)
+        speed = _speed(context.history, candidate.device_id)
+        fitted = fitter.fit(candidate.profile, link, speed, candidate.free_memory_bytes)
+        if isinstance(fitted, str):
+            skipped[candidate.device_id] = fitted
+            continue
+        plan, prediction = fitted
+        fitted_picks.append(
+            _Pick(candidate, plan, prediction, utilities.get(candidate.device_id, -1.0))
         )
-        fitter = PlanFitter(shape, full_plan, limits, task.schedule.round_deadline_seconds)
-        utilities = statistical_utilities(candidates, history, round_number)
-        mean_utility = sum(utilities.values()) / len(utilities) if utilities else 1.0
-        quota = task.schedule.devices_per_round
-        feasible, skipped, preferred = _fit_candidates(
-            fitter, candidates, utilities, context, quota
+        if plan is fitter.full_plan:
+            full_seconds.append(prediction.round_seconds)
+        else:
+            full_seconds.append(fitter.full_round_seconds(candidate.profile, link, speed))
+    return fitted_picks, skipped, full_seconds
+
+
+def _preferred_seconds(fitter: PlanFitter, full_seconds: Sequence[float], quota: int) -> float:
+    """The quota's fastest full plans x PREFERRED_SLACK: a round paced by its slowest
+    device would leave the fast ones idle, one paced by the fastest would cut most plans
+    down to nothing. Never beyond the deadline's safe share."""
+    ordered = sorted(full_seconds)
+    if not ordered:
+        return fitter.budget_seconds
+    quick_time = ordered[min(quota, len(ordered)) - 1] * PREFERRED_SLACK
+    return min(fitter.budget_seconds, quick_time)
+
+
+def _fit_to_preferred(
+    fitter: PlanFitter, pick: _Pick, context: RoundContext, preferred: float
+) -> _Pick:
+    """Refit a pick that is slower than the preferred time to it; a device that would be
+    left with fewer than `min_local_steps` keeps its deadline plan (`budget` None: only the
+    equity floor brings it in). Utility is scaled by the share of the full plan it does."""
+    plan, prediction = pick.plan, pick.prediction
+    if prediction.round_seconds > preferred:
+        quick = fitter.fit(
+            pick.candidate.profile,
+            context.schools.get(pick.candidate.school),
+            _speed(context.history, pick.candidate.device_id),
+            pick.candidate.free_memory_bytes,
+            budget_seconds=preferred,
         )
-        selection = _Selection(fitter, context.schools, history, task)
-        # 1. The equity floor: each school that has waited equity_rounds gets its best device.
-        by_school: dict[str, list[_Pick]] = {}
-        for pick in feasible:
-            by_school.setdefault(pick.candidate.school, []).append(pick)
-        due = [school for school in by_school if _is_due(school, history, round_number, task)]
-        due.sort(key=lambda s: (history.school_last_round.get(s, 0), s))
-        # More due schools than the quota cannot all train at once: the longest-waiting first.
-        for school in due[:quota]:
-            ranked = sorted(
-                by_school[school],
-                key=lambda p: (
-                    p.budget is None,
-                    -(p.utility if p.utility >= 0 else mean_utility),
-                    p.candidate.device_id,
-                ),
-            )
-            for pick in ranked:
-                if selection.try_add(pick):
-                    break
-        # 2. Exploitation and exploration, until enough updates are expected to arrive.
-        rng = random.Random(f"{task.id}/{round_number}")
-        competing = [p for p in feasible if p.budget is not None]
-        explored = _sample_by_utility([p for p in competing if p.utility >= 0], rng)
-        unexplored = [p for p in competing if p.utility < 0]
-        rng.shuffle(unexplored)
-        unexplored.sort(key=lambda p: -work_fraction(p.plan, full_plan))
-        explore_slots = _explore_slots(
-            quota, task.schedule.exploration, len(explored), len(unexplored)
-        )
-        explore_target = min(quota, selection.expected_updates() + explore_slots)
-        for pick in unexplored:
-            if selection.expected_updates() >= explore_target:
-                break
-            selection.try_add(pick)
-        for pick in [*explored, *unexplored]:
-            if selection.enough(quota):
-                break
-            selection.try_add(pick)
-        chosen = _align_finish_times(selection, preferred)
-        return _schedule(chosen, feasible, skipped, selection.refused)
+        if isinstance(quick, str) or quick[0].local_steps < fitter.limits.min_local_steps:
+            return pick
+        plan, prediction = quick
+    utility = pick.utility
+    if utility >= 0:
+        utility *= math.sqrt(work_fraction(plan, fitter.full_plan))
+    return _Pick(pick.candidate, plan, prediction, utility, preferred)
 
 
 def _fit_candidates(
@@ -221,51 +205,9 @@ def _fit_candidates(
     (`budget` = preferred); the others keep their deadline plan and take part only through
     the equity floor (`budget` = None).
     """
-    history = context.history
-    full_plan = fitter.full_plan
-    skipped: dict[str, str] = {}
-    fitted_picks: list[_Pick] = []
-    full_seconds: list[float] = []
-    for candidate in sorted(candidates, key=lambda c: c.device_id):
-        link = context.schools.get(candidate.school)
-        speed = _speed(history, candidate.device_id)
-        fitted = fitter.fit(candidate.profile, link, speed, candidate.free_memory_bytes)
-        if isinstance(fitted, str):
-            skipped[candidate.device_id] = fitted
-            continue
-        plan, prediction = fitted
-        fitted_picks.append(
-            _Pick(candidate, plan, prediction, utilities.get(candidate.device_id, -1.0))
-        )
-        if plan is full_plan:
-            full_seconds.append(prediction.round_seconds)
-        else:
-            full_seconds.append(fitter.full_round_seconds(candidate.profile, link, speed))
-    full_seconds.sort()
-    preferred = fitter.budget_seconds
-    if full_seconds:
-        quick_time = full_seconds[min(quota, len(full_seconds)) - 1] * PREFERRED_SLACK
-        preferred = min(fitter.budget_seconds, quick_time)
-
-    feasible = []
-    for pick in fitted_picks:
-        plan, prediction = pick.plan, pick.prediction
-        if prediction.round_seconds > preferred:
-            quick = fitter.fit(
-                pick.candidate.profile,
-                context.schools.get(pick.candidate.school),
-                _speed(history, pick.candidate.device_id),
-                pick.candidate.free_memory_bytes,
-                budget_seconds=preferred,
-            )
-            if isinstance(quick, str) or quick[0].local_steps < fitter.limits.min_local_steps:
-                feasible.append(pick)  # budget None: only the equity floor brings it in
-                continue
-            plan, prediction = quick
-        utility = pick.utility
-        if utility >= 0:
-            utility *= math.sqrt(work_fraction(plan, full_plan))
-        feasible.append(_Pick(pick.candidate, plan, prediction, utility, preferred))
+    fitted_picks, skipped, full_seconds = _fit_to_deadline(fitter, candidates, utilities, context)
+    preferred = _preferred_seconds(fitter, full_seconds, quota)
+    feasible = [_fit_to_preferred(fitter, pick, context, preferred) for pick in fitted_picks]
     return feasible, skipped, preferred
 
 
@@ -343,30 +285,6 @@ class _Selection:
         return list(self.picks.values())
 
 
-def _is_due(school: str, history: FleetHistory, round_number: int, task: TaskConfig) -> bool:
-    """The equity floor: the school waited `equity_rounds`, or has taken part in fewer
-    than 60% of the mean school's rounds (so no school falls below half the mean)."""
-    if round_number - history.school_last_round.get(school, 0) >= task.schedule.equity_rounds:
-        return True
-    counts = history.school_rounds
-    if not counts:
-        return False
-    mean = sum(counts.values()) / len(counts)
-    return counts.get(school, 0) < 0.6 * mean
-
-
-def _sample_by_utility(picks: list[_Pick], rng: random.Random) -> list[_Pick]:
-    """An order drawn without replacement with probability proportional to utility
-    (Efraimidis-Spirakis keys), as Oort samples among high-utility devices instead of
-    always taking the same top few."""
-    keyed = []
-    for pick in sorted(picks, key=lambda p: p.candidate.device_id):
-        weight = max(pick.utility, 1e-9)
-        keyed.append((rng.random() ** (1.0 / weight), pick))
-    keyed.sort(key=lambda item: -item[0])
-    return [pick for _, pick in keyed]
-
-
 def _align_finish_times(selection: _Selection, preferred_seconds: float) -> list[_Pick]:
     """Refit every chosen plan to one target round time, so fast devices do not wait for
     slow ones and slow ones are not cut off by the quota: the round closes when the quota
@@ -407,16 +325,63 @@ def _align_finish_times(selection: _Selection, preferred_seconds: float) -> list
     return aligned
 
 
-def _speed(history: FleetHistory, device_id: str) -> float:
-    stats = history.devices.get(device_id)
-    return stats.speed_factor if stats else 1.0
+def _add_equity_floor(
+    selection: _Selection,
+    feasible: Sequence[_Pick],
+    round_number: int,
+    task: TaskConfig,
+    mean_utility: float,
+) -> None:
+    """Each school that has waited `equity_rounds` gets its best device first, before
+    utility can crowd it out. More due schools than the quota cannot all train at once:
+    the longest-waiting go first."""
+    history = selection.history
+    quota = task.schedule.devices_per_round
+    by_school: dict[str, list[_Pick]] = {}
+    for pick in feasible:
+        by_school.setdefault(pick.candidate.school, []).append(pick)
+    due = [school for school in by_school if _is_due(school, history, round_number, task)]
+    due.sort(key=lambda s: (history.school_last_round.get(s, 0), s))
+    for school in due[:quota]:
+        ranked = sorted(
+            by_school[school],
+            key=lambda p: (
+                p.budget is None,
+                -(p.utility if p.utility >= 0 else mean_utility),
+                p.candidate.device_id,
+            ),
+        )
+        for pick in ranked:
+            if selection.try_add(pick):
+                break
 
 
-def _explore_slots(wanted: int, exploration: float, explored: int, unexplored: int) -> int:
-    """Oort's exploration share; all slots explore while nothing is explored yet."""
-    if explored == 0:
-        return min(wanted, unexplored)
-    return min(unexplored, max(1, round(wanted * exploration)) if unexplored else 0)
+def _add_by_utility(
+    selection: _Selection,
+    feasible: Sequence[_Pick],
+    full_plan: TrainingPlan,
+    round_number: int,
+    task: TaskConfig,
+) -> None:
+    """After the floor, exploration then exploitation, until enough updates are expected
+    to arrive: over-selecting by the observed drop-out rate instead of a fixed fraction."""
+    quota = task.schedule.devices_per_round
+    rng = random.Random(f"{task.id}/{round_number}")
+    competing = [p for p in feasible if p.budget is not None]
+    explored = _sample_by_utility([p for p in competing if p.utility >= 0], rng)
+    unexplored = [p for p in competing if p.utility < 0]
+    rng.shuffle(unexplored)
+    unexplored.sort(key=lambda p: -work_fraction(p.plan, full_plan))
+    explore_slots = _explore_slots(quota, task.schedule.exploration, len(explored), len(unexplored))
+    explore_target = min(quota, selection.expected_updates() + explore_slots)
+    for pick in unexplored:
+        if selection.expected_updates() >= explore_target:
+            break
+        selection.try_add(pick)
+    for pick in [*explored, *unexplored]:
+        if selection.enough(quota):
+            break
+        selection.try_add(pick)
 
 
 def _schedule(
@@ -439,6 +404,87 @@ def _schedule(
         )
     )
     return RoundSchedule(plans=plans, skipped=skipped)
+
+
+class OortScheduler(Scheduler):
+    """Oort-style selection with the task's full plan and no equity floor."""
+
+    def configure_round(
+        self,
+        task: TaskConfig,
+        shape: ModelShape,
+        candidates: Sequence[DeviceCandidate],
+        round_number: int,
+        context: RoundContext | None = None,
+    ) -> RoundSchedule:
+        context = context or RoundContext()
+        history = context.history
+        full_plan = task_plan(task, shape)
+        limits = LadderLimits((task.rank,), task.local_steps, task.seq_len)
+        fitter = PlanFitter(shape, full_plan, limits, task.schedule.round_deadline_seconds)
+        preferred_seconds = fitter.budget_seconds
+        utilities = statistical_utilities(candidates, history, round_number)
+        skipped: dict[str, str] = {}
+        explored: list[_Pick] = []
+        unexplored: list[_Pick] = []
+        for candidate in sorted(candidates, key=lambda c: c.device_id):
+            stats = history.devices.get(candidate.device_id)
+            speed = stats.speed_factor if stats else 1.0
+            prediction = fitter.predict(candidate.profile, full_plan, None, speed)
+            if not prediction.fits:
+                skipped[candidate.device_id] = prediction.reason
+                continue
+            penalty = 1.0
+            if prediction.round_seconds > preferred_seconds:
+                penalty = (preferred_seconds / prediction.round_seconds) ** LATENESS_ALPHA
+            if candidate.device_id in utilities:
+                pick = _Pick(
+                    candidate, full_plan, prediction, utilities[candidate.device_id] * penalty
+                )
+                explored.append(pick)
+            else:
+                unexplored.append(_Pick(candidate, full_plan, prediction, 0.0))
+        wanted = task.schedule.devices_to_assign
+        explore_slots = _explore_slots(
+            wanted, task.schedule.exploration, len(explored), len(unexplored)
+        )
+        rng = random.Random(f"{task.id}/{round_number}")
+        explored = _sample_by_utility(explored, rng)
+        unexplored.sort(key=lambda p: (p.prediction.round_seconds, p.candidate.device_id))
+        chosen = explored[: wanted - explore_slots] + unexplored[:explore_slots]
+        return _schedule(chosen, [*explored, *unexplored], skipped)
+
+
+class EquityScheduler(Scheduler):
+    """schoolfl's scheduler: utility selection with shrunk plans, shared school links,
+    an equity floor per school, and drop-out-sized over-selection."""
+
+    def configure_round(
+        self,
+        task: TaskConfig,
+        shape: ModelShape,
+        candidates: Sequence[DeviceCandidate],
+        round_number: int,
+        context: RoundContext | None = None,
+    ) -> RoundSchedule:
+        context = context or RoundContext()
+        history = context.history
+        full_plan = task_plan(task, shape)
+        limits = LadderLimits(
+            task.ladder_ranks, task.ladder_min_local_steps, task.ladder_min_seq_len
+        )
+        fitter = PlanFitter(shape, full_plan, limits, task.schedule.round_deadline_seconds)
+        utilities = statistical_utilities(candidates, history, round_number)
+        mean_utility = sum(utilities.values()) / len(utilities) if utilities else 1.0
+        quota = task.schedule.devices_per_round
+        feasible, skipped, preferred = _fit_candidates(
+            fitter, candidates, utilities, context, quota
+        )
+        selection = _Selection(fitter, context.schools, history, task)
+        _add_equity_floor(selection, feasible, round_number, task, mean_utility)
+        _add_by_utility(selection, feasible, full_plan, round_number, task)
+        chosen = _align_finish_times(selection, preferred)
+        return _schedule(chosen, feasible, skipped, selection.refused)
 
 
 def scheduler_named(name: str) -> Scheduler:

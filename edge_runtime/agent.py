@@ -10,29 +10,35 @@ restarted agent re-sends it; the coordinator counts it once.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from device_profiles.cost_model import predict
 from device_profiles.profile import DeviceProfile, find_profile, profile_toml_text
 from device_profiles.shapes import resolve_shape
-from durable.atomic_files import atomic_write_text
 from edge_runtime.agent_config import AgentConfig
 from edge_runtime.assignment_models import start_state_for_rank, task_model_spec
 from edge_runtime.eligibility import check_eligibility, read_device
 from edge_runtime.enrollment_record import AgentError, Enrollment
 from edge_runtime.local_privacy import privatize_update
 from edge_runtime.outbox import Outbox, RoundHistory
+from edge_runtime.personal_copy import save_personal_copy
 from edge_runtime.privacy_policy import privacy_refusals
 from edge_runtime.secagg import SecAggError
 from edge_runtime.secagg_session import SecureSessions
-from edge_runtime.trainer import LocalTrainer
+from edge_runtime.trainer import LocalTrainer, TrainingResult
+from edge_runtime.update_frames import (
+    OutgoingUpdate,
+    masked_update_frame,
+    plain_update_frame,
+    round_metrics,
+)
 from edge_runtime.wire import (
     COORDINATOR_SENDER,
     DEFAULT_CHUNK_BYTES,
@@ -43,7 +49,6 @@ from edge_runtime.wire import (
     ChunkHeader,
     ChunkReassembler,
     ChunkSender,
-    CodecConfig,
     DeviceChannel,
     DeviceState,
     Ed25519PublicKey,
@@ -58,20 +63,17 @@ from edge_runtime.wire import (
     TaskAssignment,
     TransferStatus,
     TransferStatusRequest,
-    Update,
     WillConfig,
     decode_frame,
     decode_update,
     device_subscriptions,
     device_topic,
     encode_frame,
-    encode_update,
     load_private_key,
     model_blob_topic,
     public_key_from_hex,
     verify_frame,
 )
-from quantization.adapters import save_adapter
 from quantization.task_data import read_labelled_texts, read_lm_texts
 
 logger = logging.getLogger(__name__)
@@ -81,6 +83,17 @@ RESEND_SECONDS = 20.0
 """An unacknowledged update is offered again after this long."""
 UPLOAD_MARGIN_SECONDS = 2.0
 """Training stops this long before the deadline to leave time for the upload."""
+
+
+@dataclass(frozen=True)
+class TrainingStart:
+    """What an assignment that passed the device's checks trains from."""
+
+    start_state: dict[str, torch.Tensor]
+    """The global adapter, cut to the plan's rank."""
+    global_rank: int
+    seconds_left: float
+    """Until the deadline, less the upload margin."""
 
 
 def blob_filter(fleet: str, version: str) -> str:
@@ -413,142 +426,119 @@ class AgentDaemon:
             return 0
         return predict(self.profile, shape, assignment.plan).peak_bytes
 
-    def _train(self, assignment: TaskAssignment) -> None:
-        plan = assignment.plan
+    def _training_start(self, assignment: TaskAssignment) -> TrainingStart | None:
+        """Where training starts and how long it may run, or None once declined: the checks
+        come before the model is loaded, so a device that cannot take part wastes nothing."""
         try:
             start_state, global_rank = start_state_for_rank(
-                self.global_states[assignment.model_version], plan.rank
+                self.global_states[assignment.model_version], assignment.plan.rank
             )
         except ValueError as error:
             self._decline(assignment, [str(error)])
-            return
+            return None
         verdict = check_eligibility(
             self.config.eligibility, read_device(0.2), self._predicted_peak_bytes(assignment)
         )
         if not verdict.eligible:
             self._decline(assignment, list(verdict.reasons))
-            return
+            return None
         seconds_left = assignment.deadline - self.now() - UPLOAD_MARGIN_SECONDS
         if seconds_left <= 0:
             self._decline(assignment, ["the deadline has already passed"])
-            return
-        trainer = self._trainer(assignment, global_rank)
-        if plan.rank < global_rank:
+            return None
+        return TrainingStart(start_state, global_rank, seconds_left)
+
+    def _train_locally(
+        self, assignment: TaskAssignment, trainer: LocalTrainer, start: TrainingStart
+    ) -> TrainingResult:
+        """One round of local steps before the deadline; under profile emulation the round
+        then lasts as long as the emulated device would take."""
+        plan = assignment.plan
+        if plan.rank < start.global_rank:
             logger.info(
                 "task %s round %d: training rank %d of the global rank %d (alpha %.4g)",
                 assignment.task,
                 assignment.server_round,
                 plan.rank,
-                global_rank,
+                start.global_rank,
                 trainer.spec.adapter.alpha,
             )
         started = time.monotonic()
         result = trainer.train_round(
-            start_state,
+            start.start_state,
             plan,
-            deadline=trainer.clock() + seconds_left,
+            deadline=trainer.clock() + start.seconds_left,
             round_seed=assignment.server_round,
         )
         predicted = assignment.predicted_round_seconds
         if self.config.agent.emulate_profile and predicted:
-            self._wait_out_emulated_time(predicted, started, seconds_left)
+            self._wait_out_emulated_time(predicted, started, start.seconds_left)
+        return result
+
+    def _keep_and_send(
+        self,
+        assignment: TaskAssignment,
+        trainer: LocalTrainer,
+        start: TrainingStart,
+        result: TrainingResult,
+        outgoing: OutgoingUpdate,
+        masked: bool,
+    ) -> None:
+        """The outbox holds the update before its first publish, so a crash in between
+        still leaves it to be re-sent on restart."""
+        task, server_round = assignment.task, assignment.server_round
+        self.outbox.put(outgoing.message_id, task, server_round, outgoing.frame)
+        self.history.record(
+            task,
+            server_round,
+            "trained",
+            f"{result.num_steps}/{assignment.plan.local_steps} steps, loss "
+            f"{result.first_loss:.3f} -> {result.last_loss:.3f}, {outgoing.bytes_up} bytes up"
+            + (" (masked for secure aggregation)" if masked else ""),
+        )
+        adapters_dir = self.config.state_dir / "adapters"
+        save_personal_copy(adapters_dir, assignment, trainer, start.start_state)
+        self.send_update(outgoing.message_id, outgoing.frame)
+        logger.info(
+            "task %s round %d: trained %d steps in %.1f s, loss %.3f -> %.3f, uploading %d bytes",
+            task,
+            server_round,
+            result.num_steps,
+            result.seconds,
+            result.first_loss,
+            result.last_loss,
+            outgoing.bytes_up,
+        )
+
+    def _train(self, assignment: TaskAssignment) -> None:
+        """Train one assignment and hand its update to the outbox. A secure task whose keys
+        are gone is declined rather than sent in the clear."""
+        start = self._training_start(assignment)
+        if start is None:
+            return
+        trainer = self._trainer(assignment, start.global_rank)
+        result = self._train_locally(assignment, trainer, start)
         delta = result.delta
         if assignment.spec.privacy is not None:  # clip (and under local DP, noise) on device
             delta = privatize_update(delta, assignment.spec.privacy)
-        metrics = {
-            "train_loss": result.mean_loss if result.num_steps else 0.0,
-            "first_loss": result.first_loss if result.num_steps else 0.0,
-            "last_loss": result.last_loss if result.num_steps else 0.0,
-            "train_seconds": result.seconds,
-        }
+        metrics = round_metrics(result)
         session = self.secure_sessions.session(assignment.task, assignment.server_round)
         if assignment.spec.secure_aggregation is not None and session is None:
             self._decline(assignment, ["the round's secure-aggregation keys are gone"])
             return  # never send a secure task's delta in the clear
         if session is not None:  # secure round: only the masked delta leaves the device
-            message_id, frame = session.masked_input(
-                delta, result.num_examples, result.num_steps, metrics
-            )
-            bytes_up = len(frame)
+            outgoing = masked_update_frame(session, result, delta, metrics)
         else:
-            encoded = encode_update(
-                delta, CodecConfig(assignment.update_encoding, assignment.top_k_fraction)
+            outgoing = plain_update_frame(
+                assignment, self.fleet, self.device_id, self.key, result, delta, metrics
             )
-            bytes_up = encoded.encoded_bytes
-            update = Update(
-                fleet=self.fleet,
-                task=assignment.task,
-                server_round=assignment.server_round,
-                device_id=self.device_id,
-                attempt=assignment.attempt,
-                model_version=assignment.model_version,
-                num_samples=result.num_examples,
-                num_steps=result.num_steps,
-                encoding=assignment.update_encoding,
-                metrics={**metrics, "bytes_up": float(bytes_up)},
-                top_k_fraction=assignment.top_k_fraction,
-            )
-            message_id = update.message_id
-            frame = encode_frame(
-                update, sender=self.device_id, body=encoded.body, signing_key=self.key
-            )
-        self.outbox.put(message_id, assignment.task, assignment.server_round, frame)
-        self.history.record(
-            assignment.task,
-            assignment.server_round,
-            "trained",
-            f"{result.num_steps}/{plan.local_steps} steps, loss {result.first_loss:.3f} -> "
-            f"{result.last_loss:.3f}, {bytes_up} bytes up"
-            + (" (masked for secure aggregation)" if session is not None else ""),
-        )
-        self._save_personal_copy(assignment, trainer, start_state)
-        self.send_update(message_id, frame)
-        logger.info(
-            "task %s round %d: trained %d steps in %.1f s, loss %.3f -> %.3f, uploading %d bytes",
-            assignment.task,
-            assignment.server_round,
-            result.num_steps,
-            result.seconds,
-            result.first_loss,
-            result.last_loss,
-            bytes_up,
-        )
+        self._keep_and_send(assignment, trainer, start, result, outgoing, session is not None)
 
     def _wait_out_emulated_time(self, predicted: float, started: float, limit: float) -> None:
         """Demo emulation: a fast machine waits until the emulated device would be done."""
         remaining = min(predicted, limit) - (time.monotonic() - started)
         if remaining > 0:
             self.stop_requested.wait(remaining)
-
-    def _save_personal_copy(
-        self,
-        assignment: TaskAssignment,
-        trainer: LocalTrainer,
-        start_state: dict[str, torch.Tensor],
-    ) -> None:
-        """Keep the global adapter the device trained from, for `schoolfl agent predict`.
-
-        A device of a smaller rank keeps the first components it trained from, with its
-        scaled alpha (the metadata records both): its rank-r model holds no more."""
-        trainer.load_global(start_state)
-        save_adapter(trainer.model, self.config.state_dir / "adapters" / assignment.task)
-        atomic_write_text(
-            self.config.state_dir / "adapters" / f"{assignment.task}.json",
-            json.dumps(
-                {
-                    "spec": {  # what `agent predict` rebuilds the model from; no DP policy
-                        "kind": assignment.spec.kind,
-                        "base_model": assignment.spec.base_model,
-                        "labels": list(assignment.spec.labels),
-                        "adapter_alpha": trainer.spec.adapter.alpha,
-                    },
-                    "scheme": assignment.plan.scheme,
-                    "rank": assignment.plan.rank,
-                    "version": assignment.model_version,
-                },
-                sort_keys=True,
-            ),
-        )
 
     def send_update(self, update_id: str, frame: bytes) -> None:
         """Publish an update frame, in chunks when it is larger than one chunk."""

@@ -27,21 +27,23 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from durable.atomic_files import atomic_write_text
-from schoolfl.demo_privacy import (
-    DEFAULT_DP_CLIP_NORM,
-    DemoPrivacy,
-    demo_privacy,
-    privacy_line,
-    privacy_summary,
-)
+from schoolfl.demo_privacy import DEFAULT_DP_CLIP_NORM, DemoPrivacy, demo_privacy
+from schoolfl.demo_summary import demo_summary, print_results
 from schoolfl.demo_tasks import CLASSIFY, DEMO_TASKS, DemoTask, write_task_data
-from schoolfl.demo_view import metric_text, plot_rounds, render_table, round_rows
+from schoolfl.demo_view import plot_rounds, render_table, round_rows
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from coordinator.store import AdapterVersion, CoordinatorStore
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +92,36 @@ def _child_env(threads: int = 1) -> dict[str, str]:
     }
 
 
+def _coordinator_toml(
+    settings: DemoSettings, broker_url: str, eval_file: Path, labels: tuple[str, ...]
+) -> str:
+    """The coordinator's config for the demo task, as TOML text, so the demo's coordinator
+    reads its settings the way an operator's does."""
+    root = settings.state_dir
+    task = settings.task
+    labels_line = (
+        "labels = [" + ", ".join(f'"{label}"' for label in labels) + "]\n" if labels else ""
+    )
+    quorum = max(2, (settings.devices + 1) // 2)
+    return (
+        f'[coordinator]\nfleet = "{FLEET}"\nstate_dir = "{root / "coordinator"}"\n'
+        f"tick_seconds = 0.1\nheartbeat_seconds = 5.0\n\n"
+        f'[broker]\nurl = "{broker_url}"\n\n'
+        f'[[tasks]]\nid = "{task.task_id}"\nkind = "{task.kind}"\n'
+        f'base_model = "{task.base_model}"\n{labels_line}'
+        f'scheme = "nf4"\nrank = 8\nalpha = 16.0\n'
+        f"learning_rate = {task.learning_rate}\nrounds = {settings.rounds}\n"
+        f"local_steps = {settings.local_steps}\nbatch_size = {task.batch_size}\n"
+        f'seq_len = {task.seq_len}\nupdate_encoding = "int8"\neval_file = "{eval_file}"\n'
+        f"\n[tasks.schedule]\n"
+        f"devices_per_round = {settings.devices}\nmin_updates = {quorum}\n"
+        f"gather_seconds = 60.0\nover_selection = 0.0\n"
+        f"round_deadline_seconds = {settings.deadline_seconds}\n"
+        + (settings.privacy.toml_lines() if settings.privacy else "")
+        + (SECURE_AGGREGATION_TOML if settings.secure_aggregation else "")
+    )
+
+
 class DemoFleet:
     """Writes the configs, starts and stops every process of the demo."""
 
@@ -102,68 +134,58 @@ class DemoFleet:
 
     # -- configuration ---------------------------------------------------------------------
 
-    def write_configs(self) -> tuple[str, ...]:
-        """Coordinator and device configs, keys and data shards; returns the labels."""
+    def _write_device(self, index: int, shard_writer: Callable[[Path], Path]) -> None:
+        """One emulated device: its agent config, key and data shard. Each device takes its
+        profile's uplink, so the demo's upload times are those of the real hardware."""
         from device_profiles.profile import find_profile
         from edge_runtime.agent_config import AgentConfig, AgentSettings
         from edge_runtime.eligibility import EligibilityPolicy
         from edge_runtime.wire import BrokerSettings, generate_private_key, save_private_key
 
+        profile_name, school = DEFAULT_FLEET[index % len(DEFAULT_FLEET)]
+        profile = find_profile(profile_name)
+        device_id = f"{school}-{profile_name.split('-')[0]}-{index}"
+        folder = self.settings.state_dir / "devices" / device_id
+        config = AgentConfig(
+            agent=AgentSettings(
+                fleet=FLEET,
+                device_id=device_id,
+                school=school,
+                state_dir=str(folder / "state"),
+                data_dir=str(folder / "data"),
+                profile=profile_name,
+                threads=1,
+                emulate_profile=True,
+            ),
+            broker=BrokerSettings(
+                url=self.broker_url,
+                bandwidth_limit_bytes_per_second=profile.network.up_mbps * 1e6 / 8,
+            ),
+            # This one machine runs every device: its CPU is busy by design.
+            eligibility=EligibilityPolicy(max_cpu_percent=100.0, memory_margin_bytes=0),
+        )
+        config.save(folder / "agent.toml")
+        if not config.key_path.exists():
+            save_private_key(generate_private_key(), config.key_path)
+        shard_writer(folder / "data" / f"{self.settings.task.task_id}.jsonl")
+        self.agent_configs.append(folder / "agent.toml")
+
+    def write_configs(self) -> tuple[str, ...]:
+        """Coordinator and device configs, keys and data shards; returns the labels."""
         root = self.settings.state_dir
-        task = self.settings.task
         eval_file = root / "coordinator" / "held_out.jsonl"
         shard_writers, labels = write_task_data(
-            task, self.settings.devices, self.settings.held_out, self.settings.per_device, eval_file
+            self.settings.task,
+            self.settings.devices,
+            self.settings.held_out,
+            self.settings.per_device,
+            eval_file,
         )
-        labels_line = (
-            "labels = [" + ", ".join(f'"{label}"' for label in labels) + "]\n" if labels else ""
-        )
-        quorum = max(2, (self.settings.devices + 1) // 2)
         (root / "coordinator.toml").write_text(
-            f'[coordinator]\nfleet = "{FLEET}"\nstate_dir = "{root / "coordinator"}"\n'
-            f"tick_seconds = 0.1\nheartbeat_seconds = 5.0\n\n"
-            f'[broker]\nurl = "{self.broker_url}"\n\n'
-            f'[[tasks]]\nid = "{task.task_id}"\nkind = "{task.kind}"\n'
-            f'base_model = "{task.base_model}"\n{labels_line}'
-            f'scheme = "nf4"\nrank = 8\nalpha = 16.0\n'
-            f"learning_rate = {task.learning_rate}\nrounds = {self.settings.rounds}\n"
-            f"local_steps = {self.settings.local_steps}\nbatch_size = {task.batch_size}\n"
-            f'seq_len = {task.seq_len}\nupdate_encoding = "int8"\neval_file = "{eval_file}"\n'
-            f"\n[tasks.schedule]\n"
-            f"devices_per_round = {self.settings.devices}\nmin_updates = {quorum}\n"
-            f"gather_seconds = 60.0\nover_selection = 0.0\n"
-            f"round_deadline_seconds = {self.settings.deadline_seconds}\n"
-            + (self.settings.privacy.toml_lines() if self.settings.privacy else "")
-            + (SECURE_AGGREGATION_TOML if self.settings.secure_aggregation else "")
+            _coordinator_toml(self.settings, self.broker_url, eval_file, labels)
         )
         for index in range(self.settings.devices):
-            profile_name, school = DEFAULT_FLEET[index % len(DEFAULT_FLEET)]
-            profile = find_profile(profile_name)
-            device_id = f"{school}-{profile_name.split('-')[0]}-{index}"
-            folder = root / "devices" / device_id
-            config = AgentConfig(
-                agent=AgentSettings(
-                    fleet=FLEET,
-                    device_id=device_id,
-                    school=school,
-                    state_dir=str(folder / "state"),
-                    data_dir=str(folder / "data"),
-                    profile=profile_name,
-                    threads=1,
-                    emulate_profile=True,
-                ),
-                broker=BrokerSettings(
-                    url=self.broker_url,
-                    bandwidth_limit_bytes_per_second=profile.network.up_mbps * 1e6 / 8,
-                ),
-                # This one machine runs every device: its CPU is busy by design.
-                eligibility=EligibilityPolicy(max_cpu_percent=100.0, memory_margin_bytes=0),
-            )
-            config.save(folder / "agent.toml")
-            if not config.key_path.exists():
-                save_private_key(generate_private_key(), config.key_path)
-            shard_writers[index](folder / "data" / f"{task.task_id}.jsonl")
-            self.agent_configs.append(folder / "agent.toml")
+            self._write_device(index, shard_writers[index])
         return labels
 
     # -- processes ---------------------------------------------------------------------------
@@ -272,30 +294,135 @@ def _export_onnx(
     return {"folder": str(folder), **json.loads((folder / REPORT_FILE).read_text())}
 
 
-def _onnx_lines(onnx: dict[str, object]) -> list[str]:
-    """The summary's ONNX part: sizes and agreement, or why there is no export."""
-    from quantization.export.onnx_report import PREDICT_FILE, OnnxExportReport
+def _print_intro(console: Console, settings: DemoSettings) -> None:
+    """Say up front what runs and where its logs are, before the minutes of training."""
+    task = settings.task
+    console.print(
+        f"task {task.name}: {task.title}; {settings.devices} devices, {settings.rounds} "
+        f"rounds; state and logs in {settings.state_dir}"
+    )
+    if settings.secure_aggregation:
+        console.print(
+            "secure aggregation: devices send masked updates; the coordinator sees only their sum"
+        )
+    if settings.privacy is not None:
+        console.print(
+            f"central client-level DP: budget epsilon {settings.privacy.epsilon_budget:g} "
+            f"at delta {settings.privacy.delta:g}, noise multiplier "
+            f"{settings.privacy.noise_multiplier:.3f}, clip norm {settings.privacy.clip_norm:g}"
+        )
 
-    if "skipped" in onnx:
-        return [f"ONNX export skipped: {onnx['skipped']}"]
-    folder = Path(str(onnx["folder"]))
-    report = OnnxExportReport(**{k: v for k, v in onnx.items() if k != "folder"})  # type: ignore[arg-type]
-    return [
-        f"ONNX export for classroom inference ({report.exporter}): {folder}",
-        *(f"  {line}" for line in report.summary_lines()),
-        f'  try it: python {folder / PREDICT_FILE} "How do plants make food?"',
-    ]
+
+def _start_processes(
+    fleet: DemoFleet, settings: DemoSettings, console: Console
+) -> subprocess.Popen[bytes]:
+    """The coordinator, then enrollment, then the agents: a device runs only once enrolled.
+    Returns the coordinator, whose exit ends the demo's rounds."""
+    coordinator = fleet.start(
+        "coordinator",
+        "coordinator",
+        "serve",
+        "--config",
+        str(settings.state_dir / "coordinator.toml"),
+        "--exit-when-done",
+    )
+    with console.status("starting the coordinator and enrolling devices..."):
+        fleet.enroll_all()
+    for index, config_path in enumerate(fleet.agent_configs):
+        fleet.start(f"device-{index}", "agent", "run", "--config", str(config_path))
+    return coordinator
+
+
+def _watch_rounds(
+    console: Console,
+    store: CoordinatorStore,
+    task: DemoTask,
+    before: float | None,
+    coordinator: subprocess.Popen[bytes],
+    stop: threading.Event,
+) -> None:
+    """Show the round table live until the coordinator exits or the demo is stopped, then
+    once more, so the last round's final state is on screen."""
+    from rich.live import Live
+
+    with Live(render_table([], before, task), console=console, refresh_per_second=2) as live:
+        while coordinator.poll() is None and not stop.is_set():
+            live.update(render_table(round_rows(store, task), before, task))
+            stop.wait(0.5)
+        live.update(render_table(round_rows(store, task), before, task))
+
+
+def _copy_final_adapter(final: AdapterVersion | None, adapter: Path) -> None:
+    """Replace the demo's adapter folder with the last version, if a round published one."""
+    if final is not None:
+        import shutil
+
+        shutil.rmtree(adapter, ignore_errors=True)
+        shutil.copytree(final.folder, adapter)
+
+
+def _run_rounds(
+    fleet: DemoFleet,
+    settings: DemoSettings,
+    console: Console,
+    stop: threading.Event,
+    started: float,
+) -> int:
+    """The demo from its configs to its summary; `run_demo` owns the broker and the cleanup.
+    Returns the exit status: 0, or 130 when stopped."""
+    from coordinator.store import CoordinatorStore
+
+    task = settings.task
+    fleet.write_configs()
+    _print_intro(console, settings)
+    coordinator = _start_processes(fleet, settings, console)
+    store = CoordinatorStore(settings.state_dir / "coordinator" / "coordinator.db")
+    versions = store.adapter_versions(task.task_id)
+    metrics_before = dict(versions[0].metrics) if versions else {}
+    before = metrics_before.get(task.metric)
+    _watch_rounds(console, store, task, before, coordinator, stop)
+    if stop.is_set():
+        console.print("stopped")
+        return 130
+    if coordinator.returncode != 0:
+        log = (fleet.log_dir / "coordinator.log").read_text(errors="replace")[-2000:]
+        raise click.ClickException(f"the coordinator failed:\n{log}")
+    rows = round_rows(store, task)
+    final = store.latest_adapter_version(task.task_id)
+    ledger = store.privacy_rounds(task.task_id) if settings.privacy else []
+    store.close()
+    adapter = settings.state_dir / "adapter"
+    _copy_final_adapter(final, adapter)
+    plot_rounds(rows, before, settings.plot_path, task)
+    fleet.stop_all()  # the rounds are over; the export gets the machine to itself
+    onnx = _export_onnx(fleet, settings, console, stop)
+    if stop.is_set():
+        console.print("stopped")
+        return 130
+    metrics_after = dict(final.metrics) if final else {}
+    summary = demo_summary(
+        settings,
+        rows,
+        metrics_before,
+        metrics_after,
+        ledger,  # type: ignore[arg-type]
+        started=started,
+        adapter=adapter,
+        onnx=onnx,
+    )
+    atomic_write_text(settings.state_dir / "summary.json", json.dumps(summary, indent=2))
+    print_results(console, settings, summary, metrics_before, metrics_after, onnx, adapter)
+    return 0
 
 
 def run_demo(settings: DemoSettings, broker_url: str | None) -> int:
+    """Run the demo; whatever happens, every child process and the embedded broker stop and
+    the previous SIGTERM handler comes back."""
     from rich.console import Console
-    from rich.live import Live
 
     from coordinator.embedded_broker import EmbeddedBroker
-    from coordinator.store import CoordinatorStore
 
     console = Console()
-    task = settings.task
     started = time.monotonic()
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     embedded = None
@@ -308,106 +435,7 @@ def run_demo(settings: DemoSettings, broker_url: str | None) -> int:
     stop = threading.Event()
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        fleet.write_configs()
-        console.print(
-            f"task {task.name}: {task.title}; {settings.devices} devices, {settings.rounds} "
-            f"rounds; state and logs in {settings.state_dir}"
-        )
-        if settings.secure_aggregation:
-            console.print(
-                "secure aggregation: devices send masked updates; the coordinator sees only "
-                "their sum"
-            )
-        if settings.privacy is not None:
-            console.print(
-                f"central client-level DP: budget epsilon {settings.privacy.epsilon_budget:g} "
-                f"at delta {settings.privacy.delta:g}, noise multiplier "
-                f"{settings.privacy.noise_multiplier:.3f}, clip norm {settings.privacy.clip_norm:g}"
-            )
-        coordinator = fleet.start(
-            "coordinator",
-            "coordinator",
-            "serve",
-            "--config",
-            str(settings.state_dir / "coordinator.toml"),
-            "--exit-when-done",
-        )
-        with console.status("starting the coordinator and enrolling devices..."):
-            fleet.enroll_all()
-        for index, config_path in enumerate(fleet.agent_configs):
-            fleet.start(f"device-{index}", "agent", "run", "--config", str(config_path))
-        store = CoordinatorStore(settings.state_dir / "coordinator" / "coordinator.db")
-        versions = store.adapter_versions(task.task_id)
-        metrics_before = dict(versions[0].metrics) if versions else {}
-        before = metrics_before.get(task.metric)
-        with Live(render_table([], before, task), console=console, refresh_per_second=2) as live:
-            while coordinator.poll() is None and not stop.is_set():
-                live.update(render_table(round_rows(store, task), before, task))
-                stop.wait(0.5)
-            live.update(render_table(round_rows(store, task), before, task))
-        if stop.is_set():
-            console.print("stopped")
-            return 130
-        if coordinator.returncode != 0:
-            log = (fleet.log_dir / "coordinator.log").read_text(errors="replace")[-2000:]
-            raise click.ClickException(f"the coordinator failed:\n{log}")
-        rows = round_rows(store, task)
-        final = store.latest_adapter_version(task.task_id)
-        ledger = store.privacy_rounds(task.task_id) if settings.privacy else []
-        store.close()
-        adapter = settings.state_dir / "adapter"
-        if final is not None:
-            import shutil
-
-            shutil.rmtree(adapter, ignore_errors=True)
-            shutil.copytree(final.folder, adapter)
-        plot_rounds(rows, before, settings.plot_path, task)
-        fleet.stop_all()  # the rounds are over; the export gets the machine to itself
-        onnx = _export_onnx(fleet, settings, console, stop)
-        if stop.is_set():
-            console.print("stopped")
-            return 130
-        metrics_after = dict(final.metrics) if final else {}
-        summary: dict[str, object] = {
-            "task": task.name,
-            "task_id": task.task_id,
-            "base_model": task.base_model,
-            "devices": settings.devices,
-            "rounds_completed": sum(1 for r in rows if r["state"] == "completed"),
-            "metric": task.metric,
-            "lower_is_better": task.lower_is_better,
-        }
-        for key in sorted(metrics_before.keys() | metrics_after.keys()):
-            summary[f"{key}_before"] = metrics_before.get(key)
-            summary[f"{key}_after"] = metrics_after.get(key)
-        summary["privacy"] = privacy_summary(settings.privacy, ledger)
-        summary.update(
-            {
-                "held_out": settings.held_out,
-                "bytes_up": sum(int(r["bytes_up"]) for r in rows),  # type: ignore[call-overload]
-                "total_seconds": round(time.monotonic() - started, 1),
-                "adapter": str(adapter),
-                "plot": str(settings.plot_path),
-                "onnx": onnx,
-            }
-        )
-        atomic_write_text(settings.state_dir / "summary.json", json.dumps(summary, indent=2))
-        # soft_wrap: whole lines, so paths and figures stay greppable in a narrow terminal
-        console.print(
-            f"{metric_text(task, settings.held_out, metrics_before, metrics_after)}; "
-            f"{summary['bytes_up']:,} bytes uploaded; {summary['total_seconds']} s in all",
-            soft_wrap=True,
-        )
-        if settings.privacy is not None:
-            console.print(privacy_line(summary["privacy"]), soft_wrap=True)  # type: ignore[arg-type]
-        for line in _onnx_lines(onnx):
-            console.print(line, soft_wrap=True, markup=False)  # "schoolfl[onnx]" is no markup
-        console.print(
-            f"adapter (PEFT folder): {adapter}\nplot: {settings.plot_path}\n"
-            f"summary: {settings.state_dir / 'summary.json'}",
-            soft_wrap=True,
-        )
-        return 0
+        return _run_rounds(fleet, settings, console, stop, started)
     except KeyboardInterrupt:
         console.print("interrupted: stopping every process")
         return 130

@@ -91,7 +91,7 @@ def update_norms(state_dir: Path, task_id: str, round_number: int = 1) -> list[f
     The median of a non-private first round is the clip norm DP-FedAvg papers start from;
     the coordinator keeps every update body, so it is read back, not estimated.
     """
-    from coordinator.rounds import stored_plan, update_shapes
+    from coordinator.assignments import stored_plan, update_shapes
     from coordinator.store import CoordinatorStore
     from coordinator.task_models import AdapterBody
     from edge_runtime.wire import decode_update

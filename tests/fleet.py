@@ -110,6 +110,7 @@ class Fleet:
             f'state_dir = "{self.root / "coordinator"}"',
             "tick_seconds = 0.1",
             "heartbeat_seconds = 5.0",
+            *(f"{key} = {value(item)}" for key, item in (coordinator or {}).items()),
             "",
             "[broker]",
             f'url = "{self.broker.url}"',

@@ -31,9 +31,10 @@ from coordinator.privacy import (
     DpPolicy,
     central_noise_std,
     epsilon_for_rounds,
+    make_aggregator,
     sampling_probability,
 )
-from coordinator.rounds import RoundManager, make_aggregator
+from coordinator.rounds import RoundManager
 from coordinator.scheduler import DeviceCandidate, FitFirstScheduler
 from coordinator.store import CoordinatorStore, PrivacyRound, PrivacyStop, RoundState
 from device_profiles.profile import find_profile

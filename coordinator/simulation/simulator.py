@@ -28,7 +28,13 @@ from coordinator.aggregation import Aggregator, ClientUpdate, FedAvg, apply_delt
 from coordinator.config import TaskConfig
 from coordinator.fleet_history import FleetHistory, RoundOutcome
 from coordinator.plan_fitting import LadderLimits, PlanFitter, SchoolLink
-from coordinator.scheduler import DeviceCandidate, RoundContext, Scheduler, task_plan
+from coordinator.scheduler import (
+    DeviceCandidate,
+    RoundContext,
+    RoundSchedule,
+    Scheduler,
+    task_plan,
+)
 from coordinator.simulation.fleet import SimDevice, SimFleet, is_available
 from coordinator.simulation.proxy_trainer import ProxyTrainer
 from device_profiles.cost_model import UPLOAD_BYTES_PER_PARAM, adapter_bytes
@@ -175,152 +181,6 @@ class _Played:
     bytes_moved: int
 
 
-def simulate(
-    scheduler_name: str,
-    scheduler: Scheduler,
-    fleet: SimFleet,
-    data: SimulationData,
-    task: TaskConfig,
-    shape: ModelShape,
-    *,
-    seed: int = 0,
-    time_limit_seconds: float | None = None,
-    aggregator: Aggregator | None = None,
-    on_round: Callable[[str, EvalPoint], None] | None = None,
-) -> SimulationResult:
-    """Run `task.rounds` rounds of `scheduler` on `fleet`, or fewer if the simulated clock
-    passes `time_limit_seconds` first (compare schedulers on equal time, not equal rounds),
-    and record what happened. `aggregator` replaces FedAvg (e.g. DP-FedAvg)."""
-    rng = random.Random(f"{seed}/simulation")
-    trainer = ProxyTrainer(
-        data.held_out_embeddings.shape[1], len(fleet.labels), task.rank, task.alpha, seed
-    )
-    global_state = trainer.initial_state()
-    full_plan = task_plan(task, shape)
-    fitter = PlanFitter(
-        shape,
-        full_plan,
-        LadderLimits(task.ladder_ranks, task.ladder_min_local_steps, task.ladder_min_seq_len),
-        task.schedule.round_deadline_seconds,
-    )
-    links = {school.school_id: school.link for school in fleet.schools}
-    by_id = {device.device_id: device for device in fleet.devices}
-    history = FleetHistory()
-    result = SimulationResult(scheduler_name)
-    clock = 0.0
-    accuracy, slow_accuracy = _evaluate(trainer, global_state, data)
-    result.curve.append(EvalPoint(0, 0.0, accuracy, slow_accuracy, 0.0))
-    round_number = 0
-    while result.rounds_completed + result.rounds_failed < task.rounds:
-        if time_limit_seconds is not None and clock >= time_limit_seconds:
-            break
-        availability_rng = random.Random(f"{seed}/available/{round_number}/{int(clock)}")
-        candidates = [
-            DeviceCandidate(device.device_id, device.school, device.profile)
-            for device in fleet.devices
-            if is_available(device, clock, availability_rng)
-        ]
-        if len(candidates) < task.schedule.min_updates:
-            clock += WAIT_WHEN_SHORT_SECONDS
-            continue
-        round_number += 1
-        schedule = scheduler.configure_round(
-            task, shape, candidates, round_number, RoundContext(history, links)
-        )
-        if len(schedule.plans) < task.schedule.min_updates:
-            clock += WAIT_WHEN_SHORT_SECONDS
-            result.rounds_failed += 1
-            continue
-        per_school: dict[str, int] = {}
-        for plan in schedule.plans:
-            school = by_id[plan.device_id].school
-            per_school[school] = per_school.get(school, 0) + 1
-        played = [
-            _play(
-                by_id[p.device_id],
-                p.plan,
-                p.prediction.round_seconds,
-                links[by_id[p.device_id].school].share(per_school[by_id[p.device_id].school]),
-                fitter,
-                rng,
-            )
-            for p in schedule.plans
-        ]
-        close = _close_seconds(played, task)
-        on_time = [p for p in played if p.finish_seconds is not None and p.finish_seconds <= close]
-        result.assigned_updates += len(played)
-        result.bytes_moved += sum(p.bytes_moved for p in played)
-        result.total_compute_seconds += sum(p.compute_seconds for p in played)
-        on_time_ids = {id(p) for p in on_time}
-        wasted = [p for p in played if id(p) not in on_time_ids]
-        for p in wasted:
-            if p.finish_seconds is None:
-                result.dropped_updates += 1
-            elif p.finish_seconds > task.schedule.round_deadline_seconds:
-                result.late_updates += 1
-            else:
-                result.surplus_updates += 1
-        result.wasted_compute_seconds += sum(p.compute_seconds for p in wasted)
-        outcomes: list[RoundOutcome] = []
-        updates: list[ClientUpdate] = []
-        if len(on_time) >= task.schedule.min_updates:
-            for index, p in enumerate(on_time):
-                local = trainer.train(
-                    global_state,
-                    p.rank,
-                    data.device_embeddings[p.device.device_id],
-                    data.device_labels[p.device.device_id],
-                    steps=p.steps,
-                    batch_size=p.batch_size,
-                    learning_rate=task.learning_rate,
-                    seed=seed * 100_003 + round_number * 1_009 + index,
-                )
-                samples = len(data.device_labels[p.device.device_id])
-                updates.append(
-                    ClientUpdate(p.device.device_id, local.delta, samples, p.steps, rank=p.rank)
-                )
-                outcomes.append(
-                    RoundOutcome(
-                        p.device.device_id,
-                        p.device.school,
-                        True,
-                        loss=local.mean_loss,
-                        samples=samples,
-                        actual_seconds=p.finish_seconds,
-                        predicted_seconds=p.predicted_seconds,
-                    )
-                )
-            aggregated = (aggregator or FedAvg()).aggregate(updates, global_state)
-            global_state = apply_delta(global_state, aggregated.delta)
-            result.rounds_completed += 1
-            result.aggregated_updates += len(aggregated.accepted_devices)
-            for school in {by_id[d].school for d in aggregated.accepted_devices}:
-                result.school_rounds[school] = result.school_rounds.get(school, 0) + 1
-        else:
-            result.rounds_failed += 1
-        for p in wasted:
-            # A late update is refused, but its arrival still tells the coordinator how slow
-            # the device really was; a device that vanished tells it nothing.
-            outcomes.append(
-                RoundOutcome(
-                    p.device.device_id,
-                    p.device.school,
-                    False,
-                    actual_seconds=p.finish_seconds,
-                    predicted_seconds=p.predicted_seconds,
-                    delivered=p.finish_seconds is not None,
-                )
-            )
-        history.observe(round_number, outcomes)
-        clock += close + ROUND_OVERHEAD_SECONDS
-        accuracy, slow_accuracy = _evaluate(trainer, global_state, data)
-        point = EvalPoint(round_number, clock, accuracy, slow_accuracy, close)
-        result.curve.append(point)
-        if on_round is not None:
-            on_round(scheduler_name, point)
-    return result
-
-
 def _play(
     device: SimDevice,
     plan: TrainingPlan,
@@ -383,3 +243,240 @@ def _evaluate(
     slow = float((per_label * data.slow_tier_label_weights).sum())
     accuracy = float(correct.mean())
     return accuracy, (slow if math.isfinite(slow) else 0.0)
+
+
+@dataclass
+class _Run:
+    """What one scheduler's rounds share: the hidden truth the scheduler cannot see (true
+    speeds, drop-outs), the trainer, and the history the scheduler does see."""
+
+    task: TaskConfig
+    data: SimulationData
+    seed: int
+    aggregator: Aggregator | None
+    rng: random.Random
+    trainer: ProxyTrainer
+    fitter: PlanFitter
+    links: dict[str, SchoolLink]
+    by_id: dict[str, SimDevice]
+    history: FleetHistory = field(default_factory=FleetHistory)
+
+
+@dataclass(frozen=True)
+class _RoundPlay:
+    """One round played out: the updates that beat its close, and the work that was wasted."""
+
+    played: list[_Played]
+    close_seconds: float
+    on_time: list[_Played]
+    wasted: list[_Played]
+
+
+def _start_run(
+    fleet: SimFleet,
+    data: SimulationData,
+    task: TaskConfig,
+    shape: ModelShape,
+    seed: int,
+    aggregator: Aggregator | None,
+) -> _Run:
+    """The device plays use the deployed ladder's fitter, so a device's real round time is
+    what the coordinator would predict for it given its true speed."""
+    rng = random.Random(f"{seed}/simulation")
+    trainer = ProxyTrainer(
+        data.held_out_embeddings.shape[1], len(fleet.labels), task.rank, task.alpha, seed
+    )
+    fitter = PlanFitter(
+        shape,
+        task_plan(task, shape),
+        LadderLimits(task.ladder_ranks, task.ladder_min_local_steps, task.ladder_min_seq_len),
+        task.schedule.round_deadline_seconds,
+    )
+    links = {school.school_id: school.link for school in fleet.schools}
+    by_id = {device.device_id: device for device in fleet.devices}
+    return _Run(task, data, seed, aggregator, rng, trainer, fitter, links, by_id)
+
+
+def _available_candidates(
+    fleet: SimFleet, clock: float, seed: int, round_number: int
+) -> list[DeviceCandidate]:
+    """The devices the coordinator would see online now; seeded by the round and the clock
+    so that every scheduler faces the same school day."""
+    availability_rng = random.Random(f"{seed}/available/{round_number}/{int(clock)}")
+    return [
+        DeviceCandidate(device.device_id, device.school, device.profile)
+        for device in fleet.devices
+        if is_available(device, clock, availability_rng)
+    ]
+
+
+def _play_schedule(run: _Run, schedule: RoundSchedule) -> _RoundPlay:
+    """Devices of one school split its link among those assigned in this round, which the
+    scheduler only estimated; play each plan in the schedule's order (the drop-out draws)."""
+    per_school: dict[str, int] = {}
+    for plan in schedule.plans:
+        school = run.by_id[plan.device_id].school
+        per_school[school] = per_school.get(school, 0) + 1
+    played = [
+        _play(
+            run.by_id[p.device_id],
+            p.plan,
+            p.prediction.round_seconds,
+            run.links[run.by_id[p.device_id].school].share(
+                per_school[run.by_id[p.device_id].school]
+            ),
+            run.fitter,
+            run.rng,
+        )
+        for p in schedule.plans
+    ]
+    close = _close_seconds(played, run.task)
+    on_time = [p for p in played if p.finish_seconds is not None and p.finish_seconds <= close]
+    on_time_ids = {id(p) for p in on_time}
+    wasted = [p for p in played if id(p) not in on_time_ids]
+    return _RoundPlay(played, close, on_time, wasted)
+
+
+def _count_work(result: SimulationResult, round_play: _RoundPlay, task: TaskConfig) -> None:
+    """Tell wasted work apart by cause: each has a different remedy in the scheduler."""
+    played, wasted = round_play.played, round_play.wasted
+    result.assigned_updates += len(played)
+    result.bytes_moved += sum(p.bytes_moved for p in played)
+    result.total_compute_seconds += sum(p.compute_seconds for p in played)
+    for p in wasted:
+        if p.finish_seconds is None:
+            result.dropped_updates += 1
+        elif p.finish_seconds > task.schedule.round_deadline_seconds:
+            result.late_updates += 1
+        else:
+            result.surplus_updates += 1
+    result.wasted_compute_seconds += sum(p.compute_seconds for p in wasted)
+
+
+def _train_on_time(
+    run: _Run,
+    global_state: dict[str, torch.Tensor],
+    on_time: Sequence[_Played],
+    round_number: int,
+) -> tuple[list[ClientUpdate], list[RoundOutcome]]:
+    """Only updates that arrived in time are trained for real: the rest never reach FedAvg,
+    so training them would only cost wall time."""
+    updates: list[ClientUpdate] = []
+    outcomes: list[RoundOutcome] = []
+    for index, p in enumerate(on_time):
+        local = run.trainer.train(
+            global_state,
+            p.rank,
+            run.data.device_embeddings[p.device.device_id],
+            run.data.device_labels[p.device.device_id],
+            steps=p.steps,
+            batch_size=p.batch_size,
+            learning_rate=run.task.learning_rate,
+            seed=run.seed * 100_003 + round_number * 1_009 + index,
+        )
+        samples = len(run.data.device_labels[p.device.device_id])
+        updates.append(ClientUpdate(p.device.device_id, local.delta, samples, p.steps, rank=p.rank))
+        outcomes.append(
+            RoundOutcome(
+                p.device.device_id,
+                p.device.school,
+                True,
+                loss=local.mean_loss,
+                samples=samples,
+                actual_seconds=p.finish_seconds,
+                predicted_seconds=p.predicted_seconds,
+            )
+        )
+    return updates, outcomes
+
+
+def _wasted_outcomes(wasted: Sequence[_Played]) -> list[RoundOutcome]:
+    """A late update is refused, but its arrival still tells the coordinator how slow the
+    device really was; a device that vanished tells it nothing."""
+    return [
+        RoundOutcome(
+            p.device.device_id,
+            p.device.school,
+            False,
+            actual_seconds=p.finish_seconds,
+            predicted_seconds=p.predicted_seconds,
+            delivered=p.finish_seconds is not None,
+        )
+        for p in wasted
+    ]
+
+
+def _finish_round(
+    run: _Run,
+    result: SimulationResult,
+    global_state: dict[str, torch.Tensor],
+    round_play: _RoundPlay,
+    round_number: int,
+) -> dict[str, torch.Tensor]:
+    """Aggregate the round if it reached its quorum, record it in the history the scheduler
+    learns from, and return the (possibly unchanged) global state."""
+    _count_work(result, round_play, run.task)
+    outcomes: list[RoundOutcome] = []
+    if len(round_play.on_time) >= run.task.schedule.min_updates:
+        updates, outcomes = _train_on_time(run, global_state, round_play.on_time, round_number)
+        aggregated = (run.aggregator or FedAvg()).aggregate(updates, global_state)
+        global_state = apply_delta(global_state, aggregated.delta)
+        result.rounds_completed += 1
+        result.aggregated_updates += len(aggregated.accepted_devices)
+        for school in {run.by_id[d].school for d in aggregated.accepted_devices}:
+            result.school_rounds[school] = result.school_rounds.get(school, 0) + 1
+    else:
+        result.rounds_failed += 1
+    outcomes.extend(_wasted_outcomes(round_play.wasted))
+    run.history.observe(round_number, outcomes)
+    return global_state
+
+
+def simulate(
+    scheduler_name: str,
+    scheduler: Scheduler,
+    fleet: SimFleet,
+    data: SimulationData,
+    task: TaskConfig,
+    shape: ModelShape,
+    *,
+    seed: int = 0,
+    time_limit_seconds: float | None = None,
+    aggregator: Aggregator | None = None,
+    on_round: Callable[[str, EvalPoint], None] | None = None,
+) -> SimulationResult:
+    """Run `task.rounds` rounds of `scheduler` on `fleet`, or fewer if the simulated clock
+    passes `time_limit_seconds` first (compare schedulers on equal time, not equal rounds),
+    and record what happened. `aggregator` replaces FedAvg (e.g. DP-FedAvg)."""
+    run = _start_run(fleet, data, task, shape, seed, aggregator)
+    trainer = run.trainer
+    global_state = trainer.initial_state()
+    result = SimulationResult(scheduler_name)
+    clock = 0.0
+    accuracy, slow_accuracy = _evaluate(trainer, global_state, data)
+    result.curve.append(EvalPoint(0, 0.0, accuracy, slow_accuracy, 0.0))
+    round_number = 0
+    while result.rounds_completed + result.rounds_failed < task.rounds:
+        if time_limit_seconds is not None and clock >= time_limit_seconds:
+            break
+        candidates = _available_candidates(fleet, clock, seed, round_number)
+        if len(candidates) < task.schedule.min_updates:
+            clock += WAIT_WHEN_SHORT_SECONDS
+            continue
+        round_number += 1
+        schedule = scheduler.configure_round(
+            task, shape, candidates, round_number, RoundContext(run.history, run.links)
+        )
+        if len(schedule.plans) < task.schedule.min_updates:
+            clock += WAIT_WHEN_SHORT_SECONDS
+            result.rounds_failed += 1
+            continue
+        round_play = _play_schedule(run, schedule)
+        global_state = _finish_round(run, result, global_state, round_play, round_number)
+        clock += round_play.close_seconds + ROUND_OVERHEAD_SECONDS
+        accuracy, slow_accuracy = _evaluate(trainer, global_state, data)
+        point = EvalPoint(round_number, clock, accuracy, slow_accuracy, round_play.close_seconds)
+        result.curve.append(point)
+        if on_round is not None:
+            on_round(scheduler_name, point)
+    return result
