@@ -2,15 +2,15 @@
 
 Part 1, secure aggregation vs plain, for 5, 20 and 50 devices sending a MiniLM-L6 LoRA r=8
 update (q, k, v of 6 layers plus the 8-class head: 113,672 parameters). Plain is what
-schoolfl sends today: the int8-encoded update (`edge_runtime.update_codec`), decoded and
+schoolfl sends today: the int8-encoded update (`edge_runtime.wire.update_codec`), decoded and
 FedAvg-averaged by the coordinator. Secure aggregation is the in-process library
-(`edge_runtime/secagg.py`: key agreement, Shamir shares, masked ring vectors); every
+(`edge_runtime/secagg/`: key agreement, Shamir shares, masked ring vectors); every
 device runs in this one process, so only the coordinator's steps are timed as coordinator
 CPU. Reported: bytes one device sends and coordinator CPU seconds per round, and their
 ratios (secure / plain).
 
 Part 2, accuracy after 10 rounds at epsilon 8 and 3 (delta 1e-5) against no DP. This uses
-the fleet simulator (`coordinator/simulator.py`: real LoRA training of the proxy model over
+the fleet simulator (`coordinator/simulation/simulator.py`: real LoRA training of the proxy model over
 real MiniLM embeddings of the demo's questions, 200 devices, 20 updates per round, random
 selection, the closest match to the accountant's Poisson sampling), aggregated by the
 coordinator's `DpFedAvg` with central noise. The noise multiplier is the smallest that

@@ -14,7 +14,7 @@ global adapter computes with components r..R-1 set to zero, and its gradients ar
 the global adapter's first r components.
 
 Both daemons need these functions (the agent truncates, the coordinator pads), so they live
-here, below both in the dependency order; `coordinator.lora_ranks` re-exports them. Pure
+here, below both in the dependency order. Pure
 torch, no PEFT: a tensor's role is read from its PEFT state-dict name.
 """
 

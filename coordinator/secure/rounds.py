@@ -13,7 +13,7 @@ A phase ends when every device it waits for has answered (or declined), or at it
 ([tasks.secure_aggregation] `step_seconds`; the masking phase ends at the round's
 deadline); it then goes on with the devices that answered, and the round is aborted,
 revealing nothing, when fewer than t did. The coordinator keeps no in-memory protocol
-state: every device message is stored as it arrives (`coordinator.secure_store`, masked
+state: every device message is stored as it arrives (`coordinator.secure.store`, masked
 inputs in the main store's updates table) and a `SecAggServer` is replayed from them at
 each phase change, so a restarted coordinator resumes where it stopped and re-sends its
 last phase's messages (devices answer a repeated message with the answer they already

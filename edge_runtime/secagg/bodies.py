@@ -2,14 +2,14 @@
 
 A `SecAggEnvelope` header names the fleet, task, round, device and step; its body holds the
 step's content, and this module turns one into the other. Every body but a masked input's is
-UTF-8 JSON of the typed messages in `edge_runtime.secagg_messages` (bytes as base64); a masked
+UTF-8 JSON of the typed messages in `edge_runtime.secagg.messages` (bytes as base64); a masked
 input's body is the ring vector itself (little-endian uint32 words), so the largest message
 of a round travels without base64's third more bytes and through the usual chunking. The
 frame's signature covers the body (its sha256 is in the signed header), so a relayed roster
 or share box cannot be altered by the broker.
 
 Topics: devices publish on `.../dev/<device>/secagg`, the coordinator on
-`.../to/<device>/secagg` (see `edge_runtime.protocol`).
+`.../to/<device>/secagg` (see `edge_runtime.wire.topics`).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ Each device u, for one round:
   1. ShareKeys: a fresh self-mask seed b_u; Shamir t-of-n shares of b_u and of the s_u private
      key, one AES-GCM box per peer v keyed by agree(c_u, c_v); the coordinator relays boxes.
   2. MaskedInput: y_u = x_u + PRG(b_u) + sum_{v>u} PRG(s_uv) - sum_{v<u} PRG(s_uv)  (mod 2^k),
-     with x_u the quantized delta (`secagg_quantize`) and s_uv = agree(s_u, s_v).
+     with x_u the quantized delta (`edge_runtime.secagg.ring`) and s_uv = agree(s_u, s_v).
   3. UnmaskResponse: for each survivor v (masked input arrived) the share of b_v, for each
      dropped v (shared keys, no masked input) the share of v's s-key, never both for one v.
 The coordinator sums the y_u of the survivors, reconstructs the s-keys of the dropped to cancel
@@ -18,7 +18,7 @@ and decodes the sum. With fewer than t devices at any step it raises `SecAggAbor
 Scope: this module is the cryptographic core and an in-process driver that relays messages
 exactly as the MQTT coordinator does (through their JSON form). Over MQTT, the agent drives a
 `SecAggClient` through `edge_runtime.secagg_session` and the coordinator replays a
-`SecAggServer` from its store in `coordinator.secure_rounds`. Pairwise masks use the complete
+`SecAggServer` from its store in `coordinator.secure.rounds`. Pairwise masks use the complete
 graph of the round's devices (SecAgg+'s sparse neighbour graph is not done).
 """
 

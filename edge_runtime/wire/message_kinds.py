@@ -1,7 +1,7 @@
 """The closed sets of the wire protocol: message kinds and the enums messages carry.
 
-Split from `edge_runtime.messages` (which re-exports them) so that module holds the
-message dataclasses only.
+Kept apart from `edge_runtime.wire.messages` so that module holds the message dataclasses
+only.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class MessageKind(enum.Enum):
 
 
 class UpdateEncoding(enum.Enum):
-    """How an update body's tensors are stored (see `edge_runtime.update_codec`)."""
+    """How an update body's tensors are stored (see `edge_runtime.wire.update_codec`)."""
 
     FP32 = "fp32"
     INT8 = "int8"
@@ -56,7 +56,7 @@ class AckStatus(enum.Enum):
 
 class SecAggStep(enum.Enum):
     """The messages of a secure-aggregation round, in protocol order (docs/secagg.md). The
-    frame body carries the step's content (`edge_runtime.secagg_wire`)."""
+    frame body carries the step's content (`edge_runtime.secagg.bodies`)."""
 
     ADVERTISE_KEYS = "advertise_keys"
     """Device -> coordinator: this round's two X25519 public keys."""

@@ -57,7 +57,7 @@ class DevicePrivacy:
 @dataclass(frozen=True)
 class SecureAggregationSpec:
     """How a secure-aggregation task's devices encode their delta into the ring
-    (`edge_runtime.secagg_quantize.QuantizationConfig`); both sides must agree on it."""
+    (`edge_runtime.secagg.ring.QuantizationConfig`); both sides must agree on it."""
 
     clip_bound: float
     """Every coordinate is clipped to [-clip_bound, clip_bound] before masking."""
@@ -498,7 +498,7 @@ class SecAggEnvelope:
     """One secure-aggregation step of one device in one round (either direction).
 
     The header names the round and the step; the body holds the step's content, parsed by
-    `edge_runtime.secagg_wire` into the typed messages of `edge_runtime.secagg_messages`.
+    `edge_runtime.secagg.bodies` into the typed messages of `edge_runtime.secagg.messages`.
     A masked input also carries, in the clear as a plain update does, the samples and steps
     trained and the training metrics (the scheduler's utility needs them)."""
 
