@@ -10,8 +10,8 @@ CPU. Reported: bytes one device sends and coordinator CPU seconds per round, and
 ratios (secure / plain).
 
 Part 2, accuracy after 10 rounds at epsilon 8 and 3 (delta 1e-5) against no DP. This uses
-the fleet simulator (`coordinator/simulation/simulator.py`: real LoRA training of the proxy model over
-real MiniLM embeddings of the demo's questions, 200 devices, 20 updates per round, random
+the fleet simulator (`coordinator/simulation/simulator.py`: real LoRA training of the proxy model
+over real MiniLM embeddings of the demo's questions, 200 devices, 20 updates per round, random
 selection, the closest match to the accountant's Poisson sampling), aggregated by the
 coordinator's `DpFedAvg` with central noise. The noise multiplier is the smallest that
 keeps the `dp-accounting` RDP epsilon after 10 rounds at q = 20 / 200 within the target;
