@@ -113,8 +113,10 @@ def test_imports_follow_the_dependency_rule(path: Path) -> None:
 def test_the_rule_catches_an_upward_import(tmp_path: Path) -> None:
     """The checker itself: an agent module importing the coordinator is flagged."""
     sample = ROOT / "edge_runtime" / "_layout_probe.py"
-    sample.write_text("from coordinator.store import CoordinatorStore\n"
-                      "from edge_runtime.wire.frames import encode_frame\n")
+    sample.write_text(
+        "from coordinator.store import CoordinatorStore\n"
+        "from edge_runtime.wire.frames import encode_frame\n"
+    )
     try:
         problems = _violations(sample)
     finally:
@@ -122,3 +124,15 @@ def test_the_rule_catches_an_upward_import(tmp_path: Path) -> None:
     assert len(problems) == 2
     assert "edge_runtime may import only" in problems[0]
     assert "its public door" in problems[1]
+
+
+def test_every_package_is_installed() -> None:
+    """A room missing from pyproject's package list works in an editable checkout and is
+    absent from a real install (a Raspberry Pi's `pip install`)."""
+    import fnmatch
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    include = project["tool"]["setuptools"]["packages"]["find"]["include"]
+    missing = [p for p in PACKAGES if not any(fnmatch.fnmatch(p, pattern) for pattern in include)]
+    assert missing == []
