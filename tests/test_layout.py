@@ -16,9 +16,12 @@ Imports inside functions count too: a lazy import is still a dependency.
 from __future__ import annotations
 
 import ast
+import fnmatch
 from pathlib import Path
 
 import pytest
+
+from durable.config_tables import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("durable", "quantization", "device_profiles", "edge_runtime", "coordinator", "schoolfl")
@@ -129,9 +132,6 @@ def test_the_rule_catches_an_upward_import(tmp_path: Path) -> None:
 def test_every_package_is_installed() -> None:
     """A room missing from pyproject's package list works in an editable checkout and is
     absent from a real install (a Raspberry Pi's `pip install`)."""
-    import fnmatch
-    import tomllib
-
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     include = project["tool"]["setuptools"]["packages"]["find"]["include"]
     missing = [p for p in PACKAGES if not any(fnmatch.fnmatch(p, pattern) for pattern in include)]
