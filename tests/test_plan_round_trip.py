@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import torch
 
+from coordinator.assignments import stored_plan
 from coordinator.config import CoordinatorConfig, CoordinatorSettings, ScheduleConfig, TaskConfig
 from coordinator.rounds import RoundManager
 from coordinator.scheduler import DeviceCandidate, FitFirstScheduler, RoundSchedule
@@ -97,3 +99,22 @@ def test_the_agent_trains_the_plan_the_scheduler_built(
     assert [type(message) for message in sent] == [Update]
     assert RecordingTrainer.plans == [built.plan]
     assert built.plan.learning_rate == 3e-3 and built.plan.rank == 4
+
+
+def test_an_assignment_stored_before_the_one_plan_vocabulary_still_reads() -> None:
+    """A coordinator upgraded while a round is open finds the old flat plan in its store
+    (the wire's former field names, the terms mixed in) and reads the same plan from it."""
+    old = {
+        "adapter_rank": 4,
+        "local_steps": 12,
+        "batch_size": 8,
+        "sequence_length": 40,
+        "update_encoding": "int8",
+        "top_k_fraction": None,
+        "scheme": "nf4",
+        "learning_rate": 0.003,
+        "predicted_round_seconds": 31.5,
+    }
+    plan = stored_plan(json.dumps(old))
+    assert (plan.rank, plan.local_steps, plan.batch_size, plan.seq_len) == (4, 12, 8, 40)
+    assert (plan.scheme, plan.learning_rate) == ("nf4", 0.003)
