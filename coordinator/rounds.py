@@ -119,12 +119,20 @@ class RoundManager:
     def start(self) -> list[Outgoing]:
         """Load or create every task's current version; return what to (re)publish:
         each task's model, the assignments of rounds left open by a previous run and the
-        last messages of their secure-aggregation phases."""
+        last messages of their secure-aggregation phases.
+
+        A plain round whose updates were all stored before the previous run stopped (killed
+        between storing the last update and aggregating) is aggregated now: its devices
+        have nothing left to send, so waiting would only run out its deadline."""
         outgoing: list[Outgoing] = []
         for task in self.config.tasks:
             body = self.versions.load_or_create(task.id)
             outgoing += self.versions.publish(task.id, body, self._last_round(task.id))
         for record in self.store.open_rounds():
+            secure = self.config.task(record.task_id).secure_aggregation.enabled
+            if not secure and self.round_is_complete(record):
+                outgoing += self.aggregate(record, reason="all updates in before the restart")
+                continue
             outgoing += self._assignment_messages(record)
         self.secure.forget_closed_rounds()
         outgoing += self.secure.phase_messages()

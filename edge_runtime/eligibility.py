@@ -14,6 +14,7 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import psutil
 
@@ -121,9 +122,23 @@ class Eligibility:
     """Why not, one phrase per failed check; empty when eligible."""
 
 
+def _read_battery() -> Any:
+    """psutil's battery reading, or None (no battery: mains) when there is none or it cannot
+    be read. Where /sys/class/power_supply is missing (containers, chroots, some kernels)
+    psutil raises FileNotFoundError instead of returning None (giampaolo/psutil#2067); an
+    unreadable sensor must not stop the agent, which under systemd would be a restart loop."""
+    if not hasattr(psutil, "sensors_battery"):
+        return None
+    try:
+        return psutil.sensors_battery()
+    except OSError as error:
+        logger.debug("battery unreadable (treated as no battery, on mains): %s", error)
+        return None
+
+
 def read_device(cpu_sample_seconds: float = 0.5) -> DeviceReadings:
     """Take readings with psutil. CPU load is sampled over `cpu_sample_seconds`."""
-    battery = psutil.sensors_battery() if hasattr(psutil, "sensors_battery") else None
+    battery = _read_battery()
     temperatures: list[float] = []
     if hasattr(psutil, "sensors_temperatures"):
         try:

@@ -110,3 +110,16 @@ def test_real_readings_from_this_machine() -> None:
     readings = read_device(cpu_sample_seconds=0.1)
     assert readings.available_memory_bytes > 0
     assert 0.0 <= readings.cpu_percent <= 100.0
+
+
+def test_an_unreadable_battery_is_no_battery_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
+    """psutil raises FileNotFoundError where /sys/class/power_supply does not exist
+    (giampaolo/psutil#2067). Mocked: no battery sensor exists on a CI machine."""
+
+    def missing() -> None:
+        raise FileNotFoundError(2, "No such file or directory", "/sys/class/power_supply")
+
+    monkeypatch.setattr("edge_runtime.eligibility.psutil.sensors_battery", missing)
+    readings = read_device(cpu_sample_seconds=0.01)
+    assert readings.on_mains is True and readings.battery_percent is None
+

@@ -5,13 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from coordinator.config import CoordinatorConfig, CoordinatorSettings, ScheduleConfig, TaskConfig
 from coordinator.rounds import RoundManager
 from coordinator.scheduler import DeviceCandidate, FitFirstScheduler
-from coordinator.store import CoordinatorStore, RoundState
+from coordinator.store import CoordinatorStore, RoundState, StoredUpdate
 from device_profiles.profile import find_profile
-from edge_runtime.wire import TaskAssignment, decode_frame, generate_private_key
+from edge_runtime.wire import (
+    CodecConfig,
+    TaskAssignment,
+    UpdateEncoding,
+    decode_frame,
+    encode_update,
+    generate_private_key,
+)
 
 
 class Clock:
@@ -105,3 +113,34 @@ def test_deadline_without_quorum_fails_and_restart_resumes(
     assert record is not None and record.state is RoundState.FAILED
     assert "quorum is 2" in (record.reason or "")
     assert [v.version for v in restarted.store.adapter_versions("alpha")] == [0]
+
+
+@pytest.mark.slow
+def test_restart_completes_a_round_whose_quota_was_stored_before_the_crash(
+    tmp_path: Path, tiny_bert_folder: Path
+) -> None:
+    """A coordinator killed right after it stored a round's last update (before it
+    aggregated) finishes that round as soon as it restarts, not at the round's deadline."""
+    clock = Clock()
+    config = _config(tmp_path, tiny_bert_folder)
+    manager = _manager(config, clock)
+    manager.start()
+    opened = _assigned(manager.open_rounds_if_possible(_devices(2)))["alpha"]
+    reference = manager.current["alpha"].state()
+    body = encode_update(
+        {name: torch.full(t.shape, 0.5) for name, t in reference.items()},
+        CodecConfig(UpdateEncoding.FP32),
+    ).body
+    for device_id in sorted(opened):  # what accept_update stores, minus the aggregation
+        manager.store.record_update(
+            StoredUpdate(f"f/alpha/1/{device_id}/0", "alpha", 1, device_id, 10, 3, {}, body)
+        )
+    manager.store.close()
+
+    restarted = _manager(config, clock)
+    outgoing = restarted.start()
+    record = restarted.store.round("alpha", 1)
+    assert record is not None and record.state is RoundState.COMPLETED
+    assert "restart" in (record.reason or "")
+    assert _assigned(outgoing) == {}  # a completed round's assignments are not re-sent
+    assert [v.version for v in restarted.store.adapter_versions("alpha")] == [0, 1]
