@@ -125,6 +125,27 @@ def _forge(tensors: dict[str, torch.Tensor], encoding: str, shapes: dict, top_k:
             "",
             "negative",
         ),
+        (  # finite parts whose product overflows fp32: the dequantized update is Inf
+            {
+                "w::q8": torch.full((1, 2), 127, dtype=torch.int8),
+                "w::scale": torch.tensor([3e38]),
+            },
+            "int8",
+            {"w": [2]},
+            "",
+            "NaN/Inf",
+        ),
+        (
+            {
+                "w::idx": torch.tensor([0, 1], dtype=torch.int32),
+                "w::q8": torch.full((2,), 127, dtype=torch.int8),
+                "w::scale": torch.tensor([3e38]),
+            },
+            "int8",
+            {"w": [4]},
+            "0.5",
+            "NaN/Inf",
+        ),
         (
             {"w::idx": torch.tensor([0, 5], dtype=torch.int32), "w::val": torch.ones(2)},
             "fp32",

@@ -223,6 +223,13 @@ def _expect(
     return tensor
 
 
+def _finite(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A dequantized tensor, refused when finite codes times finite scales overflowed."""
+    if not bool(torch.isfinite(tensor).all()):
+        raise CodecError(f"{name!r} dequantizes to NaN/Inf (scale too large); update refused")
+    return tensor
+
+
 def decode_update(
     body: bytes,
     expected_shapes: Mapping[str, tuple[int, ...]] | None = None,
@@ -291,7 +298,7 @@ def _decode_one(
         if bool((scale < 0).any()):
             raise CodecError(f"{key}scale holds negative scales")
         factor = scale[None, :] if per_column else scale[:, None]  # broadcast over [rows, cols]
-        return (q.to(torch.float32) * factor).reshape(shape)
+        return _finite(name, (q.to(torch.float32) * factor).reshape(shape))
     index = stored.get(key + "idx")
     if index is None or index.dtype != torch.int32 or index.dim() != 1:
         raise CodecError(f"{key}idx must be a 1-D int32 tensor")
@@ -310,7 +317,7 @@ def _decode_one(
         scale = _expect(stored.get(key + "scale"), key + "scale", torch.float32, (groups,))
         if bool((scale < 0).any()):
             raise CodecError(f"{key}scale holds negative scales")
-        values = q.to(torch.float32) * scale[_group_of(index64, cols, per_column)]  # [k]
+        values = _finite(name, q.to(torch.float32) * scale[_group_of(index64, cols, per_column)])
     dense = torch.zeros(numel, dtype=torch.float32)  # [numel]
     dense[index64] = values
     return dense.reshape(shape)
