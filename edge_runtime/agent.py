@@ -74,6 +74,7 @@ from edge_runtime.wire import (
     public_key_from_hex,
     verify_frame,
 )
+from quantization.errors import QuantizationError
 from quantization.task_data import read_labelled_texts, read_lm_texts
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,10 @@ logger = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 10.0
 RESEND_SECONDS = 20.0
 """An unacknowledged update is offered again after this long."""
+TRAINING_FAILURES = (OSError, ValueError, RuntimeError, ImportError, QuantizationError)
+"""What loading the task's data or model, or training it, may raise on a device (a data
+file missing or malformed, a model file unreadable, out of memory): each becomes a decline
+with the reason instead of a silence that makes the round wait out its deadline."""
 UPLOAD_MARGIN_SECONDS = 2.0
 """Training stops this long before the deadline to leave time for the upload."""
 
@@ -516,8 +521,19 @@ class AgentDaemon:
         start = self._training_start(assignment)
         if start is None:
             return
-        trainer = self._trainer(assignment, start.global_rank)
-        result = self._train_locally(assignment, trainer, start)
+        try:
+            trainer = self._trainer(assignment, start.global_rank)
+            result = self._train_locally(assignment, trainer, start)
+        except TRAINING_FAILURES as error:  # answered at once, so the round need not wait
+            logger.warning(
+                "task %s round %d: could not train: %s",
+                assignment.task,
+                assignment.server_round,
+                error,
+                exc_info=True,
+            )
+            self._decline(assignment, [f"could not train: {str(error)[:500]}"])
+            return
         delta = result.delta
         if assignment.spec.privacy is not None:  # clip (and under local DP, noise) on device
             delta = privatize_update(delta, assignment.spec.privacy)
