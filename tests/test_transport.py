@@ -7,6 +7,7 @@ pieces (decode, verify, replay guard, reassembler), as the real coordinator will
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import queue
 import socket
@@ -487,3 +488,40 @@ def test_mqtt5_session_round_trip(mosquitto: MosquittoProcess) -> None:
         again.stop()
     finally:
         sender.stop()
+
+
+class _LineSeen(logging.Handler):
+    """Sets `seen` when a log line containing `text` arrives (from any thread)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.text = text
+        self.seen = threading.Event()
+        self.levels: list[int] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.levels.append(record.levelno)
+            self.seen.set()
+
+
+def test_a_broker_restart_is_not_logged_as_an_error(mosquitto: MosquittoProcess) -> None:
+    """While the broker is away paho logs "Client is not connected" at ERROR on every loop
+    pass; a routine reconnect must not fill the agent's log with errors."""
+    paho_logger = logging.getLogger("edge_runtime.wire.transport.paho")
+    watcher = _LineSeen("not connected")
+    paho_logger.addHandler(watcher)
+    old_level = paho_logger.level
+    paho_logger.setLevel(logging.DEBUG)
+    transport = _transport(mosquitto, "dev-restart")
+    transport.start()
+    try:
+        mosquitto.stop()
+        assert watcher.seen.wait(WAIT_SECONDS), "paho logged no 'not connected' line"
+        mosquitto.start()
+        assert transport.wait_connected(WAIT_SECONDS)
+        assert max(watcher.levels) <= logging.INFO
+    finally:
+        transport.stop()
+        paho_logger.removeHandler(watcher)
+        paho_logger.setLevel(old_level)

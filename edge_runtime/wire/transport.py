@@ -164,17 +164,18 @@ class TokenBucket:
 
 
 class _PahoLogAdapter(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """Routes paho's log lines into ours, downgrading to DEBUG the one error paho logs for
-    a clean shutdown ("Client is not connected" while its loop winds down), which would
-    otherwise alarm operators on every stop."""
+    """Routes paho's log lines into ours, downgrading the one error paho logs while the
+    broker is away ("Client is not connected"): to DEBUG during a clean shutdown (its loop
+    winding down), to INFO otherwise (a routine reconnect, which the transport retries by
+    itself). At ERROR it would alarm operators on every stop and every broker restart."""
 
     def __init__(self, logger: logging.Logger, transport: MqttTransport) -> None:
         super().__init__(logger, {})
         self._transport = transport
 
     def log(self, level: int, msg: object, *args: object, **kwargs: object) -> None:
-        if self._transport.stopping and str(msg).startswith("Client is not connected"):
-            level = logging.DEBUG
+        if str(msg).startswith("Client is not connected"):
+            level = logging.DEBUG if self._transport.stopping else min(level, logging.INFO)
         super().log(level, msg, *args, **kwargs)  # type: ignore[arg-type]
 
 
