@@ -293,9 +293,12 @@ class CoordinatorDaemon:
                 device_id,
                 reasons,
             )
-            self._publish_all(
-                self.rounds.accept_decline(message.task, message.server_round, device_id, reasons)
+            refused, outgoing = self.rounds.accept_decline(
+                message.task, message.server_round, device_id, reasons
             )
+            if refused:
+                self.reject(device_id, "decline-refused", refused)
+            self._publish_all(outgoing)
         elif isinstance(message, SecAggEnvelope):
             self._secure_step(frame, message)
         elif isinstance(message, TransferStatusRequest):

@@ -379,20 +379,22 @@ class RoundManager:
 
     def accept_decline(
         self, task_id: str, round_number: int, device_id: str, reason: str
-    ) -> list[Outgoing]:
-        """A device said no: note it, and close the round early if nobody is left to wait for."""
+    ) -> tuple[str, list[Outgoing]]:
+        """A device said no: note it, and close the round early if nobody is left to wait
+        for. Returns why the decline was refused ("" when noted) and what to publish."""
         record = self.store.round(task_id, round_number)
         if record is None or record.state is not RoundState.OPEN:
-            return []
+            state = "unknown" if record is None else record.state.value
+            return f"round {round_number} of {task_id} is {state}", []
         if not self.store.record_decline(task_id, round_number, device_id, reason):
-            return []
+            return "no assignment for this device in that round", []
         task = self.config.task(task_id)
         if task.secure_aggregation.enabled:
             outgoing, outcomes = self.secure.accept_decline(task, round_number)
-            return outgoing + self._finish_secure(outcomes)
+            return "", outgoing + self._finish_secure(outcomes)
         if self.round_is_complete(record):
-            return self.aggregate(record, reason="every device answered")
-        return []
+            return "", self.aggregate(record, reason="every device answered")
+        return "", []
 
     # -- closing ---------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from coordinator.store import CoordinatorStore, RoundState
 from edge_runtime.wire import (
     Acknowledgement,
     AckStatus,
+    AssignmentDecline,
     BrokerSettings,
     CodecConfig,
     DeviceChannel,
@@ -130,6 +131,24 @@ def test_bad_messages_are_refused_and_counted(
         wait_until(
             lambda: operator.rejection_counts().get("revoked-device", 0) >= 1,
             what="the revoked device's refusal",
+        )
+        # 4. a decline for a round that does not exist is refused and counted, not dropped
+        devices["dev-c"].publish(
+            DeviceChannel.UPDATE,
+            devices["dev-c"].frame(
+                AssignmentDecline(
+                    fleet=FLEET, task="t", server_round=7, device_id="dev-c", attempt=0,
+                    reasons=("busy",),
+                )  # fmt: skip
+            ),
+        )
+        wait_until(
+            lambda: operator.rejection_counts().get("decline-refused", 0) >= 1,
+            what="the refused decline",
+        )
+        assert any(
+            category == "decline-refused" and "round 7 of t is unknown" in reason
+            for _, _, category, reason in operator.recent_rejections()
         )
 
         devices["dev-a"].heartbeat()
