@@ -158,11 +158,15 @@ def serve_command(config_path: Path, exit_when_done: bool) -> None:
 
     from coordinator.daemon import CoordinatorDaemon
     from durable.daemon_logging import use_info_logging
+    from durable.state_lock import StateLockedError
     from edge_runtime.wire import TransportError
 
     config = _load_config(config_path)
     use_info_logging()
-    daemon = CoordinatorDaemon(config)
+    try:
+        daemon = CoordinatorDaemon(config)
+    except StateLockedError as error:
+        raise click.ClickException(str(error)) from None
 
     def request_stop(signum: int, frame: object) -> None:
         daemon.stop_requested.set()  # only a flag: the loop stops at its next turn

@@ -25,6 +25,7 @@ from coordinator.rounds import RoundManager
 from coordinator.scheduler import DeviceCandidate, Scheduler
 from coordinator.store import CoordinatorStore
 from device_profiles.profile import DeviceProfile, profile_from_toml_text
+from durable.state_lock import lock_state_folder
 from edge_runtime.wire import (
     COORDINATOR_SENDER,
     Acknowledgement,
@@ -99,7 +100,7 @@ class CoordinatorDaemon:
         self.config = config
         self.fleet = config.coordinator.fleet
         self.now = now
-        config.state_dir.mkdir(parents=True, exist_ok=True)
+        self._state_lock = lock_state_folder(config.state_dir, "coordinator")
         self.store = CoordinatorStore(config.state_dir / "coordinator.db", now=now)
         self.key = load_or_create_key(config.state_dir / "coordinator_key.pem")
         self.rounds = RoundManager(config, self.store, scheduler, self.key, now=now)
@@ -149,6 +150,7 @@ class CoordinatorDaemon:
             self.transport.stop()
         self.rounds.secure.secure_store.close()
         self.store.close()
+        self._state_lock.close()  # the next coordinator on this folder may start
 
     def run(self, exit_when_done: bool = False) -> None:
         """Loop until `stop_requested` is set (by a signal handler or a test), or, with
