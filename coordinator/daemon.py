@@ -25,6 +25,7 @@ from coordinator.rounds import RoundManager
 from coordinator.scheduler import DeviceCandidate, Scheduler
 from coordinator.store import CoordinatorStore
 from device_profiles.profile import DeviceProfile, profile_from_toml_text
+from durable.atomic_files import sweep_leftovers
 from durable.state_lock import lock_state_folder
 from edge_runtime.wire import (
     COORDINATOR_SENDER,
@@ -101,6 +102,7 @@ class CoordinatorDaemon:
         self.fleet = config.coordinator.fleet
         self.now = now
         self._state_lock = lock_state_folder(config.state_dir, "coordinator")
+        sweep_leftovers(config.state_dir)  # ours alone now: the lock is held
         self.store = CoordinatorStore(config.state_dir / "coordinator.db", now=now)
         self.key = load_or_create_key(config.state_dir / "coordinator_key.pem")
         self.rounds = RoundManager(config, self.store, scheduler, self.key, now=now)

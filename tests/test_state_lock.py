@@ -10,6 +10,7 @@ import pytest
 
 from coordinator.config import CoordinatorConfig, CoordinatorSettings, TaskConfig
 from coordinator.daemon import CoordinatorDaemon
+from durable.atomic_files import sweep_leftovers
 from durable.state_lock import StateLockedError, lock_state_folder
 
 
@@ -49,3 +50,43 @@ def test_the_lock_holds_across_processes_and_dies_with_its_holder(tmp_path: Path
     held.close()
     granted = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], timeout=60)
     assert granted.returncode == 0
+
+
+def _leftovers(root: Path) -> None:
+    """What kills at the worst moments leave: mid atomic write, mid adapter write, and
+    between save_adapter's two renames (old moved aside, new not yet in place)."""
+    adapters = root / "adapters" / "t"
+    (adapters / "v0000").mkdir(parents=True)
+    (adapters / "v0000" / "adapter_model.safetensors").write_bytes(b"kept")
+    (root / ".coordinator_key.pem.k3j4h5.tmp").write_bytes(b"half a key")
+    (adapters / ".v0001.tmp-abc123").mkdir()
+    (adapters / ".v0001.tmp-abc123" / "adapter_config.json").write_text("{")
+    (adapters / ".v0000.old-41").mkdir()  # superseded copy beside its replacement
+    (adapters / ".v0002.old-42").mkdir()  # the only copy left of v0002
+    (adapters / ".v0002.old-42" / "adapter_model.safetensors").write_bytes(b"v2")
+
+
+def test_interrupted_writes_are_swept_and_a_moved_aside_adapter_restored(tmp_path: Path) -> None:
+    _leftovers(tmp_path)
+    swept = sweep_leftovers(tmp_path)
+    adapters = tmp_path / "adapters" / "t"
+    assert len(swept) == 4
+    assert sorted(p.name for p in adapters.iterdir()) == ["v0000", "v0002"]
+    assert (adapters / "v0002" / "adapter_model.safetensors").read_bytes() == b"v2"
+    assert (adapters / "v0000" / "adapter_model.safetensors").read_bytes() == b"kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapters"]
+    assert sweep_leftovers(tmp_path) == []  # idempotent
+
+
+@pytest.mark.slow
+def test_a_starting_coordinator_sweeps_its_state_folder(
+    tmp_path: Path, tiny_bert_folder: Path
+) -> None:
+    config = _config(tmp_path, tiny_bert_folder)
+    _leftovers(config.state_dir)
+    daemon = CoordinatorDaemon(config)
+    try:
+        leftovers = [p.name for p in config.state_dir.rglob(".*") if p.name != ".lock"]
+        assert leftovers == []
+    finally:
+        daemon.stop()
