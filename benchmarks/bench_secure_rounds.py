@@ -112,7 +112,7 @@ def _assignments(manager: RoundManager, num_devices: int) -> list[TaskAssignment
     return [
         decode_frame(item.payload).expect(TaskAssignment)
         for item in manager.open_rounds_if_possible(candidates)
-        if item.topic.endswith("/task")
+        if item.topic.endswith("/task") and item.payload
     ]
 
 

@@ -10,6 +10,7 @@ reads it back through `stored_plan`.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 
 import torch
 
@@ -100,7 +101,11 @@ def assignment_messages(
     model_version: str,
     signing_key: Ed25519PrivateKey,
 ) -> list[Outgoing]:
-    """The signed `TaskAssignment` frame of every device assigned in `record`."""
+    """The signed `TaskAssignment` frame of every device assigned in `record`, retained on
+    the device's task inbox: an agent restarted mid-training (it keeps no memory of an
+    assignment it has not finished) gets it again on subscribing, and trains. Devices are
+    busy with one open round at a time, so one retained assignment per device suffices;
+    `cleared_assignments` removes it when the round closes."""
     outgoing = []
     for device_id, text in stored.items():
         terms = _upgraded(json.loads(text))
@@ -118,5 +123,15 @@ def assignment_messages(
             predicted_round_seconds=terms["predicted_round_seconds"],
         )
         frame = encode_frame(assignment, sender=COORDINATOR_SENDER, signing_key=signing_key)
-        outgoing.append(Outgoing(inbox_topic(fleet, device_id, InboxChannel.TASK), frame))
+        topic = inbox_topic(fleet, device_id, InboxChannel.TASK)
+        outgoing.append(Outgoing(topic, frame, retain=True))
     return outgoing
+
+
+def cleared_assignments(fleet: str, device_ids: Iterable[str]) -> list[Outgoing]:
+    """Empty retained messages that clear a closed round's assignments from the broker, so
+    that an agent starting later is not handed a round that is over."""
+    return [
+        Outgoing(inbox_topic(fleet, device_id, InboxChannel.TASK), b"", retain=True)
+        for device_id in sorted(device_ids)
+    ]

@@ -373,12 +373,18 @@ class CoordinatorSettings:
     """A device whose last heartbeat is older than this counts as offline."""
     token_valid_seconds: float = 7 * 24 * 3600.0
     """Lifetime of an enrollment token."""
+    startup_grace_seconds: float = 3.0
+    """After (re)starting, how long the daemon waits before opening new rounds, so that the
+    retained states of the devices online now reach it first (a round opened earlier would
+    leave them out). Open rounds, deadlines and updates carry on meanwhile; 0 = no wait."""
 
     def __post_init__(self) -> None:
         try:
             check_identifier("fleet", self.fleet)
         except ValueError as error:
             raise CoordinatorConfigError(f"[coordinator] {error}") from None
+        if self.startup_grace_seconds < 0:
+            raise CoordinatorConfigError("[coordinator] startup_grace_seconds must be >= 0")
         for name in (
             "tick_seconds",
             "heartbeat_seconds",

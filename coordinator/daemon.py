@@ -23,7 +23,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.outgoing import Outgoing
 from coordinator.rounds import RoundManager
 from coordinator.scheduler import DeviceCandidate, Scheduler
-from coordinator.store import CoordinatorStore
+from coordinator.store import CoordinatorStore, DeviceRecord
 from device_profiles.profile import DeviceProfile, profile_from_toml_text
 from durable.atomic_files import sweep_leftovers
 from durable.state_lock import lock_state_folder
@@ -79,6 +79,20 @@ def load_or_create_key(path: Path) -> Ed25519PrivateKey:
     return key
 
 
+DEGRADED_LOG_SECONDS = 60.0
+"""While bookkeeping keeps failing, the DEGRADED error is repeated this often."""
+
+
+@dataclass
+class DegradedBookkeeping:
+    """Since when (and why) the store refuses the daemon's bookkeeping rows."""
+
+    since: float
+    last_logged: float
+    error: str
+    unrecorded: int = 1
+
+
 @dataclass(frozen=True)
 class DeviceLiveness:
     state: DeviceState
@@ -109,9 +123,13 @@ class CoordinatorDaemon:
         self.reassembler = ChunkReassembler()
         self.liveness: dict[str, DeviceLiveness] = {}
         self.rejected: Counter[str] = Counter()
+        """Refusals by category since start (the store's `rejections` table keeps them all)."""
+        self.degraded: DegradedBookkeeping | None = None
+        """Set while the store refuses rejection rows (a full disk): the daemon goes on."""
         self.stop_requested = threading.Event()
         self._status_sequence = int(now() * 1000)
         self._last_status_at = 0.0
+        self._started_at = now()
         self.transport: MqttTransport | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -141,6 +159,7 @@ class CoordinatorDaemon:
             [t.id for t in self.config.tasks],
             self.config.state_dir,
         )
+        self._started_at = self.now()
         self._publish_all(self.rounds.start())
         self._publish_status()
 
@@ -183,20 +202,28 @@ class CoordinatorDaemon:
     def tick(self) -> None:
         """Deadlines, new rounds, status heartbeat. Broad except: a daemon loop boundary."""
         try:
+            devices = self.store.devices()
+            revoked = {record.device_id for record in devices if record.revoked}
+            self._publish_all(self.rounds.release_revoked(revoked))
             self._publish_all(self.rounds.close_due_rounds())
-            self._publish_all(self.rounds.open_rounds_if_possible(self.candidates()))
+            settling = self.now() - self._started_at < self.config.coordinator.startup_grace_seconds
+            if not settling:
+                candidates = self.candidates(devices)
+                self._publish_all(self.rounds.open_rounds_if_possible(candidates))
             if self.now() - self._last_status_at >= self.config.coordinator.heartbeat_seconds:
                 self._publish_status()
-            self.reassembler.expire()
+            for expired in self.reassembler.expire():
+                self.reject(expired.sender or None, "transfer-expired", expired.reason)
         except Exception:  # noqa: BLE001 - log, count and keep the daemon alive
             logger.exception("tick failed; continuing")
             self.rejected["internal-error"] += 1
 
-    def candidates(self) -> list[DeviceCandidate]:
-        """Enrolled, not revoked, online and eligible devices with their profiles."""
+    def candidates(self, devices: list[DeviceRecord] | None = None) -> list[DeviceCandidate]:
+        """Enrolled, not revoked, online and eligible devices with their profiles (of
+        `devices`, the store's enrolled devices when not given)."""
         timeout = self.config.coordinator.device_timeout_seconds
         result = []
-        for record in self.store.devices():
+        for record in self.store.devices() if devices is None else devices:
             live = self.liveness.get(record.device_id)
             if record.revoked or live is None:
                 continue
@@ -235,9 +262,43 @@ class CoordinatorDaemon:
     # -- messages ------------------------------------------------------------------------
 
     def reject(self, device_id: str | None, category: str, reason: str) -> None:
+        """Count, log and record one refusal. Never raises: it runs inside the loop
+        boundary's own handlers, so a store that cannot take the row (a full disk) must
+        not stop the daemon; it says loudly that it is degraded instead."""
         self.rejected[category] += 1
-        self.store.record_rejection(device_id, category, reason)
         logger.warning("refused message from %s (%s): %s", device_id or "?", category, reason)
+        try:
+            self.store.record_rejection(device_id, category, reason)
+        except Exception as error:  # noqa: BLE001 - bookkeeping must not stop the daemon
+            self._bookkeeping_failed(error)
+            return
+        if self.degraded is not None:
+            logger.error(
+                "coordinator recovered: rejections are recorded again (%d were not)",
+                self.degraded.unrecorded,
+            )
+            self.degraded = None
+
+    def _bookkeeping_failed(self, error: Exception) -> None:
+        """ERROR at once, then at most once a minute while the store keeps failing."""
+        now = self.now()
+        if self.degraded is None:
+            self.degraded = DegradedBookkeeping(since=now, last_logged=now, error=str(error))
+        else:
+            self.degraded.unrecorded += 1
+            self.degraded.error = str(error)
+            if now - self.degraded.last_logged < DEGRADED_LOG_SECONDS:
+                return
+            self.degraded.last_logged = now
+        logger.error(
+            "coordinator DEGRADED: cannot record rejections in %s (%s); %d unrecorded since "
+            "%s; still serving (counts by category so far: %s)",
+            self.store.path,
+            self.degraded.error,
+            self.degraded.unrecorded,
+            time.strftime("%H:%M:%S", time.localtime(self.degraded.since)),
+            dict(self.rejected),
+        )
 
     def handle(self, received: ReceivedMessage) -> None:
         """One message from the broker. Never raises."""
@@ -256,7 +317,8 @@ class CoordinatorDaemon:
                     f"sender {frame.sender!r} does not match the topic's device {device_id!r}"
                 )
             if channel is DeviceChannel.CHUNK:
-                completed = self.reassembler.accept(frame.expect(ChunkHeader), frame.body)
+                header = frame.expect(ChunkHeader)
+                completed = self.reassembler.accept(header, frame.body, device_id)
                 if completed is None:
                     return
                 frame = completed.decode()

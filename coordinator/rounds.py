@@ -26,23 +26,22 @@ from coordinator.aggregation import (
 from coordinator.assignments import (
     assignment_json,
     assignment_messages,
-    shape_of,
+    cleared_assignments,
     stored_plan,
     update_shapes,
 )
 from coordinator.config import CoordinatorConfig, TaskConfig
-from coordinator.fleet_history import FleetHistory, history_from_store
 from coordinator.model_versions import ModelVersions
 from coordinator.outgoing import Outgoing
-from coordinator.plan_fitting import SchoolLink
 from coordinator.privacy import (
     make_aggregator,
     plan_round_privacy,
     spent_round_privacy,
     stop_holds,
 )
-from coordinator.scheduler import DeviceCandidate, DevicePlan, RoundContext, Scheduler
-from coordinator.school_policy import schools_below_minimum, split_by_policy
+from coordinator.round_opening import DeviceSelection
+from coordinator.scheduler import DeviceCandidate, DevicePlan, Scheduler
+from coordinator.school_policy import schools_below_minimum
 from coordinator.secure.rounds import SecureOutcome, SecureRounds, secure_mean
 from coordinator.secure.store import SecureRoundStore
 from coordinator.store import (
@@ -54,9 +53,8 @@ from coordinator.store import (
     UpdateOutcome,
 )
 from coordinator.task_models import AdapterBody, TaskModel
-from coordinator.utility_scheduler import scheduler_named
+from durable.crash_points import crash_point
 from edge_runtime.wire import (
-    SECURE_AGGREGATION_CAPABILITY,
     AckStatus,
     CodecError,
     Ed25519PrivateKey,
@@ -84,19 +82,8 @@ class RoundManager:
         self.config = config
         self.fleet = config.coordinator.fleet
         self.store = store
-        self.scheduler = scheduler
-        """Used for every task when given (tests); otherwise each task's [tasks.schedule]
-        `strategy`."""
-        self.school_links = {
-            school.id: SchoolLink(school.down_mbps, school.up_mbps)
-            for school in config.schools
-            if school.link_known
-        }
-        self.schools = {school.id: school for school in config.schools}
-        """School id -> its policy (see coordinator.school_policy)."""
-        self._policy_logged: set[tuple[str, str, str]] = set()
-        self._histories: dict[str, tuple[tuple[tuple[int, str], ...], FleetHistory]] = {}
-        """Task id -> (its rounds' numbers and states, the history replayed from them)."""
+        self.selection = DeviceSelection(config, store, scheduler, now=now)
+        self.schools = self.selection.schools
         self.key = signing_key
         self.now = now
         self.versions = ModelVersions(
@@ -104,9 +91,6 @@ class RoundManager:
         )
         self.current = self.versions.current
         """Task id -> the global adapter devices train from."""
-        self._waiting_logged: set[str] = set()
-        self._short_since: dict[str, float] = {}
-        """Task id -> when it first could open a round, but with fewer than the quota."""
         self.secure = SecureRounds(
             config,
             store,
@@ -121,16 +105,25 @@ class RoundManager:
         each task's model, the assignments of rounds left open by a previous run and the
         last messages of their secure-aggregation phases.
 
-        A plain round whose updates were all stored before the previous run stopped (killed
-        between storing the last update and aggregating) is aggregated now: its devices
-        have nothing left to send, so waiting would only run out its deadline."""
+        What a previous run may have left half done is finished here. The assignments of
+        each task's last closed round are cleared again (it may have stopped between
+        closing the round and clearing them). A plain round whose updates were all stored
+        (killed between storing the last update and aggregating) is aggregated now: its
+        devices have nothing left to send, so waiting would only run out its deadline. A
+        secure round opened in the main store but not yet in the secure one (killed
+        between the two writes, before any assignment went out) starts its key exchange."""
         outgoing: list[Outgoing] = []
         for task in self.config.tasks:
             body = self.versions.load_or_create(task.id)
             outgoing += self.versions.publish(task.id, body, self._last_round(task.id))
+            closed = [r for r in self.store.rounds(task.id) if r.state is not RoundState.OPEN]
+            if closed:
+                outgoing += self._cleared_assignments(task.id, closed[-1].round_number)
         for record in self.store.open_rounds():
-            secure = self.config.task(record.task_id).secure_aggregation.enabled
-            if not secure and self.round_is_complete(record):
+            task = self.config.task(record.task_id)
+            if task.secure_aggregation.enabled:
+                self.secure.recover(task, record.round_number)
+            elif self.round_is_complete(record):
                 outgoing += self.aggregate(record, reason="all updates in before the restart")
                 continue
             outgoing += self._assignment_messages(record)
@@ -166,17 +159,11 @@ class RoundManager:
         for task in self.config.tasks:
             if task.id in open_tasks or self.task_finished(task.id):
                 continue
-            free, excluded = split_by_policy(
-                self.schools, task, [c for c in candidates if c.device_id not in busy]
-            )
-            self._log_policy_exclusions(task.id, excluded)
-            if task.secure_aggregation.enabled:
-                free = self._secure_capable(task.id, free)
-            if len(free) < task.schedule.min_updates:
-                self._log_waiting(task.id, "%d eligible free devices, quorum is %d", len(free))
+            free = self.selection.eligible(task, [c for c in candidates if c.device_id not in busy])
+            if free is None:
                 continue
             round_number = self._last_round(task.id) + 1
-            chosen = self._choose_devices(task, free, round_number)
+            chosen = self.selection.choose(task, free, round_number)
             if chosen is None:
                 continue
             record = self._open_round(task, round_number, chosen, len(free))
@@ -184,47 +171,6 @@ class RoundManager:
                 busy |= {p.device_id for p in chosen}
                 outgoing += self._assignment_messages(record)
         return outgoing
-
-    def _log_waiting(self, task_id: str, why: str, count: int) -> None:
-        """INFO once while a task waits for devices (it asks again on every tick)."""
-        if task_id not in self._waiting_logged:
-            quorum = self.config.task(task_id).schedule.min_updates
-            logger.info("task %s waits: " + why, task_id, count, quorum)
-            self._waiting_logged.add(task_id)
-
-    def _choose_devices(
-        self, task: TaskConfig, free: list[DeviceCandidate], round_number: int
-    ) -> list[DevicePlan] | None:
-        """The scheduler's selection among the free devices, less the schools whose minimum
-        aggregate size it misses; None while the task should wait (below quorum, or short of
-        devices_per_round and still inside gather_seconds)."""
-        scheduler = self.scheduler or scheduler_named(task.schedule.strategy)
-        context = RoundContext(self._history(task.id), self.school_links)
-        schedule = scheduler.configure_round(task, shape_of(task), free, round_number, context)
-        for device_id, reason in schedule.skipped.items():
-            logger.debug(
-                "task %s round %d: %s left out: %s", task.id, round_number, device_id, reason
-            )
-        school_of = {c.device_id: c.school for c in free}
-        too_small = schools_below_minimum(
-            self.schools, [school_of[p.device_id] for p in schedule.plans]
-        )
-        self._log_policy_exclusions(task.id, too_small)
-        chosen = [p for p in schedule.plans if school_of[p.device_id] not in too_small]
-        if len(chosen) < task.schedule.min_updates:
-            self._log_waiting(
-                task.id,
-                "only %d devices fit the plan and the schools' policies (quorum %d)",
-                len(chosen),
-            )
-            return None
-        if len(chosen) < task.schedule.devices_per_round:
-            first_seen = self._short_since.setdefault(task.id, self.now())
-            if self.now() - first_seen < task.schedule.gather_seconds:
-                return None  # give more devices a moment to come online
-        self._short_since.pop(task.id, None)
-        self._waiting_logged.discard(task.id)
-        return chosen
 
     def _open_round(
         self, task: TaskConfig, round_number: int, chosen: list[DevicePlan], free_count: int
@@ -247,6 +193,7 @@ class RoundManager:
             plans_json=plans,
             privacy=privacy,
         )
+        crash_point("round-opened")  # between the two stores' writes; nothing published
         if task.secure_aggregation.enabled:
             self.secure.open(task, round_number)
         logger.info(
@@ -258,46 +205,6 @@ class RoundManager:
             task.schedule.round_deadline_seconds,
         )
         return record
-
-    def _history(self, task_id: str) -> FleetHistory:
-        """The scheduler's history of the task, replayed from the store only when a round
-        has opened or closed since the last replay: a task waiting for devices asks for it
-        on every tick."""
-        key = tuple((r.round_number, r.state.value) for r in self.store.rounds(task_id))
-        cached = self._histories.get(task_id)
-        if cached is None or cached[0] != key:
-            cached = (key, history_from_store(self.store, task_id))
-            self._histories[task_id] = cached
-        return cached[1]
-
-    def _secure_capable(
-        self, task_id: str, candidates: list[DeviceCandidate]
-    ) -> list[DeviceCandidate]:
-        """The candidates whose agent can take part in secure aggregation. The others are
-        left out of the task's rounds (logged once per device): a secure round never
-        includes a device that would send its update in the clear."""
-        capable = []
-        for candidate in candidates:
-            if SECURE_AGGREGATION_CAPABILITY in candidate.capabilities:
-                capable.append(candidate)
-            elif (task_id, candidate.device_id, "secagg") not in self._policy_logged:
-                self._policy_logged.add((task_id, candidate.device_id, "secagg"))
-                logger.info(
-                    "task %s: %s left out: its agent cannot do secure aggregation",
-                    task_id,
-                    candidate.device_id,
-                )
-        return capable
-
-    def _log_policy_exclusions(self, task_id: str, excluded: dict[str, str]) -> None:
-        """INFO once per task, school and reason: a policy exclusion is configuration
-        working as intended, not a failure, so it is neither repeated nor counted."""
-        for school_id, reason in sorted(excluded.items()):
-            if (task_id, school_id, reason) not in self._policy_logged:
-                self._policy_logged.add((task_id, school_id, reason))
-                logger.info(
-                    "task %s: devices of school %s excluded: %s", task_id, school_id, reason
-                )
 
     def _assignment_messages(self, record: RoundRecord) -> list[Outgoing]:
         return assignment_messages(
@@ -353,6 +260,7 @@ class RoundManager:
         )
         if outcome is not UpdateOutcome.STORED:
             return AckStatus.DUPLICATE, outcome.value, []
+        crash_point("update-stored")  # stored, not acknowledged, maybe not aggregated
         logger.info(
             "task %s round %d: update from %s (%d samples, %d steps)",
             update.task,
@@ -388,13 +296,39 @@ class RoundManager:
             return f"round {round_number} of {task_id} is {state}", []
         if not self.store.record_decline(task_id, round_number, device_id, reason):
             return "no assignment for this device in that round", []
-        task = self.config.task(task_id)
+        return "", self._after_decline(record)
+
+    def _after_decline(self, record: RoundRecord) -> list[Outgoing]:
+        """A device left the round: it may now have nobody left to wait for."""
+        task = self.config.task(record.task_id)
         if task.secure_aggregation.enabled:
-            outgoing, outcomes = self.secure.accept_decline(task, round_number)
-            return "", outgoing + self._finish_secure(outcomes)
+            outgoing, outcomes = self.secure.accept_decline(task, record.round_number)
+            return outgoing + self._finish_secure(outcomes)
         if self.round_is_complete(record):
-            return "", self.aggregate(record, reason="every device answered")
-        return "", []
+            return self.aggregate(record, reason="every device answered")
+        return []
+
+    def release_revoked(self, revoked: set[str]) -> list[Outgoing]:
+        """Take revoked devices out of the open rounds they were assigned to and have not
+        answered, as if they had declined: their messages are refused from now on, so a
+        round waiting for them would only wait out its deadline."""
+        outgoing: list[Outgoing] = []
+        for record in self.store.open_rounds():
+            task_id, round_number = record.task_id, record.round_number
+            answered = set(self.store.reported_devices(task_id, round_number))
+            answered |= set(self.store.declined_devices(task_id, round_number))
+            leaving = (set(self.store.assignments(task_id, round_number)) & revoked) - answered
+            for device_id in sorted(leaving):
+                logger.info(
+                    "task %s round %d: %s was revoked; the round no longer waits for it",
+                    task_id,
+                    round_number,
+                    device_id,
+                )
+                self.store.record_decline(task_id, round_number, device_id, "device revoked")
+            if leaving:
+                outgoing += self._after_decline(record)
+        return outgoing
 
     # -- closing ---------------------------------------------------------------------------
 
@@ -415,13 +349,17 @@ class RoundManager:
                     f"deadline passed with {received} update(s), quorum is {quorum}; "
                     "global adapter unchanged"
                 )
-                self.store.close_round(
-                    record.task_id, record.round_number, RoundState.FAILED, reason
-                )
-                logger.warning(
-                    "task %s round %d failed: %s", record.task_id, record.round_number, reason
-                )
+                outgoing += self._fail_round(record.task_id, record.round_number, reason)
         return outgoing
+
+    def _fail_round(self, task_id: str, round_number: int, reason: str) -> list[Outgoing]:
+        """Close the round as failed (the global adapter stays) and clear its assignments."""
+        self.store.close_round(task_id, round_number, RoundState.FAILED, reason)
+        logger.warning("task %s round %d failed: %s", task_id, round_number, reason)
+        return self._cleared_assignments(task_id, round_number)
+
+    def _cleared_assignments(self, task_id: str, round_number: int) -> list[Outgoing]:
+        return cleared_assignments(self.fleet, self.store.assignments(task_id, round_number))
 
     def _respect_minimum_sizes(
         self, task_id: str, round_number: int, updates: list[ClientUpdate]
@@ -466,9 +404,7 @@ class RoundManager:
                 if updates
                 else "no update left after the schools' min_devices_per_aggregate"
             )
-            self.store.close_round(task.id, record.round_number, RoundState.FAILED, why)
-            logger.warning("task %s round %d failed: %s", task.id, record.round_number, why)
-            return []
+            return self._fail_round(task.id, record.round_number, why)
         return self._complete_round(
             record,
             reference,
@@ -506,11 +442,11 @@ class RoundManager:
         try:
             new_state = apply_delta(reference, delta)
         except ValueError as error:
-            self.store.close_round(task.id, record.round_number, RoundState.FAILED, str(error))
-            return []
+            return self._fail_round(task.id, record.round_number, str(error))
         body = AdapterBody.of(new_state)
         version_number = self.store.latest_adapter_version(task.id).version + 1  # type: ignore[union-attr]
         folder = self.versions.write(task.id, version_number, new_state, body)
+        crash_point("version-written")  # mid-aggregation: the folder is there, the round open
         evaluation = self.versions.model(task.id).evaluate(new_state)
         metrics = self._round_metrics(task.id, record.round_number, evaluation)
         metrics.update({"updates": float(aggregated), "samples": float(total_samples)})
@@ -534,6 +470,7 @@ class RoundManager:
             metrics=metrics,
             privacy=privacy,
         )
+        crash_point("round-closed")  # closed in the store; nothing published yet
         self.current[task.id] = body
         logger.info(
             "task %s round %d completed (%s): version %d %s %s",
@@ -544,7 +481,9 @@ class RoundManager:
             body.version[:12],
             {k: round(v, 4) for k, v in metrics.items()},
         )
-        return self.versions.publish(task.id, body, server_round=record.round_number)
+        return self._cleared_assignments(task.id, record.round_number) + self.versions.publish(
+            task.id, body, server_round=record.round_number
+        )
 
     # -- secure aggregation ----------------------------------------------------------------
 
@@ -572,12 +511,7 @@ class RoundManager:
                 continue
             if outcome.result is None:
                 reason = f"secure aggregation aborted: {outcome.reason}"
-                self.store.close_round(
-                    outcome.task_id, outcome.round_number, RoundState.FAILED, reason
-                )
-                logger.warning(
-                    "task %s round %d failed: %s", outcome.task_id, outcome.round_number, reason
-                )
+                outgoing += self._fail_round(outcome.task_id, outcome.round_number, reason)
                 outgoing += self.secure.abort_messages(
                     outcome.task_id, outcome.round_number, outcome.reason
                 )

@@ -26,6 +26,7 @@ from durable.sqlite import open_database
 
 logger = logging.getLogger(__name__)
 
+
 class StoreError(RuntimeError):
     """The store file is unusable (wrong schema version, not a schoolfl store)."""
 

@@ -22,8 +22,12 @@ import torch
 from device_profiles.cost_model import predict
 from device_profiles.profile import DeviceProfile, find_profile, profile_toml_text
 from device_profiles.shapes import resolve_shape
+from durable.atomic_files import sweep_leftovers
+from durable.crash_points import crash_point
+from durable.state_lock import lock_state_folder
 from edge_runtime.agent_config import AgentConfig
 from edge_runtime.assignment_models import start_state_for_rank, task_model_spec
+from edge_runtime.device_state import device_state_frame
 from edge_runtime.eligibility import check_eligibility, read_device
 from edge_runtime.enrollment_record import AgentError, Enrollment
 from edge_runtime.local_privacy import privatize_update
@@ -42,7 +46,6 @@ from edge_runtime.update_frames import (
 from edge_runtime.wire import (
     COORDINATOR_SENDER,
     DEFAULT_CHUNK_BYTES,
-    SECURE_AGGREGATION_CAPABILITY,
     Acknowledgement,
     AckStatus,
     AssignmentDecline,
@@ -50,11 +53,9 @@ from edge_runtime.wire import (
     ChunkReassembler,
     ChunkSender,
     DeviceChannel,
-    DeviceState,
     Ed25519PublicKey,
     Frame,
     MqttTransport,
-    PowerSource,
     ProtocolError,
     ReceivedMessage,
     SchemaError,
@@ -126,6 +127,8 @@ class AgentDaemon:
         )
         self.profile: DeviceProfile = find_profile(config.agent.profile)
         self.profile_digest = hashlib.sha256(profile_toml_text(self.profile).encode()).hexdigest()
+        self._state_lock = lock_state_folder(config.state_dir, "agent")
+        sweep_leftovers(config.state_dir)  # ours alone now: a kill mid-save leaves these
         self.outbox = Outbox(config.outbox_path, now=now)
         self.history = RoundHistory(config.outbox_path, now=now)
         self.trainers: dict[str, LocalTrainer] = {}
@@ -149,32 +152,15 @@ class AgentDaemon:
     # -- lifecycle -----------------------------------------------------------------------
 
     def _state_frame(self, online: bool) -> bytes:
-        readings = read_device(cpu_sample_seconds=0.0) if online else None
-        eligible, reasons = False, ("offline",)
-        if readings is not None:
-            verdict = check_eligibility(self.config.eligibility, readings)
-            eligible, reasons = verdict.eligible, verdict.reasons
-        state = DeviceState(
-            fleet=self.fleet,
-            device_id=self.device_id,
-            sequence=int(self.now() * 1000),
+        return device_state_frame(
+            self.fleet,
+            self.device_id,
+            self.key,
             online=online,
-            eligible=eligible,
-            cpu_load=readings.cpu_percent if readings else 0.0,
-            free_memory_bytes=readings.available_memory_bytes if readings else 0,
-            power_source=(
-                PowerSource.UNKNOWN
-                if readings is None
-                else PowerSource.MAINS
-                if readings.on_mains
-                else PowerSource.BATTERY
-            ),
+            sequence=int(self.now() * 1000),
             profile_digest=self.profile_digest,
-            ineligible_reasons=tuple(reasons),
-            battery_percent=readings.battery_percent if readings else None,
-            capabilities=(SECURE_AGGREGATION_CAPABILITY,),
+            eligibility=self.config.eligibility,
         )
-        return encode_frame(state, sender=self.device_id, signing_key=self.key)
 
     def start(self) -> None:
         will = WillConfig(
@@ -206,6 +192,7 @@ class AgentDaemon:
             self.transport.stop()
         self.outbox.close()
         self.history.close()
+        self._state_lock.close()
 
     def run(self) -> None:
         while not self.stop_requested.is_set():
@@ -266,7 +253,8 @@ class AgentDaemon:
     def _assignment(self, assignment: TaskAssignment) -> None:
         if assignment.device_id != self.device_id or assignment.fleet != self.fleet:
             raise SchemaError("assignment addressed to another device")
-        if self.history.seen(assignment.task, assignment.server_round):
+        task, server_round = assignment.task, assignment.server_round
+        if self.history.seen(task, server_round) or self.outbox.holds(task, server_round):
             logger.debug("assignment %s already handled", assignment.message_id)
             return
         allowed = self.config.agent.tasks
@@ -493,6 +481,7 @@ class AgentDaemon:
         still leaves it to be re-sent on restart."""
         task, server_round = assignment.task, assignment.server_round
         self.outbox.put(outgoing.message_id, task, server_round, outgoing.frame)
+        crash_point("update-queued")  # in the outbox, not in the history, not sent
         self.history.record(
             task,
             server_round,

@@ -86,6 +86,15 @@ class Outbox:
     def __len__(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
 
+    def holds(self, task_id: str, round_number: int) -> bool:
+        """An update for that round is waiting here: the round is answered, even if the
+        history's row for it was never written (a kill between the two writes)."""
+        row = self._db.execute(
+            "SELECT 1 FROM outbox WHERE task_id=? AND round_number=? LIMIT 1",
+            (task_id, round_number),
+        ).fetchone()
+        return row is not None
+
 
 _HISTORY_SCHEMA = """
 CREATE TABLE IF NOT EXISTS round_history (

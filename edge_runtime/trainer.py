@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from device_profiles.plan import TrainingPlan
+from durable.crash_points import crash_point
 from quantization.adapters import get_adapter_state, set_adapter_state
 from quantization.task_data import LabelledText
 from quantization.task_model import (
@@ -129,6 +130,7 @@ class LocalTrainer:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            crash_point("training-step")
             losses.append(float(loss.detach()))
             slowest_step = max(slowest_step, self.clock() - step_start)
         self.model.eval()

@@ -8,11 +8,13 @@ assembles them, so that `schoolfl --help` stays cheap (no torch import) on a Ras
 from __future__ import annotations
 
 import logging
+import os
 
 import click
 
 from coordinator.cli import coordinator_group
 from device_profiles.cli import profile_group
+from durable.crash_points import CRASH_AT_ENVIRONMENT, arm_crash_points
 from edge_runtime.cli import agent_group
 from schoolfl import __version__
 from schoolfl.demo import demo_command
@@ -25,6 +27,12 @@ def cli(verbose: int) -> None:
     """Federated fine-tuning of LoRA adapters on quantized models for school devices."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    crash_spec = os.environ.get(CRASH_AT_ENVIRONMENT, "")
+    if crash_spec:  # fault-injection tests only (durable/crash_points.py)
+        try:
+            arm_crash_points(crash_spec)
+        except ValueError as error:
+            raise click.UsageError(str(error)) from None
 
 
 cli.add_command(agent_group)

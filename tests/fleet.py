@@ -161,18 +161,21 @@ class Fleet:
             write_jsonl(shard, folder / "data" / f"{TASK}.jsonl")
             self.agent_configs.append(config_path)
 
-    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+    def start(
+        self, name: str, *args: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start `schoolfl -v ARGS` as `name`; `env` adds variables (e.g. SCHOOLFL_CRASH_AT)."""
         log = (self.root / f"{name}.log").open("ab")
         process = subprocess.Popen(
             [sys.executable, "-m", "schoolfl", "-v", *args],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=_env(),
+            env={**_env(), **(env or {})},
         )
         self.processes[name] = process
         return process
 
-    def start_coordinator(self) -> subprocess.Popen[bytes]:
+    def start_coordinator(self, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         return self.start(
             "coordinator",
             "coordinator",
@@ -180,6 +183,7 @@ class Fleet:
             "--config",
             str(self.coordinator_config),
             "--exit-when-done",
+            env=env,
         )
 
     def enroll_agents(self) -> None:
@@ -219,9 +223,9 @@ class Fleet:
             _, stderr = process.communicate(timeout=180)
             assert process.returncode == 0, f"agent enroll failed:\n{stderr[-3000:]}"
 
-    def start_agent(self, index: int) -> subprocess.Popen[bytes]:
+    def start_agent(self, index: int, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         return self.start(
-            f"dev-{index}", "agent", "run", "--config", str(self.agent_configs[index])
+            f"dev-{index}", "agent", "run", "--config", str(self.agent_configs[index]), env=env
         )
 
     def kill(self, name: str) -> None:

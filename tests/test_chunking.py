@@ -14,6 +14,7 @@ from edge_runtime.wire import (
     ChunkHeader,
     ChunkReassembler,
     ChunkSender,
+    ExpiredTransfer,
     LimitExceededError,
     Limits,
     TransferStatus,
@@ -114,11 +115,12 @@ def test_buffered_bytes_limit() -> None:
 def test_idle_transfers_expire_on_an_injected_clock() -> None:
     clock = [0.0]
     reassembler = ChunkReassembler(idle_timeout_seconds=60, now=lambda: clock[0])
-    reassembler.accept(ChunkHeader("a", 0, 2, 100, 200, "ab" * 32), b"x" * 100)
+    reassembler.accept(ChunkHeader("a", 0, 2, 100, 200, "ab" * 32), b"x" * 100, "dev-1")
     clock[0] = 59
     assert reassembler.expire() == []
     clock[0] = 121
-    assert reassembler.expire() == ["a"]
+    assert reassembler.expire() == [ExpiredTransfer("a", "dev-1", 1, 2)]
+    assert reassembler.expire() == []  # reported once
     assert reassembler.buffered_bytes == 0
 
 

@@ -137,7 +137,11 @@ def test_bad_messages_are_refused_and_counted(
             DeviceChannel.UPDATE,
             devices["dev-c"].frame(
                 AssignmentDecline(
-                    fleet=FLEET, task="t", server_round=7, device_id="dev-c", attempt=0,
+                    fleet=FLEET,
+                    task="t",
+                    server_round=7,
+                    device_id="dev-c",
+                    attempt=0,
                     reasons=("busy",),
                 )  # fmt: skip
             ),

@@ -122,4 +122,3 @@ def test_an_unreadable_battery_is_no_battery_not_a_crash(monkeypatch: pytest.Mon
     monkeypatch.setattr("edge_runtime.eligibility.psutil.sensors_battery", missing)
     readings = read_device(cpu_sample_seconds=0.01)
     assert readings.on_mains is True and readings.battery_percent is None
-

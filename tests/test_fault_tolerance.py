@@ -11,6 +11,7 @@ import pytest
 
 from coordinator.mosquitto import MosquittoProcess
 from coordinator.store import CoordinatorStore, RoundState
+from durable.crash_points import CRASH_AT_ENVIRONMENT
 from edge_runtime.outbox import Outbox
 from tests.fleet import TASK, Fleet, make_fleet
 
@@ -142,3 +143,59 @@ def test_silent_devices_do_not_stall_rounds(
             if name in fleet.processes:
                 fleet.processes[name].send_signal(signal.SIGCONT)
         fleet.stop_all()
+
+
+def test_an_agent_killed_mid_training_gets_its_assignment_again(
+    tmp_path: Path, mosquitto: MosquittoProcess, tiny_bert_folder: Path
+) -> None:
+    """The agent keeps no memory of an assignment it has not finished; restarted, it finds
+    the retained assignment on the broker and trains, so the round completes long before
+    its 300 s deadline, with all three updates."""
+    fleet = _fleet(tmp_path, mosquitto, tiny_bert_folder, rounds=1)
+    try:
+        coordinator = fleet.start_coordinator()
+        fleet.enroll_agents()
+        fleet.start_agent(0, env={CRASH_AT_ENVIRONMENT: "training-step:5"})
+        for index in (1, 2):
+            fleet.start_agent(index)
+        assert fleet.processes["dev-0"].wait(timeout=180) == -signal.SIGKILL, fleet.log("dev-0")
+        assert "crash point training-step reached" in fleet.log("dev-0")
+        fleet.start_agent(0)
+        coordinator.wait(timeout=150)  # well before the round's 300 s deadline
+        assert coordinator.returncode == 0, fleet.log("coordinator")[-4000:]
+    finally:
+        fleet.stop_all()
+    store = _store(fleet)
+    record = store.round(TASK, 1)
+    assert record is not None and record.state is RoundState.COMPLETED, record
+    assert "deadline" not in (record.reason or "")
+    assert sorted(u.device_id for u in store.updates(TASK, 1)) == ["dev-0", "dev-1", "dev-2"]
+
+
+def test_a_secure_round_survives_a_kill_between_the_two_stores(
+    tmp_path: Path, mosquitto: MosquittoProcess, tiny_bert_folder: Path
+) -> None:
+    """The coordinator dies right after committing a secure round in coordinator.db, before
+    secure_rounds.db has it; restarted, it starts the round's key exchange and finishes."""
+    fleet = _fleet(
+        tmp_path,
+        mosquitto,
+        tiny_bert_folder,
+        rounds=1,
+        scheme="none",
+        secure_aggregation={"enabled": True, "step_seconds": 30.0, "clip_bound": 1.0},
+    )
+    try:
+        first = fleet.start_coordinator(env={CRASH_AT_ENVIRONMENT: "round-opened:1"})
+        fleet.enroll_agents()
+        for index in range(3):
+            fleet.start_agent(index)
+        assert first.wait(timeout=180) == -signal.SIGKILL, fleet.log("coordinator")[-4000:]
+        coordinator = fleet.start_coordinator()
+        coordinator.wait(timeout=180)
+        assert coordinator.returncode == 0, fleet.log("coordinator")[-4000:]
+    finally:
+        fleet.stop_all()
+    assert "open without secure-aggregation state" in fleet.log("coordinator")
+    record = _store(fleet).round(TASK, 1)
+    assert record is not None and record.state is RoundState.COMPLETED, record

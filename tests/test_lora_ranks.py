@@ -349,6 +349,7 @@ def test_round_with_rank_4_and_rank_2_devices(tmp_path: Path, tiny_bert_folder: 
         message.device_id: message
         for item in manager.open_rounds_if_possible(candidates)
         if "/task" in item.topic
+        and item.payload
         and isinstance(message := decode_frame(item.payload).message, TaskAssignment)
     }
     assert {d: a.plan.rank for d, a in assignments.items()} == {"dev-0": 4, "dev-1": 2}
@@ -398,6 +399,9 @@ class _FakeTransport:
         self.published.append((topic, payload))
 
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        pass
+
+    def stop(self) -> None:
         pass
 
 

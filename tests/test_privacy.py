@@ -295,6 +295,7 @@ def test_budget_allows_k_rounds_then_refuses_the_next(
             message
             for item in manager.open_rounds_if_possible(candidates)
             if "/task" in item.topic
+            and item.payload
             and isinstance(message := decode_frame(item.payload).message, TaskAssignment)
         ]
         assert len(assignments) == 2

@@ -252,7 +252,7 @@ def _devices(**per_school: int) -> list[DeviceCandidate]:
 def _assigned(outgoing: list) -> set[str]:  # noqa: ANN001
     devices = set()
     for item in outgoing:
-        if "/task" in item.topic:
+        if "/task" in item.topic and item.payload:  # an empty one clears a closed round
             message = decode_frame(item.payload).message
             assert isinstance(message, TaskAssignment)
             devices.add(message.device_id)

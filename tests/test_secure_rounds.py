@@ -341,7 +341,7 @@ def _assigned(outgoing: list) -> set[str]:  # noqa: ANN001
     return {
         decode_frame(item.payload).expect(TaskAssignment).device_id
         for item in outgoing
-        if item.topic.endswith("/task")
+        if item.topic.endswith("/task") and item.payload
     }
 
 
@@ -487,7 +487,7 @@ def test_secure_round_in_process_with_central_dp_and_refusals(
     assignments = [
         decode_frame(item.payload).expect(TaskAssignment)
         for item in manager.open_rounds_if_possible(candidates)
-        if item.topic.endswith("/task")
+        if item.topic.endswith("/task") and item.payload
     ]
     assert len(assignments) == 3
     sessions = {

@@ -90,3 +90,29 @@ def test_a_starting_coordinator_sweeps_its_state_folder(
         assert leftovers == []
     finally:
         daemon.stop()
+
+
+def test_one_agent_per_state_folder_and_a_kill_mid_save_is_swept(tmp_path: Path) -> None:
+    """An agent killed while saving its personal copy leaves a half-written adapter folder
+    (or the old copy moved aside); the next agent on that folder cleans it at start, and a
+    second agent on the same folder is refused (both would answer the same assignments)."""
+    from edge_runtime.agent import AgentDaemon
+    from edge_runtime.wire import generate_private_key
+    from tests.test_lora_ranks import _agent
+
+    first = _agent(tmp_path, generate_private_key())
+    config = first.config
+    first.stop()
+    adapters = config.state_dir / "adapters"
+    (adapters / ".alpha.tmp-9f8e7d").mkdir(parents=True)  # killed mid-write
+    (adapters / ".alpha.old-77").mkdir()  # killed between the two renames
+    (adapters / ".alpha.old-77" / "adapter_model.safetensors").write_bytes(b"kept copy")
+
+    agent = AgentDaemon(config)
+    try:
+        assert sorted(p.name for p in adapters.iterdir()) == ["alpha"]
+        assert (adapters / "alpha" / "adapter_model.safetensors").read_bytes() == b"kept copy"
+        with pytest.raises(StateLockedError, match="in use by another agent"):
+            AgentDaemon(config)
+    finally:
+        agent.stop()

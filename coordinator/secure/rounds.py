@@ -124,6 +124,21 @@ class SecureRounds:
         step_deadline = self.now() + task.secure_aggregation.step_seconds
         self.secure_store.start(task.id, round_number, step_deadline)
 
+    def recover(self, task: TaskConfig, round_number: int) -> None:
+        """Give an open round that has no secure state its advertising phase: the
+        coordinator stopped between the main store's commit and the secure store's write.
+        No assignment had gone out yet (they are published after both), so the key
+        exchange simply starts now, with a fresh phase deadline."""
+        if self.secure_store.state(task.id, round_number) is not None:
+            return
+        logger.warning(
+            "task %s round %d: open without secure-aggregation state (the coordinator "
+            "stopped between its two stores' writes); its key exchange starts now",
+            task.id,
+            round_number,
+        )
+        self.open(task, round_number)
+
     # -- device messages ---------------------------------------------------------------
 
     def accept(

@@ -231,5 +231,3 @@ class SecAggClient:
                 owner: share_to_bytes(self._held_shares[owner][0]) for owner in request.dropped
             },
         )
-
-

@@ -57,5 +57,3 @@ def abort_if_below(threshold: int, count: int, total: int, what: str) -> None:
 def share_points(device_ids: Sequence[str]) -> dict[str, int]:
     """Shamir x-coordinate of each device: its 1-based position in the sorted roster."""
     return {device_id: index + 1 for index, device_id in enumerate(sorted(device_ids))}
-
-

@@ -222,5 +222,3 @@ class SecAggServer:
             len(request.dropped),
         )
         return SecAggResult(total=total, contributors=request.survivors, dropped=request.dropped)
-
-

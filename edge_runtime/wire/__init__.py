@@ -10,6 +10,7 @@ from edge_runtime.wire.chunking import (
     DEFAULT_CHUNK_BYTES,
     ChunkReassembler,
     ChunkSender,
+    ExpiredTransfer,
     indices_to_ranges,
 )
 from edge_runtime.wire.errors import (
@@ -111,6 +112,7 @@ __all__ = [
     "ChunkHeader",
     "ChunkReassembler",
     "ChunkSender",
+    "ExpiredTransfer",
     "CodecConfig",
     "CodecError",
     "CoordinatorStatus",

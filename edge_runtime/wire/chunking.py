@@ -113,9 +113,27 @@ class ChunkSender:
 @dataclass
 class _OpenTransfer:
     header: ChunkHeader
+    sender: str
     parts: dict[int, bytes] = field(default_factory=dict)
     received_bytes: int = 0
     last_activity: float = 0.0
+
+
+@dataclass(frozen=True)
+class ExpiredTransfer:
+    """A transfer dropped because its sender went quiet before sending every chunk."""
+
+    transfer_id: str
+    sender: str
+    received_chunks: int
+    count: int
+
+    @property
+    def reason(self) -> str:
+        return (
+            f"transfer {self.transfer_id} expired idle with {self.received_chunks} of "
+            f"{self.count} chunks"
+        )
 
 
 @dataclass(frozen=True)
@@ -153,6 +171,8 @@ class ChunkReassembler:
         """Open transfers idle this long are dropped (a device that vanished mid-upload)."""
         self._now = now
         self._open: dict[str, _OpenTransfer] = {}
+        self._expired: list[ExpiredTransfer] = []
+        """Dropped since the last `expire()` call, including those dropped to make room."""
         self._completed: OrderedDict[str, None] = OrderedDict()
         self.duplicates = 0
         self.rejected = 0
@@ -178,31 +198,34 @@ class ChunkReassembler:
                 f"{header.count} chunks > max_chunk_count={limits.max_chunk_count}"
             )
 
-    def _open_transfer(self, header: ChunkHeader) -> _OpenTransfer:
-        self.expire()
+    def _open_transfer(self, header: ChunkHeader, sender: str) -> _OpenTransfer:
+        self._drop_idle()
         if len(self._open) >= self.limits.max_open_transfers:
             raise LimitExceededError(
                 f"{len(self._open)} transfers already open (max_open_transfers="
                 f"{self.limits.max_open_transfers}); refusing {header.transfer_id}"
             )
-        transfer = _OpenTransfer(header=header, last_activity=self._now())
+        transfer = _OpenTransfer(header=header, sender=sender, last_activity=self._now())
         self._open[header.transfer_id] = transfer
         return transfer
 
-    def accept(self, header: ChunkHeader, body: bytes) -> CompletedTransfer | None:
+    def accept(
+        self, header: ChunkHeader, body: bytes, sender: str = ""
+    ) -> CompletedTransfer | None:
         """Store one chunk; return the payload when this chunk completes its transfer.
+        `sender` (the publishing device, when known) is named if the transfer expires.
 
         Duplicates (a QoS 1 redelivery, a resend that crossed a late original) are counted
         and ignored. Raises `ChunkError`/`LimitExceededError` for inconsistent or oversized
         chunks; a digest mismatch drops the whole transfer so the sender can start over.
         """
         try:
-            return self._accept(header, body)
+            return self._accept(header, body, sender)
         except (ChunkError, LimitExceededError):
             self.rejected += 1
             raise
 
-    def _accept(self, header: ChunkHeader, body: bytes) -> CompletedTransfer | None:
+    def _accept(self, header: ChunkHeader, body: bytes, sender: str) -> CompletedTransfer | None:
         if header.transfer_id in self._completed:
             self.duplicates += 1
             return None
@@ -214,7 +237,7 @@ class ChunkReassembler:
             )
         transfer = self._open.get(header.transfer_id)
         if transfer is None:
-            transfer = self._open_transfer(header)
+            transfer = self._open_transfer(header, sender)
         elif _shape(transfer.header) != _shape(header):
             raise ChunkError(
                 f"chunk {header.index} of {header.transfer_id} disagrees with earlier chunks "
@@ -251,14 +274,25 @@ class ChunkReassembler:
         logger.debug("transfer %s complete: %d bytes", header.transfer_id, len(payload))
         return CompletedTransfer(header.transfer_id, payload, header.count)
 
-    def expire(self) -> list[str]:
-        """Drop transfers idle longer than `idle_timeout_seconds`; return their ids."""
+    def expire(self) -> list[ExpiredTransfer]:
+        """Drop transfers idle longer than `idle_timeout_seconds`; return every transfer
+        dropped since the last call, so the caller can count each refusal."""
+        self._drop_idle()
+        expired, self._expired = self._expired, []
+        return expired
+
+    def _drop_idle(self) -> None:
         cutoff = self._now() - self.idle_timeout_seconds
-        stale = [tid for tid, t in self._open.items() if t.last_activity < cutoff]
-        for transfer_id in stale:
-            logger.warning("dropping idle transfer %s", transfer_id)
-            del self._open[transfer_id]
-        return stale
+        stale = [t for t in self._open.values() if t.last_activity < cutoff]
+        for transfer in stale:
+            header = transfer.header
+            logger.warning("dropping idle transfer %s", header.transfer_id)
+            del self._open[header.transfer_id]
+            self._expired.append(
+                ExpiredTransfer(
+                    header.transfer_id, transfer.sender, len(transfer.parts), header.count
+                )
+            )
 
     def status(self, request: TransferStatusRequest) -> TransferStatus:
         """The answer to a sender's "which chunks do you have?"."""

@@ -87,7 +87,6 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
-
 M = TypeVar("M")
 
 

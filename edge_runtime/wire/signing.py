@@ -30,6 +30,7 @@ SIGNATURE_CONTEXT = b"schoolfl/frame-signature/v1\x00"
 """Prefix of every signed byte string, so a signature made for a frame can never be
 replayed as a signature over some other kind of data."""
 
+
 def generate_private_key() -> Ed25519PrivateKey:
     """A fresh device or coordinator key."""
     return Ed25519PrivateKey.generate()

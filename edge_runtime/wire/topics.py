@@ -19,7 +19,6 @@ COORDINATOR_SENDER = "coordinator"
 """The `sender` of every coordinator frame; devices send their device id."""
 
 
-
 class DeviceChannel(enum.Enum):
     """Topics a device publishes to, under `schoolfl/<fleet>/dev/<device>/`."""
 

@@ -1,0 +1,151 @@
+"""Which devices a new round gets: policy, capability and the scheduler's choice.
+
+The round manager asks this on every tick for every task without an open round, so what
+it logs it logs once (a task waiting for devices is normal, not news), and the scheduler's
+history is replayed from the store only when a round has opened or closed since.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from coordinator.assignments import shape_of
+from coordinator.config import CoordinatorConfig, TaskConfig
+from coordinator.fleet_history import FleetHistory, history_from_store
+from coordinator.plan_fitting import SchoolLink
+from coordinator.scheduler import DeviceCandidate, DevicePlan, RoundContext, Scheduler
+from coordinator.school_policy import schools_below_minimum, split_by_policy
+from coordinator.store import CoordinatorStore
+from coordinator.utility_scheduler import scheduler_named
+from edge_runtime.wire import SECURE_AGGREGATION_CAPABILITY
+
+logger = logging.getLogger(__name__)
+
+
+class DeviceSelection:
+    """Chooses the devices of each task's next round from the free candidates."""
+
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        store: CoordinatorStore,
+        scheduler: Scheduler | None,
+        *,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.scheduler = scheduler
+        """Used for every task when given (tests); otherwise each task's [tasks.schedule]
+        `strategy`."""
+        self.now = now
+        self.school_links = {
+            school.id: SchoolLink(school.down_mbps, school.up_mbps)
+            for school in config.schools
+            if school.link_known
+        }
+        self.schools = {school.id: school for school in config.schools}
+        """School id -> its policy (see coordinator.school_policy)."""
+        self._policy_logged: set[tuple[str, str, str]] = set()
+        self._histories: dict[str, tuple[tuple[tuple[int, str], ...], FleetHistory]] = {}
+        """Task id -> (its rounds' numbers and states, the history replayed from them)."""
+        self._waiting_logged: set[str] = set()
+        self._short_since: dict[str, float] = {}
+        """Task id -> when it first could open a round, but with fewer than the quota."""
+
+    def eligible(
+        self, task: TaskConfig, candidates: list[DeviceCandidate]
+    ) -> list[DeviceCandidate] | None:
+        """The free candidates the schools' policies (and secure aggregation) allow for
+        the task; None, logged once, while they are fewer than its quorum."""
+        free, excluded = split_by_policy(self.schools, task, candidates)
+        self.log_policy_exclusions(task.id, excluded)
+        if task.secure_aggregation.enabled:
+            free = self._secure_capable(task.id, free)
+        if len(free) < task.schedule.min_updates:
+            self._log_waiting(task.id, "%d eligible free devices, quorum is %d", len(free))
+            return None
+        return free
+
+    def choose(
+        self, task: TaskConfig, free: list[DeviceCandidate], round_number: int
+    ) -> list[DevicePlan] | None:
+        """The scheduler's selection among the free devices, less the schools whose minimum
+        aggregate size it misses; None while the task should wait (below quorum, or short of
+        devices_per_round and still inside gather_seconds)."""
+        scheduler = self.scheduler or scheduler_named(task.schedule.strategy)
+        context = RoundContext(self.history(task.id), self.school_links)
+        schedule = scheduler.configure_round(task, shape_of(task), free, round_number, context)
+        for device_id, reason in schedule.skipped.items():
+            logger.debug(
+                "task %s round %d: %s left out: %s", task.id, round_number, device_id, reason
+            )
+        school_of = {c.device_id: c.school for c in free}
+        too_small = schools_below_minimum(
+            self.schools, [school_of[p.device_id] for p in schedule.plans]
+        )
+        self.log_policy_exclusions(task.id, too_small)
+        chosen = [p for p in schedule.plans if school_of[p.device_id] not in too_small]
+        if len(chosen) < task.schedule.min_updates:
+            self._log_waiting(
+                task.id,
+                "only %d devices fit the plan and the schools' policies (quorum %d)",
+                len(chosen),
+            )
+            return None
+        if len(chosen) < task.schedule.devices_per_round:
+            first_seen = self._short_since.setdefault(task.id, self.now())
+            if self.now() - first_seen < task.schedule.gather_seconds:
+                return None  # give more devices a moment to come online
+        self._short_since.pop(task.id, None)
+        self._waiting_logged.discard(task.id)
+        return chosen
+
+    def history(self, task_id: str) -> FleetHistory:
+        """The scheduler's history of the task, replayed from the store only when a round
+        has opened or closed since the last replay: a task waiting for devices asks for it
+        on every tick."""
+        key = tuple((r.round_number, r.state.value) for r in self.store.rounds(task_id))
+        cached = self._histories.get(task_id)
+        if cached is None or cached[0] != key:
+            cached = (key, history_from_store(self.store, task_id))
+            self._histories[task_id] = cached
+        return cached[1]
+
+    def _log_waiting(self, task_id: str, why: str, count: int) -> None:
+        """INFO once while a task waits for devices (it asks again on every tick)."""
+        if task_id not in self._waiting_logged:
+            quorum = self.config.task(task_id).schedule.min_updates
+            logger.info("task %s waits: " + why, task_id, count, quorum)
+            self._waiting_logged.add(task_id)
+
+    def _secure_capable(
+        self, task_id: str, candidates: list[DeviceCandidate]
+    ) -> list[DeviceCandidate]:
+        """The candidates whose agent can take part in secure aggregation. The others are
+        left out of the task's rounds (logged once per device): a secure round never
+        includes a device that would send its update in the clear."""
+        capable = []
+        for candidate in candidates:
+            if SECURE_AGGREGATION_CAPABILITY in candidate.capabilities:
+                capable.append(candidate)
+            elif (task_id, candidate.device_id, "secagg") not in self._policy_logged:
+                self._policy_logged.add((task_id, candidate.device_id, "secagg"))
+                logger.info(
+                    "task %s: %s left out: its agent cannot do secure aggregation",
+                    task_id,
+                    candidate.device_id,
+                )
+        return capable
+
+    def log_policy_exclusions(self, task_id: str, excluded: dict[str, str]) -> None:
+        """INFO once per task, school and reason: a policy exclusion is configuration
+        working as intended, not a failure, so it is neither repeated nor counted."""
+        for school_id, reason in sorted(excluded.items()):
+            if (task_id, school_id, reason) not in self._policy_logged:
+                self._policy_logged.add((task_id, school_id, reason))
+                logger.info(
+                    "task %s: devices of school %s excluded: %s", task_id, school_id, reason
+                )

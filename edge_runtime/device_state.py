@@ -1,0 +1,55 @@
+"""The agent's heartbeat: what it tells the coordinator about itself, signed.
+
+A retained `DeviceState` on the device's state topic is how the coordinator knows a device
+is online and fit to train; its last will is the same message with `online=False`, built
+before the agent connects.
+"""
+
+from __future__ import annotations
+
+from edge_runtime.eligibility import EligibilityPolicy, check_eligibility, read_device
+from edge_runtime.wire import (
+    SECURE_AGGREGATION_CAPABILITY,
+    DeviceState,
+    Ed25519PrivateKey,
+    PowerSource,
+    encode_frame,
+)
+
+
+def device_state_frame(
+    fleet: str,
+    device_id: str,
+    key: Ed25519PrivateKey,
+    *,
+    online: bool,
+    sequence: int,
+    profile_digest: str,
+    eligibility: EligibilityPolicy,
+) -> bytes:
+    """The signed state frame; an online one reads the device's sensors (without waiting
+    for a CPU sample: a heartbeat must not stall the loop)."""
+    readings = read_device(cpu_sample_seconds=0.0) if online else None
+    eligible, reasons = False, ("offline",)
+    if readings is not None:
+        verdict = check_eligibility(eligibility, readings)
+        eligible, reasons = verdict.eligible, verdict.reasons
+    if readings is None:
+        power = PowerSource.UNKNOWN
+    else:
+        power = PowerSource.MAINS if readings.on_mains else PowerSource.BATTERY
+    state = DeviceState(
+        fleet=fleet,
+        device_id=device_id,
+        sequence=sequence,
+        online=online,
+        eligible=eligible,
+        cpu_load=readings.cpu_percent if readings else 0.0,
+        free_memory_bytes=readings.available_memory_bytes if readings else 0,
+        power_source=power,
+        profile_digest=profile_digest,
+        ineligible_reasons=tuple(reasons),
+        battery_percent=readings.battery_percent if readings else None,
+        capabilities=(SECURE_AGGREGATION_CAPABILITY,),
+    )
+    return encode_frame(state, sender=device_id, signing_key=key)
