@@ -62,7 +62,7 @@ class ChaosPlan:
     coordinator: list[str]
     agents: dict[int, list[str]]
     broker_restart_after: float
-    """Seconds after round 1 opens."""
+    """Seconds after every agent was started."""
     kills: list[str] = field(default_factory=list)
     """What actually happened, in order, for the failure messages."""
 
@@ -84,7 +84,7 @@ def chaos_plan(seed: int) -> ChaosPlan:
     agents: dict[int, list[str]] = {index: [] for index in range(DEVICES)}
     agents[first] = [f"training-step:{rng.randint(2, 9)}", f"training-step:{rng.randint(12, 19)}"]
     agents[second] = ["update-queued:1"]
-    return ChaosPlan(coordinator, agents, broker_restart_after=rng.uniform(5.0, 25.0))
+    return ChaosPlan(coordinator, agents, broker_restart_after=rng.uniform(15.0, 40.0))
 
 
 def _fleet(tmp_path: Path, broker: MosquittoProcess, model: Path) -> Fleet:
@@ -110,7 +110,6 @@ def _run_with_kills(fleet: Fleet, broker: MosquittoProcess, plan: ChaosPlan) -> 
     fleet.enroll_agents()
     for index in range(DEVICES):
         fleet.start_agent(index, env=plan.next_for(f"dev-{index}"))
-    assert fleet.wait_for_log("coordinator", "round 1 opened", 120), fleet.log("coordinator")
     broker_restart_at = time.monotonic() + plan.broker_restart_after
     deadline = time.monotonic() + RUN_LIMIT_SECONDS
     while time.monotonic() < deadline:

@@ -269,8 +269,8 @@ def test_a_school_whose_policy_excludes_the_task_gets_no_assignment(
         SchoolConfig("south", down_mbps=100.0, up_mbps=20.0),
     )
     manager = _manager(tmp_path, tiny_bert_folder, schools)
-    assert set(manager.school_links) == {"south"}  # only schools with both link figures
-    with caplog.at_level(logging.INFO, logger="coordinator.rounds"):
+    assert set(manager.selection.school_links) == {"south"}  # only schools with both link figures
+    with caplog.at_level(logging.INFO, logger="coordinator.round_opening"):
         assigned = _assigned(manager.open_rounds_if_possible(_devices(north=2, east=2, south=3)))
     assert assigned == {"south-0", "south-1", "south-2"}
     excluded = [r.getMessage() for r in caplog.records if "excluded" in r.getMessage()]
