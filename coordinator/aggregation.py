@@ -94,14 +94,35 @@ class NormBoundMode(enum.Enum):
 
 @dataclass(frozen=True)
 class NormBound:
-    """Guard against outliers: poisoned, diverged or buggy devices."""
+    """Guard against outliers: poisoned, diverged or buggy devices.
 
-    max_l2_norm: float
+    Two bounds, either or both: an absolute L2 norm, and a multiple of the round's median
+    update norm. The relative one needs no tuning per model and holds against a minority:
+    the median of the round's norms is an honest device's norm as long as fewer than half
+    the updates are hostile (the lower median, so with two updates it is the smaller)."""
+
+    max_l2_norm: float = 0.0
+    """Absolute bound; 0 = none."""
     mode: NormBoundMode = NormBoundMode.CLIP
+    median_multiple: float = 0.0
+    """Bound at this multiple of the lower median norm of the round's updates; 0 = none."""
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.max_l2_norm) and self.max_l2_norm > 0):
-            raise ValueError(f"max_l2_norm must be a positive number, got {self.max_l2_norm}")
+        for name in ("max_l2_norm", "median_multiple"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a number >= 0, got {value}")
+        if self.max_l2_norm == 0 and self.median_multiple == 0:
+            raise ValueError("a NormBound needs max_l2_norm or median_multiple above 0")
+
+    def limit(self, norms: Sequence[float]) -> float:
+        """The bound for a round whose well-formed updates have these L2 norms."""
+        bounds = [self.max_l2_norm] if self.max_l2_norm > 0 else []
+        if self.median_multiple > 0 and norms:
+            lower_median = sorted(norms)[(len(norms) - 1) // 2]
+            if lower_median > 0:  # all-zero updates: nothing to scale against
+                bounds.append(self.median_multiple * lower_median)
+        return min(bounds) if bounds else math.inf
 
 
 # ---------------------------------------------------------------------------------------
@@ -169,12 +190,10 @@ def screen_updates(
     updates: Sequence[ClientUpdate], reference: TensorMap, norm_bound: NormBound | None = None
 ) -> ScreenedUpdates:
     """Check every update on its own: one per device, then `update_problem` (names, rank,
-    shapes, dtype, finite), then the optional L2 norm bound (clip with `clip_update`, or
-    reject). Nothing here looks at another device's update."""
-    accepted: list[ClientUpdate] = []
-    deltas: list[dict[str, torch.Tensor]] = []
+    shapes, dtype, finite), then the optional norm bound (clip with `clip_update`, or
+    reject). Only the relative bound looks across updates, at their norms' median."""
+    wellformed: list[ClientUpdate] = []
     rejected: dict[str, str] = {}
-    clipped: list[str] = []
     seen_devices: set[str] = set()
     for update in updates:
         if update.device_id in seen_devices:
@@ -185,17 +204,20 @@ def screen_updates(
         if problem is not None:
             rejected[update.device_id] = problem
             continue
+        wellformed.append(update)
+    norms = [update_l2_norm(u.delta) for u in wellformed] if norm_bound else []
+    limit = norm_bound.limit(norms) if norm_bound else math.inf
+    accepted: list[ClientUpdate] = []
+    deltas: list[dict[str, torch.Tensor]] = []
+    clipped: list[str] = []
+    for index, update in enumerate(wellformed):
         delta = {name: tensor.float() for name, tensor in update.delta.items()}
-        if norm_bound is not None:
-            norm = update_l2_norm(update.delta)
-            if norm > norm_bound.max_l2_norm:
-                if norm_bound.mode is NormBoundMode.REJECT:
-                    rejected[update.device_id] = (
-                        f"L2 norm {norm:.4g} exceeds bound {norm_bound.max_l2_norm:.4g}"
-                    )
-                    continue
-                delta = clip_update(update.delta, norm_bound.max_l2_norm)
-                clipped.append(update.device_id)
+        if norm_bound is not None and norms[index] > limit:
+            if norm_bound.mode is NormBoundMode.REJECT:
+                rejected[update.device_id] = f"L2 norm {norms[index]:.4g} exceeds bound {limit:.4g}"
+                continue
+            delta = clip_update(update.delta, limit)
+            clipped.append(update.device_id)
         accepted.append(update)
         deltas.append(delta)
     return ScreenedUpdates(tuple(accepted), tuple(deltas), rejected, tuple(clipped))

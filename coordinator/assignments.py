@@ -88,6 +88,17 @@ def _upgraded(stored: dict[str, object]) -> dict[str, object]:
     }
 
 
+def trusted_sample_count(claimed: int, steps: int, plan: TrainingPlan) -> int:
+    """What an update weighs in FedAvg: the device's claimed sample count, but no more than
+    the examples its plan let it train on (steps x batch size, steps at most the plan's).
+
+    The coordinator cannot see a device's data, so a count is a claim; without a bound one
+    device claiming 10^9 samples took 0.99999982 of the weight. Bounded, a liar weighs at
+    most what an honest device that ran the whole plan weighs (the count remains trusted
+    below that bound, and a device can still shade its weight within it)."""
+    return max(1, min(claimed, min(steps, plan.local_steps) * plan.batch_size))
+
+
 def stored_plan(text: str) -> TrainingPlan:
     """The plan of a stored assignment (`assignment_json`), checked as the wire checks it."""
     return from_json_fields(TrainingPlan, _upgraded(json.loads(text))["plan"], "plan")

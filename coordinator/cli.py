@@ -194,6 +194,7 @@ def serve_command(config_path: Path, exit_when_done: bool) -> None:
 )
 def enroll_token_command(config_path: Path, school: str, valid_hours: float | None) -> None:
     """Print a one-time enrollment token for one device of SCHOOL."""
+    import math
     import secrets
 
     from coordinator.store import CoordinatorStore
@@ -204,8 +205,16 @@ def enroll_token_command(config_path: Path, school: str, valid_hours: float | No
         check_identifier("school", school)
     except ValueError as error:
         raise click.ClickException(str(error)) from None
+    if valid_hours is not None and not (math.isfinite(valid_hours) and valid_hours > 0):
+        raise click.BadParameter(
+            f"must be a positive number of hours, got {valid_hours:g} (leave it out for "
+            f"the config's token_valid_seconds, {config.coordinator.token_valid_seconds:g} s)",
+            param_hint="--valid-hours",
+        )
     store = CoordinatorStore(config.state_dir / "coordinator.db")
-    seconds = valid_hours * 3600 if valid_hours else config.coordinator.token_valid_seconds
+    seconds = (
+        valid_hours * 3600 if valid_hours is not None else config.coordinator.token_valid_seconds
+    )
     token = secrets.token_urlsafe(24)
     store.add_enrollment_token(token, school, seconds)
     store.close()
@@ -297,8 +306,11 @@ def status_command(config_path: Path) -> None:
                 click.echo(f"  stopped: {stop.reason}")  # type: ignore[union-attr]
     counts = store.rejection_counts()
     click.echo("refused messages: " + (", ".join(f"{k}={v}" for k, v in counts.items()) or "none"))
-    for at, device, category, reason in store.recent_rejections(5):
-        click.echo(f"  {_when(at)} {device or '?'} {category}: {reason}")
+    for refused in store.refusals(5):  # per device and category, latest first
+        click.echo(
+            f"  {_when(refused.last_at)} {refused.device_id or '?'} {refused.category} "
+            f"x{refused.count}: {refused.last_reason}"
+        )
     store.close()
 
 

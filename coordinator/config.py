@@ -229,6 +229,12 @@ MOVED_TASK_KEYS: dict[str, tuple[str, str]] = {
 """Flat `[[tasks]]` keys of the old layout -> (sub-table, key): refused with their new place."""
 
 
+DEFAULT_MEDIAN_NORM_MULTIPLE = 3.0
+"""Plain tasks clip each update to 3x the round's median update norm unless told otherwise:
+honest updates of one round differ in norm by well under that (their data and step counts
+differ), a poisoned or diverged one by orders of magnitude."""
+
+
 @dataclass(frozen=True)
 class TaskConfig:
     """One `[[tasks]]` table: a model the fleet fine-tunes and how rounds run. The optional
@@ -261,9 +267,14 @@ class TaskConfig:
     update_encoding: str = "int8"
     """How devices encode deltas: fp32 (exact) or int8 (a quarter of the bytes)."""
     max_update_norm: float = 0.0
-    """L2 bound on one update; 0 disables it."""
+    """Absolute L2 bound on one update; 0 = none (the median bound below still holds)."""
+    median_norm_multiple: float | None = None
+    """L2 bound on one update at this multiple of the round's median update norm, so one
+    device cannot drag the aggregate arbitrarily far; 0 = off. Unset: 3.0 on plain tasks,
+    off under DP (its clip_norm is the bound) and secure aggregation (the coordinator never
+    sees a single update)."""
     norm_mode: str = "clip"
-    """What to do with an update above the bound: clip or reject."""
+    """What to do with an update above a bound: clip or reject."""
     eval_file: str = ""
     """Held-out JSONL/CSV the coordinator evaluates each new version on; empty = none."""
     seed: int = 0
@@ -299,6 +310,9 @@ class TaskConfig:
             raise fail("update_encoding", f"must be fp32 or int8, got {self.update_encoding!r}")
         if self.max_update_norm < 0:
             raise fail("max_update_norm", f"must be >= 0, got {self.max_update_norm}")
+        multiple = self.median_norm_multiple
+        if multiple is not None and not (_finite_number(multiple) and multiple >= 0):
+            raise fail("median_norm_multiple", f"must be a number >= 0, got {multiple!r}")
         if self.norm_mode not in ("clip", "reject"):
             raise fail("norm_mode", f"must be clip or reject, got {self.norm_mode!r}")
         for name, table in (
@@ -334,12 +348,28 @@ class TaskConfig:
                 "to check its norm; use [tasks.privacy] clip_norm, which devices apply before "
                 "masking",
             )
+        if (self.median_norm_multiple or 0) > 0 and (
+            self.secure_aggregation.enabled or self.privacy.mode != "off"
+        ):
+            raise fail(
+                "median_norm_multiple",
+                "must be 0 or unset with secure_aggregation or [tasks.privacy]: the device-side "
+                "clip_norm is the bound there",
+            )
         if self.privacy.mode != "off" and self.max_update_norm > 0:
             raise fail(
                 "max_update_norm",
                 f"must be 0 when [tasks.privacy] mode is {self.privacy.mode!r}: its clip_norm "
                 "is the bound (two bounds would make the sensitivity ambiguous)",
             )
+
+    @property
+    def effective_median_norm_multiple(self) -> float:
+        """`median_norm_multiple` with its default resolved (0 = off)."""
+        if self.median_norm_multiple is not None:
+            return self.median_norm_multiple
+        plain = not self.secure_aggregation.enabled and self.privacy.mode == "off"
+        return DEFAULT_MEDIAN_NORM_MULTIPLE if plain else 0.0
 
     @property
     def ladder_ranks(self) -> tuple[int, ...]:

@@ -3,7 +3,7 @@
 Everything arrives through `MqttTransport.received`; the loop takes one message at a time
 (paho's callbacks only enqueue), so there is no locking around the store or the models. A
 message that fails any check (frame, schema, signature, identity, round, codec) is refused
-with a reason, logged, counted in the store's `rejections` table, and the loop goes on:
+with a reason, logged, counted in the store's `refusals` table, and the loop goes on:
 no input can stop the daemon or reach an aggregate (DESIGN.md invariant 5).
 """
 
@@ -21,6 +21,7 @@ from pathlib import Path
 
 from coordinator.config import CoordinatorConfig
 from coordinator.outgoing import Outgoing
+from coordinator.refusals import RefusalLedger
 from coordinator.rounds import RoundManager
 from coordinator.scheduler import DeviceCandidate, Scheduler
 from coordinator.store import CoordinatorStore, DeviceRecord
@@ -90,7 +91,6 @@ class DegradedBookkeeping:
     since: float
     last_logged: float
     error: str
-    unrecorded: int = 1
 
 
 @dataclass(frozen=True)
@@ -123,9 +123,11 @@ class CoordinatorDaemon:
         self.reassembler = ChunkReassembler()
         self.liveness: dict[str, DeviceLiveness] = {}
         self.rejected: Counter[str] = Counter()
-        """Refusals by category since start (the store's `rejections` table keeps them all)."""
+        """Refusals by category since start (the store's `refusals` table keeps them all)."""
+        self.refusals = RefusalLedger(now)
+        """Refusals waiting to be written, per device and category (`flush_refusals`)."""
         self.degraded: DegradedBookkeeping | None = None
-        """Set while the store refuses rejection rows (a full disk): the daemon goes on."""
+        """Set while the store refuses refusal counts (a full disk): the daemon goes on."""
         self.stop_requested = threading.Event()
         self._status_sequence = int(now() * 1000)
         self._last_status_at = 0.0
@@ -164,6 +166,7 @@ class CoordinatorDaemon:
         self._publish_status()
 
     def stop(self) -> None:
+        self.flush_refusals()
         if self.transport is not None:
             self.transport.publish(
                 coordinator_status_topic(self.fleet), self._status_frame(False), retain=True
@@ -214,6 +217,8 @@ class CoordinatorDaemon:
                 self._publish_status()
             for expired in self.reassembler.expire():
                 self.reject(expired.sender or None, "transfer-expired", expired.reason)
+            if self.refusals.due():
+                self.flush_refusals()
         except Exception:  # noqa: BLE001 - log, count and keep the daemon alive
             logger.exception("tick failed; continuing")
             self.rejected["internal-error"] += 1
@@ -262,20 +267,28 @@ class CoordinatorDaemon:
     # -- messages ------------------------------------------------------------------------
 
     def reject(self, device_id: str | None, category: str, reason: str) -> None:
-        """Count, log and record one refusal. Never raises: it runs inside the loop
-        boundary's own handlers, so a store that cannot take the row (a full disk) must
-        not stop the daemon; it says loudly that it is degraded instead."""
+        """Count and log one refusal (at a bounded rate); the store gets it with the next
+        flush. Never raises: it runs inside the loop boundary's own handlers."""
         self.rejected[category] += 1
-        logger.warning("refused message from %s (%s): %s", device_id or "?", category, reason)
+        self.refusals.note(device_id, category, reason)
+
+    def flush_refusals(self) -> None:
+        """Write the pending refusal counts in one transaction. A store that cannot take
+        them (a full disk) must not stop the daemon: the counts stay in memory for the
+        next try and the daemon says loudly that it is degraded."""
+        counts = self.refusals.take()
+        if not counts:
+            return
         try:
-            self.store.record_rejection(device_id, category, reason)
+            self.store.record_refusals(counts)
         except Exception as error:  # noqa: BLE001 - bookkeeping must not stop the daemon
+            self.refusals.restore(counts)
             self._bookkeeping_failed(error)
             return
         if self.degraded is not None:
             logger.error(
-                "coordinator recovered: rejections are recorded again (%d were not)",
-                self.degraded.unrecorded,
+                "coordinator recovered: refusal counts are written again (%d were waiting)",
+                sum(c.count for c in counts),
             )
             self.degraded = None
 
@@ -285,17 +298,16 @@ class CoordinatorDaemon:
         if self.degraded is None:
             self.degraded = DegradedBookkeeping(since=now, last_logged=now, error=str(error))
         else:
-            self.degraded.unrecorded += 1
             self.degraded.error = str(error)
             if now - self.degraded.last_logged < DEGRADED_LOG_SECONDS:
                 return
             self.degraded.last_logged = now
         logger.error(
-            "coordinator DEGRADED: cannot record rejections in %s (%s); %d unrecorded since "
-            "%s; still serving (counts by category so far: %s)",
+            "coordinator DEGRADED: cannot write refusal counts to %s (%s); %d refusal(s) "
+            "kept in memory since %s; still serving (counts by category so far: %s)",
             self.store.path,
             self.degraded.error,
-            self.degraded.unrecorded,
+            self.refusals.unwritten,
             time.strftime("%H:%M:%S", time.localtime(self.degraded.since)),
             dict(self.rejected),
         )
@@ -421,7 +433,14 @@ class CoordinatorDaemon:
         reason = ""
         accepted = True
         existing = self.store.device(request.device_id)
-        if existing is not None and existing.public_key.hex() == request.public_key:
+        if existing is not None and existing.revoked:
+            accepted = False
+            reason = (
+                f"device {request.device_id!r} was revoked; a revoked device stays revoked "
+                "(enroll the machine again under a new device id)"
+            )
+            self.reject(request.device_id, "enrollment-refused", reason)
+        elif existing is not None and existing.public_key.hex() == request.public_key:
             reason = "already enrolled with this key"
         else:
             try:
@@ -432,6 +451,7 @@ class CoordinatorDaemon:
                     request.device_id,
                     bytes.fromhex(request.public_key),
                     profile_text,
+                    agent_school=request.school,
                 )
                 logger.info("enrolled device %s", request.device_id)
             except (ValueError, UnicodeDecodeError) as error:

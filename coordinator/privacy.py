@@ -299,11 +299,12 @@ def spent_round_privacy(
 
 
 def make_aggregator(task: TaskConfig) -> FedAvg:
-    """The aggregator a task's settings call for: DP-FedAvg when DP is on, FedAvg with the
-    norm bound when one is set, plain FedAvg otherwise."""
+    """The aggregator a task's settings call for: DP-FedAvg when DP is on, otherwise FedAvg
+    with the absolute and the median norm bound (the latter on by default)."""
     policy = DpPolicy.of(task)
     if policy is not None:
         return DpFedAvg(policy)
-    if task.max_update_norm > 0:
-        return FedAvg(NormBound(task.max_update_norm, NormBoundMode(task.norm_mode)))
+    multiple = task.effective_median_norm_multiple
+    if task.max_update_norm > 0 or multiple > 0:
+        return FedAvg(NormBound(task.max_update_norm, NormBoundMode(task.norm_mode), multiple))
     return FedAvg()

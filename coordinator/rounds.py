@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -28,6 +28,7 @@ from coordinator.assignments import (
     assignment_messages,
     cleared_assignments,
     stored_plan,
+    trusted_sample_count,
     update_shapes,
 )
 from coordinator.config import CoordinatorConfig, TaskConfig
@@ -238,7 +239,14 @@ class RoundManager:
             return AckStatus.REJECTED, f"round {update.server_round} is {record.state.value}", []
         if update.model_version != current.version:
             return AckStatus.REJECTED, "trained on another model version", []
-        rank = stored_plan(plans[update.device_id]).rank
+        plan = stored_plan(plans[update.device_id])
+        if update.num_steps > plan.local_steps:
+            return (
+                AckStatus.REJECTED,
+                f"claims {update.num_steps} local steps; its plan allows {plan.local_steps}",
+                [],
+            )
+        rank = plan.rank
         try:
             delta = decode_update(body, update_shapes(current.state(), rank))
         except CodecError as error:
@@ -386,14 +394,14 @@ class RoundManager:
         plans = self.store.assignments(task.id, record.round_number)
         updates = []
         for u in self.store.updates(task.id, record.round_number):
-            rank = stored_plan(plans[u.device_id]).rank  # validated on arrival
+            plan = stored_plan(plans[u.device_id])  # validated on arrival
             updates.append(
                 ClientUpdate(
                     u.device_id,
-                    decode_update(u.body, update_shapes(reference, rank)),
-                    num_samples=max(1, u.num_samples),
+                    decode_update(u.body, update_shapes(reference, plan.rank)),
+                    num_samples=trusted_sample_count(u.num_samples, u.num_steps, plan),
                     num_steps=u.num_steps,
-                    rank=rank,
+                    rank=plan.rank,
                 )
             )
         updates = self._respect_minimum_sizes(task.id, record.round_number, updates)
@@ -501,6 +509,16 @@ class RoundManager:
         status, reason, outgoing, outcomes = self.secure.accept(envelope, body)
         return status, reason, outgoing + self._finish_secure(outcomes)
 
+    def _trusted_samples(self, task_id: str, round_number: int, devices: Iterable[str]) -> int:
+        """The bounded sample counts (`trusted_sample_count`) of these devices' updates."""
+        plans = self.store.assignments(task_id, round_number)
+        wanted = set(devices)
+        return sum(
+            trusted_sample_count(u.num_samples, u.num_steps, stored_plan(plans[u.device_id]))
+            for u in self.store.update_summaries(task_id, round_number)
+            if u.device_id in wanted
+        )
+
     def _finish_secure(self, outcomes: Sequence[SecureOutcome]) -> list[Outgoing]:
         """Close the secure rounds that ended: the mean of the survivors' sum (plus central
         DP noise) becomes the new version, or an abort fails the round."""
@@ -522,10 +540,8 @@ class RoundManager:
                 self.current[outcome.task_id].state(),
                 secure_mean(outcome.result, self.config.task(outcome.task_id)),
                 outcome.result.num_inputs,
-                sum(
-                    u.num_samples
-                    for u in self.store.update_summaries(outcome.task_id, outcome.round_number)
-                    if u.device_id in outcome.result.contributors
+                self._trusted_samples(
+                    outcome.task_id, outcome.round_number, outcome.result.contributors
                 ),
                 outcome.reason,
             )

@@ -10,133 +10,45 @@ pickled.
 
 from __future__ import annotations
 
-import enum
-import hashlib
 import json
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from coordinator.refusals import UNKNOWN_SENDER, RefusalCount
+from coordinator.store_records import (
+    AdapterVersion,
+    DeviceRecord,
+    PrivacyRound,
+    PrivacyStop,
+    RoundRecord,
+    RoundState,
+    StoredUpdate,
+    StoreError,
+    UpdateOutcome,
+    token_digest,
+)
 from coordinator.store_schema import SCHEMA, SCHEMA_VERSION
 from durable.sqlite import open_database
 
 logger = logging.getLogger(__name__)
 
-
-class StoreError(RuntimeError):
-    """The store file is unusable (wrong schema version, not a schoolfl store)."""
-
-
-class RoundState(enum.Enum):
-    OPEN = "open"
-    COMPLETED = "completed"
-    FAILED = "failed"
-
-
-@dataclass(frozen=True)
-class DeviceRecord:
-    device_id: str
-    school: str
-    public_key: bytes
-    profile_toml: str
-    enrolled_at: float
-    revoked_at: float | None
-
-    @property
-    def revoked(self) -> bool:
-        return self.revoked_at is not None
-
-
-@dataclass(frozen=True)
-class RoundRecord:
-    task_id: str
-    round_number: int
-    state: RoundState
-    base_version: int
-    opened_at: float
-    deadline: float
-    closed_at: float | None
-    reason: str | None
-    metrics: dict[str, float]
-
-
-@dataclass(frozen=True)
-class StoredUpdate:
-    update_id: str
-    task_id: str
-    round_number: int
-    device_id: str
-    num_samples: int
-    num_steps: int
-    metrics: dict[str, float]
-    body: bytes
-    received_at: float = 0.0
-    """Set by the store when it records the update."""
-
-
-@dataclass(frozen=True)
-class AdapterVersion:
-    task_id: str
-    version: int
-    round_number: int | None
-    sha256: str
-    folder: str
-    created_at: float
-    metrics: dict[str, float] = field(default_factory=dict)
-    """Held-out evaluation of this version (accuracy, eval loss), when the task has one."""
-
-
-@dataclass(frozen=True)
-class PrivacyRound:
-    """One row of a DP task's privacy ledger. Written when the round opens (planned
-    participants, projected epsilon) and rewritten when it completes (actual figures);
-    only completed rounds count (`privacy_rounds`)."""
-
-    task_id: str
-    round_number: int
-    eligible_devices: int
-    """Devices the round was drawn from (the denominator of the sampling probability)."""
-    participants: int
-    """Updates aggregated (planned assignments while the round is open)."""
-    sampling_probability: float
-    clip_norm: float
-    noise_multiplier: float
-    epsilon: float
-    """Cumulative epsilon of the task after this round, at `delta`."""
-    delta: float
-    secure_aggregation: bool = False
-
-
-@dataclass(frozen=True)
-class PrivacyStop:
-    """A DP task whose next round would exceed its epsilon budget."""
-
-    task_id: str
-    round_number: int
-    epsilon: float
-    budget: float
-    delta: float
-    reason: str
-    at: float
-
-
-class UpdateOutcome(enum.Enum):
-    """What `record_update` did, so the caller can acknowledge correctly."""
-
-    STORED = "stored"
-    DUPLICATE = "duplicate"
-    """Same update id seen before: acknowledge again, count nothing."""
-    ALREADY_REPORTED = "already-reported"
-    """Another attempt from the same device for the same round was already counted."""
-
-
-def token_digest(token: str) -> str:
-    """Tokens are stored hashed: a leaked database does not leak usable tokens."""
-    return hashlib.sha256(token.encode()).hexdigest()
+__all__ = [
+    "CoordinatorStore",
+    "StoreError",
+    "RoundState",
+    "DeviceRecord",
+    "RoundRecord",
+    "StoredUpdate",
+    "AdapterVersion",
+    "PrivacyRound",
+    "PrivacyStop",
+    "UpdateOutcome",
+    "token_digest",
+]
 
 
 class CoordinatorStore:
@@ -156,6 +68,7 @@ class CoordinatorStore:
                 f"{self.path} has schema version {row[0]}, this coordinator expects "
                 f"{SCHEMA_VERSION}; upgrade schoolfl or point --state at a new folder"
             )
+        self._fold_old_rejections()
 
     def close(self) -> None:
         self._db.close()
@@ -166,13 +79,16 @@ class CoordinatorStore:
         try:
             yield self._db
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if self._db.in_transaction:  # SQLite rolls back by itself on SQLITE_FULL
+                self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
 
     # -- devices and enrollment ------------------------------------------------------
 
     def add_enrollment_token(self, token: str, school: str, valid_seconds: float) -> None:
+        if not valid_seconds > 0:
+            raise ValueError(f"a token must be valid for a positive time, got {valid_seconds} s")
         with self._transaction() as db:
             db.execute(
                 "INSERT INTO enrollment_tokens(token_sha256, school, expires_at) VALUES (?,?,?)",
@@ -180,12 +96,19 @@ class CoordinatorStore:
             )
 
     def redeem_enrollment_token(
-        self, token: str, device_id: str, public_key: bytes, profile_toml: str
+        self,
+        token: str,
+        device_id: str,
+        public_key: bytes,
+        profile_toml: str,
+        agent_school: str = "",
     ) -> DeviceRecord:
         """Exchange a one-time token for a device registration, atomically.
 
-        Raises ValueError with the reason when the token is unknown, expired or used, or
-        the device id is taken by another key.
+        Raises ValueError with the reason when the token is unknown, expired or used, was
+        issued for another school than the agent is configured for (`agent_school`; empty
+        from agents that do not say), or the device id is taken by another key. A refused
+        token stays unused.
         """
         with self._transaction() as db:
             row = db.execute(
@@ -195,6 +118,12 @@ class CoordinatorStore:
             if row is None:
                 raise ValueError("unknown enrollment token")
             school, expires_at, used_by = row
+            if agent_school and agent_school != school:
+                raise ValueError(
+                    f"this token was issued for school {school!r}, but the agent is "
+                    f"configured for school {agent_school!r}; fix [agent] school or ask "
+                    "for a token for that school"
+                )
             if used_by is not None:
                 raise ValueError(f"enrollment token already used by device {used_by!r}")
             if expires_at < self._now():
@@ -435,24 +364,61 @@ class CoordinatorStore:
 
     # -- rejections ------------------------------------------------------------------
 
+    def record_refusals(self, counts: Sequence[RefusalCount]) -> None:
+        """Add refusal counts (`coordinator.refusals`), one transaction for the batch."""
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT INTO refusals(device_id, category, count, first_at, last_at,"
+                " last_reason) VALUES (?,?,?,?,?,?) ON CONFLICT(device_id, category) DO UPDATE"
+                " SET count = count + excluded.count, last_at = excluded.last_at,"
+                " last_reason = excluded.last_reason",
+                [
+                    (c.device_id, c.category, c.count, c.first_at, c.last_at, c.last_reason)
+                    for c in counts
+                ],
+            )
+
     def record_rejection(self, device_id: str | None, category: str, reason: str) -> None:
-        """Every refused message leaves a row: operators see what was refused and why."""
-        self._db.execute(
-            "INSERT INTO rejections(at, device_id, category, reason) VALUES (?,?,?,?)",
-            (self._now(), device_id, category, reason[:500]),
-        )
+        """One refusal, written now (operator tools and tests; the daemon batches)."""
+        at = self._now()
+        device = device_id or UNKNOWN_SENDER
+        self.record_refusals([RefusalCount(device, category, 1, at, at, reason[:500])])
 
     def rejection_counts(self) -> dict[str, int]:
+        """Refusals in all, by category."""
         rows = self._db.execute(
-            "SELECT category, COUNT(*) FROM rejections GROUP BY category ORDER BY category"
+            "SELECT category, SUM(count) FROM refusals GROUP BY category ORDER BY category"
         ).fetchall()
-        return {category: count for category, count in rows}
+        return {category: int(count) for category, count in rows}
 
-    def recent_rejections(self, limit: int = 20) -> list[tuple[float, str | None, str, str]]:
-        return self._db.execute(
-            "SELECT at, device_id, category, reason FROM rejections ORDER BY at DESC LIMIT ?",
+    def refusals(self, limit: int = 20) -> list[RefusalCount]:
+        """Per device and category, the most recently refused first."""
+        rows = self._db.execute(
+            "SELECT device_id, category, count, first_at, last_at, last_reason FROM refusals"
+            " ORDER BY last_at DESC LIMIT ?",
             (limit,),
         ).fetchall()
+        return [RefusalCount(*row) for row in rows]
+
+    def _fold_old_rejections(self) -> None:
+        """A store from before per-device counts kept one row per refusal in `rejections`:
+        fold them into `refusals` once, then drop the old table."""
+        exists = self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='rejections'"
+        ).fetchone()
+        if exists is None:
+            return
+        with self._transaction() as db:
+            folded = db.execute(
+                "INSERT INTO refusals(device_id, category, count, first_at, last_at, last_reason)"
+                " SELECT COALESCE(device_id, ''), category, COUNT(*), MIN(at), MAX(at),"
+                " (SELECT r2.reason FROM rejections r2 WHERE COALESCE(r2.device_id, '') ="
+                " COALESCE(r.device_id, '') AND r2.category = r.category ORDER BY r2.at DESC"
+                " LIMIT 1) FROM rejections r WHERE 1 GROUP BY COALESCE(device_id, ''), category"
+                " ON CONFLICT(device_id, category) DO UPDATE SET count = count + excluded.count"
+            ).rowcount
+            db.execute("DROP TABLE rejections")
+        logger.info("folded the old rejections table into %d refusal count(s)", folded)
 
     # -- adapter versions ------------------------------------------------------------
 

@@ -2,7 +2,9 @@
 
 `SCHEMA_VERSION` is stored in `meta`; a store of another version is refused at open with a
 message that says what to do, never migrated silently. The DDL is idempotent
-(`CREATE ... IF NOT EXISTS`), so opening an existing store applies nothing.
+(`CREATE ... IF NOT EXISTS`), so opening an existing store applies nothing but the
+tables added since (additions only; `refusals` replaced the one-row-per-refusal
+`rejections` table, whose rows a store folds into it once, at open).
 """
 
 from __future__ import annotations
@@ -37,11 +39,14 @@ CREATE TABLE IF NOT EXISTS rounds (
     metrics_json TEXT NOT NULL DEFAULT '{}',
     PRIMARY KEY (task_id, round_number)
 );
-CREATE TABLE IF NOT EXISTS rejections (
-    at REAL NOT NULL,
-    device_id TEXT,
+CREATE TABLE IF NOT EXISTS refusals (
+    device_id TEXT NOT NULL,
     category TEXT NOT NULL,
-    reason TEXT NOT NULL
+    count INTEGER NOT NULL,
+    first_at REAL NOT NULL,
+    last_at REAL NOT NULL,
+    last_reason TEXT NOT NULL,
+    PRIMARY KEY (device_id, category)
 );
 CREATE TABLE IF NOT EXISTS assignments (
     task_id TEXT NOT NULL,

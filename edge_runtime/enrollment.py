@@ -55,6 +55,7 @@ def enroll_device(config: AgentConfig, token: str, timeout_seconds: float = 60.0
         token=token,
         public_key=public_key_hex(key),
         profile_digest=hashlib.sha256(profile_bytes).hexdigest(),
+        school=config.agent.school,
     )
     transport = MqttTransport(config.broker.transport_config(f"{config.agent.device_id}-enroll"))
     transport.subscribe(

@@ -57,7 +57,7 @@ class ScriptedDevice:
             signing_key=key or self.key,
         )
 
-    def enroll(self, token: str) -> None:
+    def enroll(self, token: str, school: str = "") -> None:
         body = self.profile_text.encode()
         request = EnrollmentRequest(
             fleet=self.fleet,
@@ -66,6 +66,7 @@ class ScriptedDevice:
             token=token,
             public_key=public_key_hex(self.key),
             profile_digest=hashlib.sha256(body).hexdigest(),
+            school=school,
         )
         self.publish(DeviceChannel.ENROLL, self.frame(request, body))
 

@@ -58,6 +58,7 @@ def _config(tmp_path: Path, broker: MosquittoProcess, model: Path) -> Coordinato
                 rank=4,
                 rounds=1,
                 local_steps=2,
+                batch_size=32,  # 2 x 32 examples: the counts below are within the plan
                 update_encoding="fp32",
                 schedule=ScheduleConfig(
                     devices_per_round=2,
@@ -151,8 +152,9 @@ def test_bad_messages_are_refused_and_counted(
             what="the refused decline",
         )
         assert any(
-            category == "decline-refused" and "round 7 of t is unknown" in reason
-            for _, _, category, reason in operator.recent_rejections()
+            refused.category == "decline-refused"
+            and "round 7 of t is unknown" in refused.last_reason
+            for refused in operator.refusals()
         )
 
         devices["dev-a"].heartbeat()
@@ -163,7 +165,7 @@ def test_bad_messages_are_refused_and_counted(
         assert version0 is not None
         _, reference = read_adapter_folder(version0.folder)
         delta_a = {name: torch.full_like(t, 0.01) for name, t in reference.items()}
-        delta_b = {name: torch.full_like(t, -0.03) for name, t in reference.items()}
+        delta_b = {name: torch.full_like(t, -0.02) for name, t in reference.items()}
         fp32 = CodecConfig(encoding=UpdateEncoding.FP32)
 
         # 4. a forged signature
@@ -233,7 +235,7 @@ def test_bad_messages_are_refused_and_counted(
         daemon.stop()
 
     _, new_state = read_adapter_folder(operator.latest_adapter_version("t").folder)
-    expected_delta = (0.01 * 10 - 0.03 * 30) / 40
+    expected_delta = (0.01 * 10 - 0.02 * 30) / 40  # within 3x the median norm: not clipped
     for name, tensor in reference.items():
         assert torch.allclose(new_state[name], tensor + expected_delta, atol=1e-6), name
     counts = operator.rejection_counts()

@@ -145,36 +145,38 @@ def test_an_expired_transfer_is_counted_as_a_refusal(daemon: CoordinatorDaemon) 
     )
     clock[0] = 61
     daemon.tick()
+    daemon.flush_refusals()
     assert daemon.store.rejection_counts().get("transfer-expired") == 1
-    [(_, device_id, category, reason)] = daemon.store.recent_rejections(1)
-    assert (device_id, category) == ("dev-1", "transfer-expired")
-    assert "1 of 3 chunks" in reason
+    [refused] = daemon.store.refusals(1)
+    assert (refused.device_id, refused.category) == ("dev-1", "transfer-expired")
+    assert "1 of 3 chunks" in refused.last_reason
     daemon.tick()
+    daemon.flush_refusals()
     assert daemon.store.rejection_counts().get("transfer-expired") == 1  # counted once
 
 
-def test_a_store_that_cannot_take_rejections_degrades_loudly_and_serves_on(
+def test_a_store_that_cannot_take_refusals_degrades_loudly_and_loses_none(
     daemon: CoordinatorDaemon, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A real SQLITE_FULL ("database or disk is full"): the daemon's connection is capped at
-    its current size, as a full disk would cap it."""
-    garbage = ReceivedMessage(
-        device_topic(FLEET, "dev-9", DeviceChannel.UPDATE), b"\x00bad", 1, False
-    )
+    its current size, as a full disk would cap it. The daemon keeps serving, says it is
+    degraded, keeps the counts in memory and writes them once there is room again."""
+    topic = device_topic(FLEET, "dev-9", DeviceChannel.UPDATE)
+    garbage = ReceivedMessage(topic, b"\x00bad", 1, False)
     connection: sqlite3.Connection = daemon.store._db  # noqa: SLF001 - cap this connection only
     pages = connection.execute("PRAGMA page_count").fetchone()[0]
     connection.execute(f"PRAGMA max_page_count = {pages}")
-    for size in (4096, 512, 64, 1):  # fill the last pages to the brim
+    for size in (4096, 512, 64, 1):  # fill the last pages to the brim, one category each
         with pytest.raises(sqlite3.OperationalError, match="full"):  # the cap is real
-            for _ in range(1000):
-                daemon.store.record_rejection("dev-9", "filler", "x" * size)
-    before = daemon.store.rejection_counts()
+            for index in range(1000):
+                daemon.store.record_rejection(f"filler-{size}-{index}", "filler", "x" * size)
+    before = sum(daemon.store.rejection_counts().values())
     with caplog.at_level(logging.ERROR, logger="coordinator.daemon"):
         for _ in range(3):
-            daemon.handle(garbage)  # would raise out of the loop boundary before
-        daemon.tick()
-    assert daemon.degraded is not None and daemon.degraded.unrecorded == 3
-    assert sum(daemon.rejected.values()) >= 3  # still counted, in memory
+            daemon.handle(garbage)  # never raises out of the loop boundary
+        daemon.flush_refusals()
+    assert daemon.degraded is not None and daemon.refusals.unwritten == 3
+    assert sum(daemon.rejected.values()) == 3  # still counted, in memory
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert any("DEGRADED" in message and "full" in message for message in errors), errors
 
@@ -182,7 +184,9 @@ def test_a_store_that_cannot_take_rejections_degrades_loudly_and_serves_on(
     caplog.clear()
     with caplog.at_level(logging.ERROR, logger="coordinator.daemon"):
         daemon.handle(garbage)
+        daemon.flush_refusals()
     assert daemon.degraded is None
     assert any("recovered" in r.getMessage() for r in caplog.records)
-    after = daemon.store.rejection_counts()
-    assert sum(after.values()) == sum(before.values()) + 1
+    assert sum(daemon.store.rejection_counts().values()) == before + 4  # none lost
+    [refused] = [r for r in daemon.store.refusals(50) if r.device_id == "dev-9"]
+    assert refused.count == 4  # one row for the device and category, not four

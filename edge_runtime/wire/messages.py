@@ -117,11 +117,16 @@ class EnrollmentRequest:
     token: str
     public_key: str
     profile_digest: str
+    school: str = ""
+    """The school the agent is configured for: a token issued for another is refused
+    (empty from agents that predate the field)."""
 
     def __post_init__(self) -> None:
         check_identifier("fleet", self.fleet)
         check_identifier("device_id", self.device_id)
         check_identifier("request_id", self.request_id)
+        if self.school:
+            check_identifier("school", self.school)
         if not 16 <= len(self.token) <= 256:
             raise SchemaError(f"token must be 16..256 chars, got {len(self.token)}")
         if not re.fullmatch(r"[0-9a-f]{64}", self.public_key):
