@@ -32,7 +32,7 @@ import pytest
 import torch
 
 from coordinator.aggregation import ClientUpdate, apply_delta
-from coordinator.assignments import stored_plan, update_shapes
+from coordinator.assignments import stored_plan, trusted_sample_count, update_shapes
 from coordinator.config import CoordinatorConfig
 from coordinator.mosquitto import MosquittoProcess
 from coordinator.privacy import make_aggregator
@@ -196,10 +196,10 @@ def _check_aggregates_exact(store: CoordinatorStore, config: CoordinatorConfig) 
         assert len({u.device_id for u in stored}) == len(stored)
         updates = []
         for u in stored:
-            rank = stored_plan(plans[u.device_id]).rank
-            delta = decode_update(u.body, update_shapes(reference, rank))
-            samples = max(1, u.num_samples)  # as the coordinator weighs them
-            updates.append(ClientUpdate(u.device_id, delta, samples, u.num_steps, rank))
+            plan = stored_plan(plans[u.device_id])
+            delta = decode_update(u.body, update_shapes(reference, plan.rank))
+            samples = trusted_sample_count(u.num_samples, u.num_steps, plan)  # as weighed
+            updates.append(ClientUpdate(u.device_id, delta, samples, u.num_steps, plan.rank))
         result = make_aggregator(task).aggregate(updates, reference)
         expected = apply_delta(reference, result.delta)
         actual = state_of(after.folder)
