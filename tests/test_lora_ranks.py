@@ -327,6 +327,8 @@ def test_round_with_rank_4_and_rank_2_devices(tmp_path: Path, tiny_bert_folder: 
         base_model=str(tiny_bert_folder),
         labels=("a", "b"),
         rank=4,
+        batch_size=16,  # 3 steps x 16: both sample counts below are within the plan
+        median_norm_multiple=0.0,  # the subject is rank mixing, not the norm bound
         schedule=ScheduleConfig(
             devices_per_round=2,
             min_updates=2,
