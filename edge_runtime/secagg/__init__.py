@@ -18,14 +18,17 @@ from edge_runtime.secagg.bodies import (
     secagg_round_id,
 )
 from edge_runtime.secagg.client import SecAggClient
-from edge_runtime.secagg.config import SecAggConfig, SecAggResult
+from edge_runtime.secagg.config import SecAggConfig, SecAggResult, ShareFault, ShareRejection
 from edge_runtime.secagg.crypto import (
+    COMMITMENT_BYTES,
     SHARE_BOX_PURPOSE,
     agree_seed,
+    commit_self_mask_seed,
     expand_seed,
     open_share_box,
     share_box_aad,
 )
+from edge_runtime.secagg.decoding import Decoding, ShareDecoder
 from edge_runtime.secagg.in_process import run_round_in_process
 from edge_runtime.secagg.messages import (
     SECAGG_MESSAGE_CLASSES,
@@ -38,6 +41,7 @@ from edge_runtime.secagg.messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
+from edge_runtime.secagg.reconstruction import ReconstructionAbort, rebuild_secrets
 from edge_runtime.secagg.ring import (
     QuantizationConfig,
     TensorLayout,
@@ -51,10 +55,13 @@ from edge_runtime.secagg.server import SecAggServer
 from edge_runtime.secagg.shamir import PRIME, reconstruct_secret, split_secret
 
 __all__ = [
+    "COMMITMENT_BYTES",
     "AdvertiseKeys",
+    "Decoding",
     "MaskedInput",
     "PRIME",
     "QuantizationConfig",
+    "ReconstructionAbort",
     "SECAGG_MESSAGE_CLASSES",
     "SHARE_BOX_PURPOSE",
     "SecAggAbort",
@@ -64,11 +71,15 @@ __all__ = [
     "SecAggRefusal",
     "SecAggResult",
     "SecAggServer",
+    "ShareDecoder",
+    "ShareFault",
     "ShareKeys",
+    "ShareRejection",
     "TensorLayout",
     "UnmaskRequest",
     "UnmaskResponse",
     "agree_seed",
+    "commit_self_mask_seed",
     "dequantize_sum",
     "expand_seed",
     "flatten_delta",
@@ -82,6 +93,7 @@ __all__ = [
     "quantization_error_bound",
     "quantization_of",
     "quantize_delta",
+    "rebuild_secrets",
     "reconstruct_secret",
     "reconstruction_threshold",
     "ring_vector_from_bytes",
