@@ -142,13 +142,13 @@ class _Unmasking:
             reason = (
                 f"{owner!r} shared a {what} that does not match {against}: the "
                 f"{len(holders)} shares of it revealed ({', '.join(holders)}) agree with each "
-                f"other, so no device lied about them. {owner!r}'s masks cannot be removed, so "
+                f"other, so no device lied about them. {owner}'s masks cannot be removed, so "
                 "the round is aborted and nothing is output"
             )
             culprit = ShareRejection(owner, ShareFault.BAD_SECRET, reason)
             return ReconstructionAbort(reason, (*self.rejections(), culprit))
         reason = (
-            f"no {self.threshold} of the {len(holders)} shares of {owner!r}'s {what} revealed "
+            f"no {self.threshold} of the {len(holders)} shares of {owner}'s {what} revealed "
             f"by {', '.join(holders)} rebuild a {what} matching {against}: more than "
             f"{len(holders) - self.threshold} of those devices revealed wrong shares (or "
             f"{owner!r} dealt inconsistent ones). The round is aborted and nothing is output"
