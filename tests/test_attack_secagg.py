@@ -226,6 +226,32 @@ def test_more_liars_than_spare_answers_abort_naming_the_devices(inputs):
     assert named(caught.value) == []  # which of them lied cannot be told: nobody is blamed
 
 
+@pytest.mark.parametrize(
+    ("answers", "threshold", "liars", "decoded"),
+    [
+        (5, 3, 1, True),  # Berlekamp-Welch corrects e = 1
+        (4, 3, 1, True),  # no spare for Berlekamp-Welch: every 3-subset tried
+        (20, 11, 4, True),  # Berlekamp-Welch, e = 4
+        (20, 11, 5, True),  # beyond e: random draws among the C(20, 11) subsets find an honest one
+        (3, 3, 1, False),  # no spare share: which one lied cannot be told
+        (20, 11, 9, False),  # 11 honest of 20: the bounded search gives up
+    ],
+)
+def test_the_decoder_outvotes_wrong_shares_within_its_bounds(answers, threshold, liars, decoded):
+    from edge_runtime.secagg import ShareDecoder, split_secret
+
+    secret = secrets.randbelow(2**256)
+    shares = split_secret(secret, threshold, list(range(1, answers + 1)))
+    wrong = set(range(2, 2 + liars))
+    for x in wrong:
+        shares[x] = (shares[x] + 1 + secrets.randbelow(PRIME - 1)) % PRIME
+    decoding = ShareDecoder(threshold).decode(shares, lambda candidate: candidate == secret)
+    if decoded:
+        assert decoding.secret == secret and decoding.wrong_points == wrong
+    else:
+        assert decoding.secret is None and not decoding.dealt_wrong_secret
+
+
 def _round_with_a_hostile_dealer(
     inputs: dict, tamper: Callable[[SecAggClient, ShareKeys], ShareKeys], dropped: tuple = ()
 ) -> tuple[SecAggServer, list[UnmaskResponse]]:

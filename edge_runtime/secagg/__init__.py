@@ -1,6 +1,7 @@
 """Secure aggregation (Bonawitz et al., CCS 2017), shared by both daemons: crypto, Shamir
-sharing, the ring encoding, messages, client and server, and the bodies of the
-`SecAggEnvelope` frames that carry them over MQTT.
+sharing and its robust decoding, the ring encoding, messages, client and server (whose
+unmasking verifies every rebuilt secret and names devices revealing wrong shares), and the
+bodies of the `SecAggEnvelope` frames that carry them over MQTT.
 
 The public door: code outside `edge_runtime.secagg` imports from here.
 """

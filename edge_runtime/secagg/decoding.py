@@ -264,7 +264,8 @@ class ShareDecoder:
         if not off:
             if verify(secret):
                 return Decoding(secret, frozenset())
-            # More than t shares on one polynomial: the dealt secret itself is wrong.
+            # Every share on one polynomial, so no subset rebuilds another secret. With more
+            # than t that is the dealer's polynomial (with exactly t, a liar's is as likely).
             return Decoding(None, frozenset(), dealt_wrong_secret=len(points) > t)
         max_errors = (len(points) - t) // 2
         if max_errors >= 1:
