@@ -119,15 +119,17 @@ class CoordinatorDaemon:
         sweep_leftovers(config.state_dir)  # ours alone now: the lock is held
         self.store = CoordinatorStore(config.state_dir / "coordinator.db", now=now)
         self.key = load_or_create_key(config.state_dir / "coordinator_key.pem")
-        self.rounds = RoundManager(config, self.store, scheduler, self.key, now=now)
-        self.reassembler = ChunkReassembler()
-        self.liveness: dict[str, DeviceLiveness] = {}
         self.rejected: Counter[str] = Counter()
         """Refusals by category since start (the store's `refusals` table keeps them all)."""
         self.refusals = RefusalLedger(now)
         """Refusals waiting to be written, per device and category (`flush_refusals`)."""
         self.degraded: DegradedBookkeeping | None = None
         """Set while the store refuses refusal counts (a full disk): the daemon goes on."""
+        self.rounds = RoundManager(
+            config, self.store, scheduler, self.key, now=now, reject=self.reject
+        )
+        self.reassembler = ChunkReassembler()
+        self.liveness: dict[str, DeviceLiveness] = {}
         self.stop_requested = threading.Event()
         self._status_sequence = int(now() * 1000)
         self._last_status_at = 0.0

@@ -43,8 +43,9 @@ from coordinator.privacy import (
 from coordinator.round_opening import DeviceSelection
 from coordinator.scheduler import DeviceCandidate, DevicePlan, Scheduler
 from coordinator.school_policy import schools_below_minimum
-from coordinator.secure.rounds import SecureOutcome, SecureRounds, secure_mean
+from coordinator.secure.rounds import SecureRounds
 from coordinator.secure.store import SecureRoundStore
+from coordinator.secure.unmasking import RejectHook, SecureOutcome, secure_mean
 from coordinator.store import (
     AdapterVersion,
     CoordinatorStore,
@@ -79,7 +80,11 @@ class RoundManager:
         *,
         now: Callable[[], float] = time.time,
         model_factory: Callable[[TaskConfig], TaskModel] = TaskModel,
+        reject: RejectHook | None = None,
     ) -> None:
+        """`reject`: records a device caught misbehaving outside a message of its own (a
+        secure round's unmasking finds who revealed wrong shares); the daemon passes its
+        `reject`, the default logs and stores the rejection."""
         self.config = config
         self.fleet = config.coordinator.fleet
         self.store = store
@@ -99,6 +104,7 @@ class RoundManager:
             signing_key,
             self.versions.layout,
             now=now,
+            reject=reject,
         )
 
     def start(self) -> list[Outgoing]:

@@ -15,9 +15,10 @@ deadline); it then goes on with the devices that answered, and the round is abor
 revealing nothing, when fewer than t did. The coordinator keeps no in-memory protocol
 state: every device message is stored as it arrives (`coordinator.secure.store`, masked
 inputs in the main store's updates table) and a `SecAggServer` is replayed from them at
-each phase change, so a restarted coordinator resumes where it stopped and re-sends its
-last phase's messages (devices answer a repeated message with the answer they already
-gave).
+each phase change (`coordinator.secure.replay`), so a restarted coordinator resumes where
+it stopped and re-sends its last phase's messages (devices answer a repeated message with
+the answer they already gave). The last phase's unmasking, and the recording of devices
+caught revealing wrong shares, is `coordinator.secure.unmasking`.
 """
 
 from __future__ import annotations
@@ -25,29 +26,28 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-
-import torch
+from dataclasses import replace
 
 from coordinator.config import CoordinatorConfig, TaskConfig
 from coordinator.outgoing import Outgoing
-from coordinator.privacy import DpPolicy, central_noise_std
 from coordinator.school_policy import schools_below_minimum
+from coordinator.secure.replay import RoundReplay, SecureStepRefused, secure_spec
 from coordinator.secure.store import SecurePhase, SecureRoundState, SecureRoundStore
+from coordinator.secure.unmasking import (
+    RejectHook,
+    SecureOutcome,
+    store_rejections,
+    unmask_round,
+)
 from coordinator.store import CoordinatorStore, RoundState, StoredUpdate, UpdateOutcome
-from coordinator.task_models import wire_task_spec
 from edge_runtime.secagg import (
+    COMMITMENT_BYTES,
     AdvertiseKeys,
     SecAggAbort,
-    SecAggConfig,
-    SecAggResult,
-    SecAggServer,
     ShareKeys,
     TensorLayout,
-    UnmaskRequest,
     UnmaskResponse,
     forwarded_body,
-    masked_input_from_body,
     message_body,
     parse_message,
     quantization_of,
@@ -61,15 +61,12 @@ from edge_runtime.wire import (
     AckStatus,
     Ed25519PrivateKey,
     InboxChannel,
-    ProtocolError,
     SchemaError,
     SecAggEnvelope,
     SecAggStep,
-    SecureAggregationSpec,
     encode_frame,
     inbox_topic,
 )
-from quantization.adapter_deltas import add_gaussian_noise, secure_generator
 
 logger = logging.getLogger(__name__)
 
@@ -80,21 +77,6 @@ PHASE_OF_STEP = {
     SecAggStep.UNMASK_RESPONSE: SecurePhase.UNMASKING,
 }
 """The device steps, and the phase in which each is accepted."""
-
-
-class SecureStepRefused(ProtocolError):
-    """A device's secure-aggregation message that the round cannot take (late, from a device
-    outside the round, or inconsistent with what the device sent before)."""
-
-
-@dataclass(frozen=True)
-class SecureOutcome:
-    """A secure round that ended: the survivors' sum, or None with the reason it aborted."""
-
-    task_id: str
-    round_number: int
-    result: SecAggResult | None
-    reason: str
 
 
 class SecureRounds:
@@ -109,7 +91,10 @@ class SecureRounds:
         layout_of: Callable[[str], TensorLayout],
         *,
         now: Callable[[], float] = time.time,
+        reject: RejectHook | None = None,
     ) -> None:
+        """`reject`: how a device caught revealing wrong shares is recorded (the daemon
+        passes its own `reject`; the default logs and stores the rejection)."""
         self.config = config
         self.schools = {school.id: school for school in config.schools}
         self.fleet = config.coordinator.fleet
@@ -119,6 +104,8 @@ class SecureRounds:
         self.layout_of = layout_of
         """Task id -> the layout of its global adapter, which every masked input has."""
         self.now = now
+        self.reject = reject or store_rejections(store)
+        self.replay = RoundReplay(store, secure_store, layout_of)
 
     def open(self, task: TaskConfig, round_number: int) -> None:
         step_deadline = self.now() + task.secure_aggregation.step_seconds
@@ -207,16 +194,21 @@ class SecureRounds:
         elif step is SecAggStep.SHARE_KEYS:
             shares = parse_message(ShareKeys, body)
             _check_identity(shares.round_id, shares.sender_id, round_id, device_id)
-            roster = self._senders(state, SecAggStep.ADVERTISE_KEYS)
+            roster = self.replay.senders(state, SecAggStep.ADVERTISE_KEYS)
             if device_id not in roster or set(shares.encrypted_shares) != roster - {device_id}:
                 raise SecureStepRefused(
                     f"{device_id!r} must seal one box for each of the other "
                     f"{len(roster) - 1} devices of the roster"
                 )
+            if len(shares.self_mask_commitment) != COMMITMENT_BYTES:
+                raise SecureStepRefused(
+                    f"{device_id!r} sent no commitment to its self-mask seed "
+                    f"({COMMITMENT_BYTES} bytes); its seed could not be verified"
+                )
         else:
             response = parse_message(UnmaskResponse, body)
             _check_identity(response.round_id, response.device_id, round_id, device_id)
-            request = self._unmask_request(task, state)
+            request = self.replay.unmask_request(task, state)
             if (
                 device_id not in request.survivors
                 or set(response.self_mask_shares) != set(request.survivors)
@@ -228,7 +220,7 @@ class SecureRounds:
     def _keep_masked_input(
         self, task: TaskConfig, state: SecureRoundState, envelope: SecAggEnvelope, body: bytes
     ) -> bool:
-        if envelope.device_id not in self._senders(state, SecAggStep.SHARE_KEYS):
+        if envelope.device_id not in self.replay.senders(state, SecAggStep.SHARE_KEYS):
             raise SecureStepRefused(f"{envelope.device_id!r} did not share keys in this round")
         coordinates = self.layout_of(task.id).num_coordinates
         if len(body) != 4 * coordinates:
@@ -236,7 +228,7 @@ class SecureRounds:
                 f"masked input of {len(body)} bytes; the adapter has {coordinates} coordinates "
                 f"({4 * coordinates} bytes)"
             )
-        ring_vector_from_bytes(body, quantization_of(_spec(task)).ring_bits)  # range check
+        ring_vector_from_bytes(body, quantization_of(secure_spec(task)).ring_bits)  # range check
         outcome = self.store.record_update(
             StoredUpdate(
                 update_id=envelope.message_id,
@@ -294,19 +286,19 @@ class SecureRounds:
         if state.phase is SecurePhase.ADVERTISING:
             expected = set(self.store.assignments(task_id, round_number))
         elif state.phase is SecurePhase.SHARING:
-            expected = self._senders(state, SecAggStep.ADVERTISE_KEYS)
+            expected = self.replay.senders(state, SecAggStep.ADVERTISE_KEYS)
         elif state.phase is SecurePhase.MASKING:
-            expected = self._senders(state, SecAggStep.SHARE_KEYS)
-            return expected - declined - self._masked_senders(state)
+            expected = self.replay.senders(state, SecAggStep.SHARE_KEYS)
+            return expected - declined - self.replay.masked_senders(state)
         else:
-            expected = set(self._masked_senders(state))
+            expected = set(self.replay.masked_senders(state))
             declined = set()  # a survivor's input counts; it is still asked for its shares
         step = {
             SecurePhase.ADVERTISING: SecAggStep.ADVERTISE_KEYS,
             SecurePhase.SHARING: SecAggStep.SHARE_KEYS,
             SecurePhase.UNMASKING: SecAggStep.UNMASK_RESPONSE,
         }[state.phase]
-        return expected - declined - self._senders(state, step)
+        return expected - declined - self.replay.senders(state, step)
 
     def _advance(
         self, task: TaskConfig, state: SecureRoundState, deadline_passed: bool
@@ -322,21 +314,16 @@ class SecureRounds:
                 return self._forward_shares(task, state), []
             if state.phase is SecurePhase.MASKING:
                 return self._request_unmasking(task, state), []
-            result = self._server(task, state, SecurePhase.UNMASKING).aggregate(
-                self._responses(state)
-            )
+            outcome = unmask_round(self.replay, task, state, self.reject)
         except SecAggAbort as error:
             logger.warning(
                 "task %s round %d: secure aggregation aborted: %s", task.id, round_number, error
             )
             return [], [SecureOutcome(task.id, round_number, None, str(error))]
-        summary = (
-            f"summed {result.num_inputs} masked inputs, {len(result.dropped)} dropped after sharing"
-        )
-        return [], [SecureOutcome(task.id, round_number, result, summary)]
+        return [], [outcome]
 
     def _send_roster(self, task: TaskConfig, state: SecureRoundState) -> list[Outgoing]:
-        adverts = self._adverts(state)
+        adverts = self.replay.adverts(state)
         threshold = reconstruction_threshold(len(adverts), task.schedule.min_updates)
         if len(adverts) < threshold:
             assigned = len(self.store.assignments(task.id, state.round_number))
@@ -377,7 +364,7 @@ class SecureRounds:
         return outgoing
 
     def _request_unmasking(self, task: TaskConfig, state: SecureRoundState) -> list[Outgoing]:
-        request = self._unmask_request(task, state)  # aborts below the threshold
+        request = self.replay.unmask_request(task, state)  # aborts below the threshold
         too_small = schools_below_minimum(
             self.schools, [self.store.school_of(device_id) for device_id in request.survivors]
         )
@@ -418,14 +405,14 @@ class SecureRounds:
     def _phase_messages(self, task: TaskConfig, state: SecureRoundState) -> list[Outgoing]:
         """The coordinator's messages that opened the current phase, recomputed."""
         if state.phase is SecurePhase.SHARING:
-            roster = tuple(sorted(self._adverts(state), key=lambda advert: advert.device_id))
+            roster = tuple(sorted(self.replay.adverts(state), key=lambda advert: advert.device_id))
             body = roster_body(state.threshold, roster)
             return [
                 self._envelope(task, state, a.device_id, SecAggStep.ROSTER, body) for a in roster
             ]
         if state.phase is SecurePhase.MASKING:
-            server = self._server(task, state, SecurePhase.ADVERTISING)
-            routed = server.route_shares(list(self._shares(state).values()))
+            server = self.replay.server(task, state, SecurePhase.ADVERTISING)
+            routed = server.route_shares(list(self.replay.shares(state).values()))
             return [
                 self._envelope(
                     task, state, device, SecAggStep.FORWARDED_SHARES, forwarded_body(boxes)
@@ -433,7 +420,7 @@ class SecureRounds:
                 for device, boxes in routed.items()
             ]
         if state.phase is SecurePhase.UNMASKING:
-            request = self._unmask_request(task, state)
+            request = self.replay.unmask_request(task, state)
             body = message_body(request)
             return [
                 self._envelope(task, state, device, SecAggStep.UNMASK_REQUEST, body)
@@ -466,65 +453,6 @@ class SecureRounds:
                 completed = record is not None and record.state is RoundState.COMPLETED
                 self.finish(state.task_id, state.round_number, completed, "closed before restart")
 
-    # -- replay ------------------------------------------------------------------------
-
-    def _server(
-        self, task: TaskConfig, state: SecureRoundState, through: SecurePhase
-    ) -> SecAggServer:
-        """A SecAggServer fed the stored messages of every phase up to `through`."""
-        round_id = secagg_round_id(task.id, state.round_number)
-        config = SecAggConfig(max(2, state.threshold), quantization_of(_spec(task)))
-        server = SecAggServer(round_id, config, self.layout_of(task.id))
-        server.collect_advertisements(self._adverts(state))
-        if through is SecurePhase.ADVERTISING:
-            return server
-        server.route_shares(list(self._shares(state).values()))
-        if through is SecurePhase.SHARING:
-            return server
-        spec = _spec(task)
-        server.collect_masked_inputs(
-            [
-                masked_input_from_body(round_id, update.device_id, spec, update.body)
-                for update in self.store.updates(task.id, state.round_number)
-            ]
-        )
-        return server
-
-    def _unmask_request(self, task: TaskConfig, state: SecureRoundState) -> UnmaskRequest:
-        """What `SecAggServer.collect_masked_inputs` would ask, from the stored senders
-        alone (every stored message passed the server's checks on arrival), so answering
-        each unmask response does not replay the masked vectors; SecAggAbort below t."""
-        sharers = self._senders(state, SecAggStep.SHARE_KEYS)
-        survivors = tuple(sorted(self._masked_senders(state) & sharers))
-        if len(survivors) < max(2, state.threshold):
-            raise SecAggAbort(
-                f"only {len(survivors)} of {len(sharers)} devices sent masked inputs; "
-                f"threshold is {state.threshold}. The round is aborted and nothing is revealed"
-            )
-        dropped = tuple(sorted(sharers - set(survivors)))
-        return UnmaskRequest(secagg_round_id(task.id, state.round_number), survivors, dropped)
-
-    def _senders(self, state: SecureRoundState, step: SecAggStep) -> set[str]:
-        return self.secure_store.senders(state.task_id, state.round_number, step.value)
-
-    def _stored(self, state: SecureRoundState, step: SecAggStep) -> dict[str, bytes]:
-        return self.secure_store.messages(state.task_id, state.round_number, step.value)
-
-    def _adverts(self, state: SecureRoundState) -> list[AdvertiseKeys]:
-        stored = self._stored(state, SecAggStep.ADVERTISE_KEYS)
-        return [parse_message(AdvertiseKeys, body) for body in stored.values()]
-
-    def _shares(self, state: SecureRoundState) -> dict[str, ShareKeys]:
-        stored = self._stored(state, SecAggStep.SHARE_KEYS)
-        return {device: parse_message(ShareKeys, body) for device, body in stored.items()}
-
-    def _responses(self, state: SecureRoundState) -> list[UnmaskResponse]:
-        stored = self._stored(state, SecAggStep.UNMASK_RESPONSE)
-        return [parse_message(UnmaskResponse, body) for body in stored.values()]
-
-    def _masked_senders(self, state: SecureRoundState) -> set[str]:
-        return set(self.store.reported_devices(state.task_id, state.round_number))
-
     def _envelope(
         self,
         task: TaskConfig,
@@ -544,26 +472,6 @@ class SecureRounds:
         )
         frame = encode_frame(envelope, sender=COORDINATOR_SENDER, body=body, signing_key=self.key)
         return Outgoing(inbox_topic(self.fleet, device_id, InboxChannel.SECAGG), frame)
-
-
-def secure_mean(result: SecAggResult, task: TaskConfig) -> dict[str, torch.Tensor]:
-    """Unweighted mean of the survivors' deltas; under central DP with Gaussian noise of
-    standard deviation z * C / n, as DpFedAvg adds it. The coordinator cannot clip what it
-    cannot see: devices clip before masking."""
-    count = result.num_inputs
-    mean = {name: tensor / count for name, tensor in result.total.items()}
-    policy = DpPolicy.of(task)
-    if policy is not None and policy.central_noise and policy.noise_multiplier > 0:
-        std = central_noise_std(policy.noise_multiplier, policy.clip_norm, count)
-        mean = add_gaussian_noise(mean, std, secure_generator())
-    return mean
-
-
-def _spec(task: TaskConfig) -> SecureAggregationSpec:
-    spec = wire_task_spec(task).secure_aggregation
-    if spec is None:
-        raise SecureStepRefused(f"task {task.id} does not run secure aggregation")
-    return spec
 
 
 def _check_identity(round_id: str, device_id: str, expected_round: str, sender: str) -> None:

@@ -13,6 +13,8 @@ from edge_runtime.secagg.crypto import (
     MASK_PURPOSE,
     SHARE_BOX_PURPOSE,
     agree_seed,
+    clamp_private_key,
+    commit_self_mask_seed,
     expand_seed,
     generate_key_pair,
     new_seed,
@@ -90,7 +92,10 @@ class SecAggClient:
     def share_keys(
         self, roster: Sequence[AdvertiseKeys], threshold: int | None = None
     ) -> ShareKeys:
-        """Check the roster, split b_u and the s-key, and seal one share box per peer.
+        """Check the roster, split b_u and the s-key, and seal one share box per peer; the
+        message carries a commitment to b_u, against which the coordinator checks the seed it
+        rebuilds (the s-key is checked against the advertised public key; it is shared in
+        its clamped form, the only one the coordinator accepts).
 
         `threshold`: the t the coordinator fixed once it knew the roster (it replaces the
         config's). It is refused unless it is a strict majority of the roster, so a
@@ -116,7 +121,7 @@ class SecAggClient:
         self._roster = {advert.device_id: advert for advert in roster}
         points = share_points(ids)
         threshold = self.config.reconstruction_threshold
-        key_int = int.from_bytes(private_key_bytes(self._mask_key), "big")
+        key_int = int.from_bytes(clamp_private_key(private_key_bytes(self._mask_key)), "big")
         key_shares = split_secret(key_int, threshold, list(points.values()))
         seed_shares = split_secret(
             int.from_bytes(self._self_mask_seed, "big"), threshold, list(points.values())
@@ -129,7 +134,14 @@ class SecAggClient:
             plaintext = share_to_bytes(key_shares[x]) + share_to_bytes(seed_shares[x])
             aad = share_box_aad(self.round_id, self.device_id, peer_id)
             boxes[peer_id] = seal_share_box(self._box_key(peer_id), plaintext, aad)
-        return ShareKeys(round_id=self.round_id, sender_id=self.device_id, encrypted_shares=boxes)
+        return ShareKeys(
+            round_id=self.round_id,
+            sender_id=self.device_id,
+            encrypted_shares=boxes,
+            self_mask_commitment=commit_self_mask_seed(
+                self._self_mask_seed, self.round_id, self.device_id
+            ),
+        )
 
     def receive_shares(self, messages: Sequence[ShareKeys]) -> None:
         """Open the boxes addressed to this device; the senders become its masking peers."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -33,13 +34,35 @@ class SecAggConfig:
             )
 
 
+class ShareFault(enum.Enum):
+    """How a device was caught misbehaving while the coordinator unmasked; the value is the
+    category its rejection is recorded under."""
+
+    BAD_SHARE = "secagg-bad-share"
+    """It revealed a share that disagrees with the verified secret of its owner."""
+    BAD_SECRET = "secagg-bad-secret"
+    """Its own shares agree with each other but rebuild a seed other than the one it
+    committed to (or a mask key other than the one it advertised)."""
+
+
+@dataclass(frozen=True)
+class ShareRejection:
+    """One device caught misbehaving during unmasking, and why (for the log and the store)."""
+
+    device_id: str
+    fault: ShareFault
+    reason: str
+
+
 @dataclass(frozen=True)
 class SecAggResult:
-    """The decoded sum of the survivors' deltas, and who it covers."""
+    """The decoded sum of the survivors' deltas, who it covers, and who was caught lying."""
 
     total: dict[str, torch.Tensor]
     contributors: tuple[str, ...]
     dropped: tuple[str, ...]
+    rejections: tuple[ShareRejection, ...] = ()
+    """Devices whose revealed shares were wrong; the sum was rebuilt without them."""
 
     @property
     def num_inputs(self) -> int:

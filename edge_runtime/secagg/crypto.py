@@ -16,10 +16,16 @@ All primitives come from `cryptography` (OpenSSL); nothing here uses Python's or
 - Share boxes: AES-256-GCM, key = HKDF of the c-agreement, random 96-bit nonce prepended,
   associated data = round id, sender, recipient, so a box cannot be replayed to another
   recipient or round. The relaying coordinator holds neither c private key and cannot open it.
+- Verifying reconstructed secrets: a self-mask seed against the SHA-256 commitment its owner
+  sent with its share boxes (`commit_self_mask_seed`), a mask key against the public key its
+  owner advertised. The mask key is shared in its RFC 7748 clamped form and only a clamped
+  reconstruction is accepted: X25519 ignores five bits of a raw key, and without the check
+  a device revealing a crafted wrong share could pass a different-but-equivalent key.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import numpy as np
@@ -36,6 +42,8 @@ NONCE_BYTES = 12
 PROTOCOL_LABEL = b"schoolfl-secagg/v1"
 MASK_PURPOSE = b"pairwise-mask"
 SHARE_BOX_PURPOSE = b"share-box"
+SELF_MASK_COMMITMENT_PURPOSE = b"self-mask-commitment"
+COMMITMENT_BYTES = 32
 
 
 def generate_key_pair() -> X25519PrivateKey:
@@ -54,6 +62,24 @@ def private_key_bytes(private_key: X25519PrivateKey) -> bytes:
         serialization.PrivateFormat.Raw,
         serialization.NoEncryption(),
     )
+
+
+def clamp_private_key(raw: bytes) -> bytes:
+    """RFC 7748 clamping (what X25519 applies to a scalar before use): same public key."""
+    if len(raw) != KEY_BYTES:
+        raise ValueError(f"an X25519 private key is {KEY_BYTES} bytes, got {len(raw)}")
+    clamped = bytearray(raw)
+    clamped[0] &= 248
+    clamped[31] &= 127
+    clamped[31] |= 64
+    return bytes(clamped)
+
+
+def mask_key_matches(raw: bytes, public_key: bytes) -> bool:
+    """True when `raw` is a clamped X25519 private key whose public key is `public_key`."""
+    if len(raw) != KEY_BYTES or clamp_private_key(raw) != raw:
+        return False
+    return public_key_bytes(X25519PrivateKey.from_private_bytes(raw)) == public_key
 
 
 def agree_seed(
@@ -87,6 +113,19 @@ def expand_seed(seed: bytes, num_coordinates: int, ring_bits: int) -> torch.Tens
 def new_seed() -> bytes:
     """A fresh self-mask seed b_u (OS randomness)."""
     return os.urandom(SEED_BYTES)
+
+
+def commit_self_mask_seed(seed: bytes, round_id: str, device_id: str) -> bytes:
+    """SHA-256(label | purpose | round | device | seed): the commitment a device sends with
+    its share boxes, so the coordinator can tell a correctly reconstructed seed from one
+    rebuilt from a lying device's shares. It hides the seed (32 uniformly random bytes) and
+    binds it (no other seed has the same hash); round and device are bound in so it cannot
+    be replayed for another round or device. Ids are identifiers (no `|`); the seed has a
+    fixed length, so the encoding is unambiguous."""
+    if len(seed) != SEED_BYTES:
+        raise ValueError(f"a self-mask seed is {SEED_BYTES} bytes, got {len(seed)}")
+    parts = [PROTOCOL_LABEL, SELF_MASK_COMMITMENT_PURPOSE, round_id.encode(), device_id.encode()]
+    return hashlib.sha256(b"|".join(parts) + b"|" + seed).digest()
 
 
 def share_box_aad(round_id: str, sender_id: str, recipient_id: str) -> bytes:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
-from edge_runtime.secagg.crypto import NONCE_BYTES
+from edge_runtime.secagg.crypto import COMMITMENT_BYTES, NONCE_BYTES
 from edge_runtime.secagg.shamir import SHARE_BYTES
 from edge_runtime.wire import SchemaError, check_identifier, from_json_fields, to_json_fields
 
@@ -103,6 +103,10 @@ class ShareKeys(SecAggMessage):
     sender_id: str
     encrypted_shares: dict[str, bytes]
     """recipient device id -> nonce || AES-GCM(share of s-key || share of b) || tag."""
+    self_mask_commitment: bytes = b""
+    """`commit_self_mask_seed` of the sender's b: what its reconstructed seed is checked
+    against. Required from a device (the coordinator refuses a ShareKeys without it);
+    empty in the copies the coordinator forwards, whose recipients have no use for it."""
 
     def __post_init__(self) -> None:
         check_identifier("round_id", self.round_id)
@@ -110,6 +114,10 @@ class ShareKeys(SecAggMessage):
         _check_device_ids("encrypted_shares", tuple(self.encrypted_shares))
         for recipient, box in self.encrypted_shares.items():
             _check_bytes(f"encrypted_shares[{recipient!r}]", box, SHARE_BOX_BYTES)
+        if self.self_mask_commitment:
+            _check_bytes("self_mask_commitment", self.self_mask_commitment, COMMITMENT_BYTES)
+        elif not isinstance(self.self_mask_commitment, bytes):
+            raise SchemaError("self_mask_commitment must be bytes")
 
 
 @dataclass(frozen=True)

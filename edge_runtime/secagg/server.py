@@ -13,7 +13,11 @@ Each device u, for one round:
      dropped v (shared keys, no masked input) the share of v's s-key, never both for one v.
 The coordinator sums the y_u of the survivors, reconstructs the s-keys of the dropped to cancel
 their pairwise masks with the survivors, reconstructs the survivors' b to remove the self-masks,
-and decodes the sum. With fewer than t devices at any step it raises `SecAggAbort`.
+and decodes the sum. With fewer than t devices at any step it raises `SecAggAbort`. Every
+reconstructed secret is verified (b_u against the commitment u sent in step 1, s-keys against
+the advertised public keys) and rebuilt from all the revealed shares, so a device revealing
+wrong shares is named and outvoted instead of shifting the sum
+(`edge_runtime.secagg.reconstruction`).
 
 Scope: this module is the cryptographic core and an in-process driver that relays messages
 exactly as the MQTT coordinator does (through their JSON form). Over MQTT, the agent drives a
@@ -28,15 +32,13 @@ import logging
 from collections.abc import Sequence
 
 import torch
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from edge_runtime.secagg.config import SecAggConfig, SecAggResult, abort_if_below, share_points
 from edge_runtime.secagg.crypto import (
-    KEY_BYTES,
+    COMMITMENT_BYTES,
     MASK_PURPOSE,
     agree_seed,
     expand_seed,
-    public_key_bytes,
 )
 from edge_runtime.secagg.messages import (
     AdvertiseKeys,
@@ -46,15 +48,12 @@ from edge_runtime.secagg.messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
+from edge_runtime.secagg.reconstruction import rebuild_secrets
 from edge_runtime.secagg.ring import (
     TensorLayout,
     dequantize_sum,
     reduce_mod,
     ring_vector_from_bytes,
-)
-from edge_runtime.secagg.shamir import (
-    reconstruct_secret,
-    share_from_bytes,
 )
 from edge_runtime.wire import SchemaError
 
@@ -74,6 +73,7 @@ class SecAggServer:
         self.layout = layout
         self.roster: dict[str, AdvertiseKeys] = {}
         self.shared_keys: tuple[str, ...] = ()  # U2: devices whose share boxes were relayed
+        self.commitments: dict[str, bytes] = {}  # U2 device -> commitment to its self-mask seed
         self.masked_inputs: dict[str, torch.Tensor] = {}  # U3: masked ring vectors only
         self.request: UnmaskRequest | None = None
 
@@ -97,11 +97,16 @@ class SecAggServer:
         for message in messages:
             self._check_round(message.round_id, message.sender_id)
             expected = set(self.roster) - {message.sender_id}
-            if message.sender_id in self.roster and set(message.encrypted_shares) == expected:
-                complete.setdefault(message.sender_id, message)
-            else:
+            if message.sender_id not in self.roster or set(message.encrypted_shares) != expected:
                 logger.warning("dropping ShareKeys from %s: wrong recipients", message.sender_id)
+            elif len(message.self_mask_commitment) != COMMITMENT_BYTES:
+                logger.warning("dropping ShareKeys from %s: no seed commitment", message.sender_id)
+            else:
+                complete.setdefault(message.sender_id, message)
         self.shared_keys = tuple(sorted(complete))
+        self.commitments = {
+            sender: message.self_mask_commitment for sender, message in complete.items()
+        }
         abort_if_below(
             self.config.reconstruction_threshold,
             len(complete),
@@ -154,19 +159,11 @@ class SecAggServer:
         self.request = UnmaskRequest(self.round_id, survivors, dropped)
         return self.request
 
-    def _reconstruct(self, shares_by_holder: dict[str, dict[str, bytes]], owner: str) -> bytes:
-        points = share_points(self.shared_keys)
-        shares = {
-            points[holder]: share_from_bytes(shares[owner])
-            for holder, shares in shares_by_holder.items()
-        }
-        secret = reconstruct_secret(shares, self.config.reconstruction_threshold)
-        if secret >= 1 << (8 * KEY_BYTES):
-            raise SecAggAbort(f"reconstructed secret of {owner!r} is out of range: bad shares")
-        return secret.to_bytes(KEY_BYTES, "big")
-
     def aggregate(self, responses: Sequence[UnmaskResponse]) -> SecAggResult:
-        """Step 3: with >= t responses, remove all masks and decode the survivors' sum."""
+        """Step 3: with >= t responses, rebuild and verify the requested secrets from all of
+        them (a device revealing wrong shares is outvoted and named in the result's
+        `rejections`), remove all masks and decode the survivors' sum. Raises SecAggAbort
+        below t, ReconstructionAbort when a secret cannot be verified."""
         if self.request is None:
             raise SecAggAbort("aggregate called before collect_masked_inputs")
         request = self.request
@@ -189,19 +186,23 @@ class SecAggServer:
             len(request.survivors),
             "answered the unmask request",
         )
+        secrets = rebuild_secrets(
+            self.round_id,
+            request,
+            valid,
+            share_points(self.shared_keys),
+            self.config.reconstruction_threshold,
+            self.commitments,
+            {device_id: advert.mask_public_key for device_id, advert in self.roster.items()},
+        )
         bits = self.config.quantization.ring_bits
         size = self.layout.num_coordinates
         total = torch.zeros(size, dtype=torch.int64)  # (d,)
         for device_id in request.survivors:
             total += self.masked_inputs[device_id]
-        self_shares = {holder: r.self_mask_shares for holder, r in valid.items()}
         for device_id in request.survivors:
-            total -= expand_seed(self._reconstruct(self_shares, device_id), size, bits)
-        key_shares = {holder: r.mask_key_shares for holder, r in valid.items()}
-        for dropped_id in request.dropped:
-            key = X25519PrivateKey.from_private_bytes(self._reconstruct(key_shares, dropped_id))
-            if public_key_bytes(key) != self.roster[dropped_id].mask_public_key:
-                raise SecAggAbort(f"reconstructed mask key of {dropped_id!r} does not match")
+            total -= expand_seed(secrets.self_mask_seeds[device_id], size, bits)
+        for dropped_id, key in secrets.mask_keys.items():
             for device_id in request.survivors:
                 seed = agree_seed(
                     key,
@@ -216,9 +217,16 @@ class SecAggServer:
             total = reduce_mod(total, bits)
         total = dequantize_sum(total, len(request.survivors), self.layout, self.config.quantization)
         logger.info(
-            "secure aggregation %s: summed %d inputs, %d dropped",
+            "secure aggregation %s: summed %d inputs, %d dropped, %d device(s) revealed wrong "
+            "shares and were outvoted",
             self.round_id,
             len(request.survivors),
             len(request.dropped),
+            len(secrets.rejections),
         )
-        return SecAggResult(total=total, contributors=request.survivors, dropped=request.dropped)
+        return SecAggResult(
+            total=total,
+            contributors=request.survivors,
+            dropped=request.dropped,
+            rejections=secrets.rejections,
+        )
