@@ -153,7 +153,7 @@ def measure_decode(skip_before: bool, count: int = TENSORS) -> None:
             row = json.loads(result.stdout.strip().splitlines()[-1])
             label = f"{BASE_COMMIT} (before)" if which == "before" else "current (after)"
             print(
-                f"| {label} | {'yes' if with_expected else 'no'} | {row['seconds']:.4f} | "
+                f"| {label} | {'yes' if with_expected else 'no'} | {row['seconds']:.3g} | "
                 f"{row['rss_growth_mib']:.0f} | {row['outcome']} |"
             )
     Path(handle.name).unlink()
