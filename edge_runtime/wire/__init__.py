@@ -8,9 +8,12 @@ submodule, so the protocol can be reorganised without touching its users.
 from edge_runtime.wire.broker_settings import BrokerSettings
 from edge_runtime.wire.chunking import (
     DEFAULT_CHUNK_BYTES,
+    DEFAULT_IDLE_TIMEOUT_SECONDS,
     ChunkReassembler,
     ChunkSender,
     ExpiredTransfer,
+    SenderUsage,
+    idle_timeout_for_deadlines,
     indices_to_ranges,
 )
 from edge_runtime.wire.errors import (
@@ -63,6 +66,8 @@ from edge_runtime.wire.messages import (
     Update,
     update_id,
 )
+from edge_runtime.wire.receive_queue import ReceivedMessage, ReceiveQueue, ReceiveQueueConfig
+from edge_runtime.wire.safetensors_header import SafetensorsHeader, TensorEntry, read_header
 from edge_runtime.wire.schema import check_identifier, from_json_fields, to_json_fields
 from edge_runtime.wire.signing import (
     Ed25519PrivateKey,
@@ -92,7 +97,6 @@ from edge_runtime.wire.topics import (
 from edge_runtime.wire.transport import (
     MqttTransport,
     MqttVersion,
-    ReceivedMessage,
     ReconnectConfig,
     TlsConfig,
     TokenBucket,
@@ -100,7 +104,14 @@ from edge_runtime.wire.transport import (
     TransportError,
     WillConfig,
 )
-from edge_runtime.wire.update_codec import CodecConfig, decode_update, encode_update, tensor_shapes
+from edge_runtime.wire.update_codec import (
+    DEFAULT_MAX_HEADER_BYTES,
+    CodecConfig,
+    decode_update,
+    encode_update,
+    header_budget,
+    tensor_shapes,
+)
 
 __all__ = [
     "AckStatus",
@@ -117,6 +128,8 @@ __all__ = [
     "CodecError",
     "CoordinatorStatus",
     "DEFAULT_CHUNK_BYTES",
+    "DEFAULT_IDLE_TIMEOUT_SECONDS",
+    "DEFAULT_MAX_HEADER_BYTES",
     "DeviceChannel",
     "DevicePrivacy",
     "DeviceState",
@@ -138,19 +151,24 @@ __all__ = [
     "PowerSource",
     "PrivacyMode",
     "ProtocolError",
+    "ReceiveQueue",
+    "ReceiveQueueConfig",
     "ReceivedMessage",
     "ReconnectConfig",
     "ReplayError",
     "SECURE_AGGREGATION_CAPABILITY",
+    "SafetensorsHeader",
     "SchemaError",
     "SecAggEnvelope",
     "SecAggStep",
     "SecureAggregationSpec",
+    "SenderUsage",
     "SignatureError",
     "StaleRoundError",
     "TOPIC_ROOT",
     "TaskAssignment",
     "TaskSpec",
+    "TensorEntry",
     "TlsConfig",
     "TokenBucket",
     "TransferStatus",
@@ -172,6 +190,8 @@ __all__ = [
     "encode_update",
     "from_json_fields",
     "generate_private_key",
+    "header_budget",
+    "idle_timeout_for_deadlines",
     "inbox_topic",
     "indices_to_ranges",
     "load_private_key",
@@ -180,6 +200,7 @@ __all__ = [
     "parse_device_topic",
     "public_key_from_hex",
     "public_key_hex",
+    "read_header",
     "save_private_key",
     "sign",
     "tensor_shapes",

@@ -10,6 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from edge_runtime.wire.receive_queue import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_MESSAGES,
+    ReceiveQueueConfig,
+)
 from edge_runtime.wire.transport import TlsConfig, TransportConfig, WillConfig
 
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
@@ -29,6 +34,12 @@ class BrokerSettings:
     """Skip TLS hostname checks: only for a lab broker with a self-signed certificate."""
     bandwidth_limit_bytes_per_second: float | None = None
     """Cap on outgoing bytes per second (emulates or respects a slow school uplink)."""
+    receive_queue_max_messages: int = DEFAULT_MAX_MESSAGES
+    """Received messages waiting for the daemon's loop; more are dropped and counted."""
+    receive_queue_max_bytes: int = DEFAULT_MAX_BYTES
+    """Received bytes waiting for the daemon's loop (64 MiB); more are dropped and counted.
+    On an agent, keep it above the largest global adapter it downloads (its chunks arrive
+    at once, and may wait while the loop trains)."""
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
@@ -46,6 +57,10 @@ class BrokerSettings:
             self.bandwidth_limit_bytes_per_second <= 0
         ):
             raise ValueError("bandwidth_limit_bytes_per_second must be > 0 when set")
+        self.receive_queue().validate()
+
+    def receive_queue(self) -> ReceiveQueueConfig:
+        return ReceiveQueueConfig(self.receive_queue_max_messages, self.receive_queue_max_bytes)
 
     @classmethod
     def from_table(cls, table: dict[str, object]) -> BrokerSettings:
@@ -90,6 +105,7 @@ class BrokerSettings:
             tls=tls,
             will=will,
             bandwidth_limit_bytes_per_second=self.bandwidth_limit_bytes_per_second,
+            receive=self.receive_queue(),
         )
         config.validate()
         return config

@@ -74,9 +74,17 @@ class Limits:
     """A whole reassembled frame (1 GiB: far above an r=64 adapter of a 1B model)."""
     max_chunk_count: int = 1 << 20
     max_open_transfers: int = 64
-    """Transfers being reassembled at once, per receiver."""
+    """Transfers being reassembled at once, per receiver (all senders together)."""
     max_buffered_bytes: int = 2 * 1024 * 1024 * 1024
-    """Chunk bytes held across all open transfers of one receiver."""
+    """Chunk bytes held across all open transfers of one receiver (all senders together)."""
+    max_open_transfers_per_sender: int = 4
+    """Transfers one sender may have open at once. An agent uploads one update per task at a
+    time (a restart resumes the same transfer id), so 4 covers a device in several tasks; at
+    a sixteenth of `max_open_transfers`, one device cannot take the slots honest ones need."""
+    max_buffered_bytes_per_sender: int = 512 * 1024 * 1024
+    """Chunk bytes one sender may hold unfinished: two fp32 updates at `decode_update`'s
+    `max_elements` (256 MiB each); a quarter of `max_buffered_bytes`. A transfer declaring
+    more than this is refused at its first chunk, since it could never complete."""
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:

@@ -7,7 +7,9 @@ What it adds to paho, and why:
   messages published while the link is down are delivered after it comes back;
 - subscriptions remembered and re-sent in `on_connect`, so reconnects resubscribe;
 - callbacks that never block: received messages go to `received` (a queue the daemon's
-  loop drains), connection changes set events;
+  loop drains, bounded in messages and bytes: when the loop falls behind, arrivals are
+  dropped and counted in `dropped` / `take_drops()`; `receive_queue.py` says why this
+  rather than paho's `manual_ack`), connection changes set events;
 - an optional outgoing token bucket, to emulate (or respect) a slow school uplink;
 - paho's own log lines routed into `logging`.
 
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import queue
 import ssl
 import threading
 import time
@@ -30,6 +31,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+
+from edge_runtime.wire.receive_queue import ReceivedMessage, ReceiveQueue, ReceiveQueueConfig
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +101,8 @@ class TransportConfig:
     """Outgoing payload bytes per second; None is unlimited."""
     bandwidth_burst_bytes: int = 64 * 1024
     max_inflight_messages: int = 20
+    receive: ReceiveQueueConfig = field(default_factory=ReceiveQueueConfig)
+    """Bounds of the queue of received messages; arrivals past them are dropped, counted."""
 
     def validate(self) -> None:
         if not self.host:
@@ -113,6 +118,7 @@ class TransportConfig:
                 raise ValueError("bandwidth_limit_bytes_per_second must be > 0")
         if self.bandwidth_burst_bytes < 1:
             raise ValueError("bandwidth_burst_bytes must be >= 1")
+        self.receive.validate()
 
     def describe(self) -> str:
         """One log line, without the password."""
@@ -121,7 +127,8 @@ class TransportConfig:
             f"user={self.username or '-'} mqtt={self.protocol.value} "
             f"clean_session={self.clean_session} keepalive={self.keepalive_seconds}s "
             f"will={'yes' if self.will else 'no'} "
-            f"bandwidth_limit={self.bandwidth_limit_bytes_per_second or 'none'}"
+            f"bandwidth_limit={self.bandwidth_limit_bytes_per_second or 'none'} "
+            f"receive_queue={self.receive.max_messages} messages/{self.receive.max_bytes} bytes"
         )
 
 
@@ -179,16 +186,6 @@ class _PahoLogAdapter(logging.LoggerAdapter):  # type: ignore[type-arg]
         super().log(level, msg, *args, **kwargs)  # type: ignore[arg-type]
 
 
-@dataclass(frozen=True)
-class ReceivedMessage:
-    """One message as it came off the broker (decode it with `protocol.decode_frame`)."""
-
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-
-
 class MqttTransport:
     """Connect, publish, subscribe; received messages land in `received`.
 
@@ -200,6 +197,10 @@ class MqttTransport:
         transport.publish(topic, frame_bytes)      # QoS 1, not retained
         message = transport.received.get(timeout=1.0)
         transport.stop()
+
+    `received` holds at most `config.receive` (messages, bytes); what arrives while it is
+    full is dropped, counted in `dropped`, and reported by topic by `take_drops()`, which a
+    daemon calls on each tick to count the drops as refusals. Nothing needs acknowledging.
     """
 
     client_class: type[mqtt.Client] = mqtt.Client
@@ -208,7 +209,7 @@ class MqttTransport:
     def __init__(self, config: TransportConfig) -> None:
         config.validate()
         self.config = config
-        self.received: queue.Queue[ReceivedMessage] = queue.Queue()
+        self.received = ReceiveQueue(config.receive)
         self.connected = threading.Event()
         self.connect_count = 0
         self.disconnect_count = 0
@@ -291,11 +292,20 @@ class MqttTransport:
         logger.info("disconnected (%s); paho reconnects with backoff", reason_code)
 
     def _on_message(self, client, userdata, message) -> None:  # noqa: ANN001
-        self.received.put_nowait(
+        self.received.offer(
             ReceivedMessage(message.topic, bytes(message.payload), message.qos, message.retain)
         )
 
     # -- public API ------------------------------------------------------------------------
+
+    @property
+    def dropped(self) -> int:
+        """Messages dropped since start because `received` was full."""
+        return self.received.dropped
+
+    def take_drops(self) -> dict[str, int]:
+        """Drops by topic since the last call (see `ReceiveQueue.take_drops`)."""
+        return self.received.take_drops()
 
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         """Subscribe now if connected and again after every reconnect."""

@@ -17,6 +17,12 @@ The matrix view is [first dimension, rest] (a vector is one row); groups = rows 
 rows <= cols else cols. Metadata holds the encoding and the original shapes. Decoding
 rejects wrong names, shapes and dtypes, out-of-range indices and non-finite values with
 `CodecError`, and bounds the elements it will allocate.
+
+Decoding checks the safetensors header before it loads anything: the header's length is
+bounded (by what the expected tensors can need), and its names, dtypes, shapes and data
+offsets must be exactly those the metadata's shapes imply. A body declaring a million tiny
+tensors, or a few huge ones, is refused after one bounded `json.loads` instead of after
+building every tensor it names (tens of seconds and gigabytes on the coordinator's loop).
 """
 
 from __future__ import annotations
@@ -33,12 +39,29 @@ from safetensors.torch import save as safetensors_save
 
 from edge_runtime.wire.errors import CodecError, LimitExceededError
 from edge_runtime.wire.message_kinds import UpdateEncoding
+from edge_runtime.wire.safetensors_header import TensorEntry, loads_unique, read_header
 
 CODEC_FORMAT = "schoolfl-update"
 CODEC_VERSION = "1"
 SEPARATOR = "::"
 DEFAULT_MAX_ELEMENTS = 64 * 1024 * 1024
 """64 Mi parameters (256 MB fp32) per update: 13x an SmolLM2-135M r=16 all-linear adapter."""
+DEFAULT_MAX_HEADER_BYTES = 1024 * 1024
+"""Safetensors header JSON an update may carry when the caller gives no expected shapes (a
+global adapter the agent downloaded, the coordinator's own bodies). An SmolLM2-135M
+all-linear adapter (420 tensors; int8 top-k stores 1260 entries) needs ~200 KB; 1 MiB
+bounds the parse a hostile header can ask for at ~0.2 s on a busy 2-core box."""
+STORED_PER_TENSOR = 3
+"""Most stored entries one tensor takes (int8 top-k: idx, q8, scale)."""
+HEADER_BYTES_BASE = 64 * 1024
+"""With expected shapes, the header may hold this much beyond its per-tensor budget
+(metadata keys, padding)."""
+HEADER_BYTES_PER_TENSOR = 1024
+"""...plus this much, and 8 bytes per character of the name, for each expected tensor: up to
+three entries (idx, q8/val, scale) with 8-dimension shapes and offsets, and its shape in
+the metadata, take ~550 bytes plus 4 per name character."""
+SAFETENSORS_DTYPES = {"F32": torch.float32, "I8": torch.int8, "I32": torch.int32}
+"""The dtypes an update stores, by their safetensors names."""
 
 
 @dataclass(frozen=True)
@@ -175,28 +198,25 @@ def encode_update(tensors: Mapping[str, torch.Tensor], config: CodecConfig) -> E
 # ----------------------------------------------------------------------------- decoding
 
 
-def _read_metadata(body: bytes) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+def header_budget(
+    expected_shapes: Mapping[str, tuple[int, ...]], max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+) -> int:
+    """The most header bytes an honest body of `expected_shapes` can need (capped)."""
+    need = HEADER_BYTES_BASE + sum(
+        HEADER_BYTES_PER_TENSOR + 8 * len(name) for name in expected_shapes
+    )
+    return min(max_header_bytes, need)
+
+
+def _load(body: bytes) -> dict[str, torch.Tensor]:
     try:
-        tensors = safetensors_load(body)
+        return safetensors_load(body)
     except (SafetensorError, ValueError, RuntimeError, TypeError, OverflowError) as error:
         raise CodecError(f"update body is not a valid safetensors file: {error}") from error
-    # safetensors.torch.load drops metadata; read it from the (already validated) header.
-    header_length = int.from_bytes(body[:8], "little")
-    try:
-        header = json.loads(body[8 : 8 + header_length])
-    except (ValueError, RecursionError) as error:  # pragma: no cover - safetensors checked it
-        raise CodecError(f"update header is not JSON: {error}") from error
-    metadata = header.get("__metadata__") if isinstance(header, dict) else None
-    if not isinstance(metadata, dict):
-        raise CodecError("update body has no schoolfl metadata; not produced by encode_update")
-    return metadata, tensors
 
 
 def _parse_shapes(text: str) -> dict[str, tuple[int, ...]]:
-    try:
-        shapes = json.loads(text)
-    except (ValueError, RecursionError) as error:
-        raise CodecError(f"metadata 'shapes' is not JSON: {error}") from error
+    shapes = loads_unique(text, "metadata 'shapes'")
     if not isinstance(shapes, dict):
         raise CodecError("metadata 'shapes' must map names to shapes")
     parsed: dict[str, tuple[int, ...]] = {}
@@ -230,19 +250,91 @@ def _finite(name: str, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def _layout(
+    name: str, shape: tuple[int, ...], encoding: UpdateEncoding, sparse: bool, k: int
+) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Stored key -> (safetensors dtype, shape) that tensor `name` must be stored as; `k`
+    is the number of kept entries of a top-k tensor."""
+    numel = math.prod(shape)
+    rows = _rows(shape)
+    cols = numel // rows if rows else 0
+    groups, _ = _scale_groups(rows, cols)
+    key = name + SEPARATOR
+    if not sparse:
+        if encoding is UpdateEncoding.FP32:
+            return {name: ("F32", shape)}
+        return {key + "q8": ("I8", (rows, cols)), key + "scale": ("F32", (groups,))}
+    if encoding is UpdateEncoding.FP32:
+        return {key + "idx": ("I32", (k,)), key + "val": ("F32", (k,))}
+    return {key + "idx": ("I32", (k,)), key + "q8": ("I8", (k,)), key + "scale": ("F32", (groups,))}
+
+
+def _check_header(
+    entries: Mapping[str, TensorEntry],
+    shapes: Mapping[str, tuple[int, ...]],
+    encoding: UpdateEncoding,
+    sparse: bool,
+) -> None:
+    """The header must declare exactly the tensors `shapes` imply, with their dtypes and
+    shapes, before any of them is loaded."""
+    layouts: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for name, shape in shapes.items():
+        k = 0
+        if sparse:
+            index = entries.get(name + SEPARATOR + "idx")
+            if index is None or index.dtype != "I32" or len(index.shape) != 1:
+                raise CodecError(f"{name}{SEPARATOR}idx must be a 1-D int32 tensor")
+            k, numel = index.shape[0], math.prod(shape)
+            if not 1 <= k <= numel:
+                raise CodecError(
+                    f"{name}{SEPARATOR}idx holds {k} indices for a tensor of {numel} elements"
+                )
+        layouts.update(_layout(name, shape, encoding, sparse, k))
+    if set(entries) != set(layouts):
+        extra = sorted(set(entries) - set(layouts))[:3]
+        missing = sorted(set(layouts) - set(entries))[:3]
+        raise CodecError(
+            f"update tensor names wrong: unexpected {extra}, missing {missing} "
+            f"({len(entries)} stored, {len(layouts)} expected)"
+        )
+    for key, (dtype, shape) in layouts.items():
+        entry = entries[key]
+        if entry.dtype != dtype or entry.shape != shape:
+            got = SAFETENSORS_DTYPES.get(entry.dtype, entry.dtype)
+            raise CodecError(
+                f"{key!r}: expected {SAFETENSORS_DTYPES[dtype]} {list(shape)}, got {got} "
+                f"{list(entry.shape)} (declared in the header; nothing was loaded)"
+            )
+
+
 def decode_update(
     body: bytes,
     expected_shapes: Mapping[str, tuple[int, ...]] | None = None,
     *,
     max_elements: int = DEFAULT_MAX_ELEMENTS,
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
 ) -> dict[str, torch.Tensor]:
     """Decode to dense fp32 tensors, checked against `expected_shapes` when given.
 
     The coordinator passes the shapes it expects for the device's plan (rank); without them
-    the body's own declared shapes are used, bounded by `max_elements`."""
+    the body's own declared shapes are used, bounded by `max_elements`. The header is
+    checked first, bounded by `max_header_bytes` (and, with expected shapes, by what those
+    tensors can need, `header_budget`): no tensor is built for a body whose header does not
+    declare exactly the expected tensors."""
     if not isinstance(body, (bytes, bytearray)):
         raise CodecError(f"update body must be bytes, got {type(body).__name__}")
-    metadata, stored = _read_metadata(bytes(body))
+    body = bytes(body)
+    expected = None
+    budget = max_header_bytes
+    if expected_shapes is not None:
+        expected = {name: tuple(shape) for name, shape in expected_shapes.items()}
+        budget = header_budget(expected, max_header_bytes)
+    header = read_header(
+        body, budget, None if expected is None else STORED_PER_TENSOR * len(expected)
+    )
+    metadata = header.metadata
+    if not metadata:
+        raise CodecError("update body has no schoolfl metadata; not produced by encode_update")
     if metadata.get("format") != CODEC_FORMAT or metadata.get("codec_version") != CODEC_VERSION:
         raise CodecError(
             f"unsupported update format {metadata.get('format')!r:.40} version "
@@ -254,10 +346,10 @@ def decode_update(
         raise CodecError(f"unknown encoding {metadata.get('encoding')!r:.40}") from error
     sparse = metadata.get("top_k_fraction", "") != ""
     shapes = _parse_shapes(str(metadata.get("shapes", "")))
-    if expected_shapes is not None and shapes != {k: tuple(v) for k, v in expected_shapes.items()}:
+    if expected is not None and shapes != expected:
         wrong = (
-            sorted(set(shapes) ^ set(expected_shapes))[:5]
-            or [name for name in shapes if shapes[name] != tuple(expected_shapes[name])][:5]
+            sorted(set(shapes) ^ set(expected))[:5]
+            or [name for name in shapes if shapes[name] != expected[name]][:5]
         )
         raise CodecError(f"update tensors differ from the expected names/shapes: {wrong}")
     total = sum(math.prod(shape) for shape in shapes.values())
@@ -265,14 +357,10 @@ def decode_update(
         raise LimitExceededError(
             f"update declares {total} elements > max_elements={max_elements}; refused"
         )
-    suffixes = {"idx", "val"} if encoding is UpdateEncoding.FP32 else {"idx", "q8", "scale"}
-    if not sparse:
-        suffixes = set() if encoding is UpdateEncoding.FP32 else {"q8", "scale"}
-    allowed = {name + SEPARATOR + s if s else name for name in shapes for s in suffixes or {""}}
-    if set(stored) != allowed:
-        extra = sorted(set(stored) - allowed)[:3]
-        missing = sorted(allowed - set(stored))[:3]
-        raise CodecError(f"update tensor names wrong: unexpected {extra}, missing {missing}")
+    if any(SEPARATOR in name or not name for name in shapes):
+        raise CodecError(f"metadata names a tensor that is empty or contains {SEPARATOR!r}")
+    _check_header(header.tensors, shapes, encoding, sparse)
+    stored = _load(body)
     return {
         name: _decode_one(name, shape, stored, encoding, sparse) for name, shape in shapes.items()
     }
