@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from coordinator.broker_acl import CONTROL_TOPIC, RESPONSE_TOPIC
 from coordinator.broker_admin import (
@@ -26,6 +27,7 @@ from coordinator.broker_admin import (
     parse_replies,
     remove_device_commands,
 )
+from coordinator.cli import coordinator_group
 from coordinator.config import CoordinatorConfig, CoordinatorConfigError, CoordinatorSettings
 from coordinator.daemon import CoordinatorDaemon
 from coordinator.retained_guard import (
@@ -33,6 +35,7 @@ from coordinator.retained_guard import (
     forbidden_retained,
     retained_sweep_filters,
 )
+from coordinator.store import CoordinatorStore
 from device_profiles.profile import find_profile, profile_toml_text
 from edge_runtime.wire import (
     DeviceChannel,
@@ -163,6 +166,66 @@ def test_broker_admin_table_is_validated() -> None:
         assert "[broker_admin]" in str(error.value)
 
 
+def _toml(tmp_path: Path, broker_admin: bool, port: int = 1) -> Path:
+    """A coordinator.toml whose broker nobody listens on (port 1 on loopback)."""
+    password = tmp_path / "admin.password"
+    password.write_text("secret\n")
+    text = (
+        f'[coordinator]\nfleet = "{FLEET}"\nstate_dir = "{tmp_path / "state"}"\n'
+        f'[broker]\nurl = "mqtt://127.0.0.1:{port}"\n'
+    )
+    if broker_admin:
+        text += (
+            f'[broker_admin]\nusername = "schoolfl-admin"\npassword_file = "{password}"\n'
+            "timeout_seconds = 1.0\n"
+        )
+    path = tmp_path / "coordinator.toml"
+    path.write_text(text)
+    return path
+
+
+def _enrolled_store(tmp_path: Path, device_id: str) -> CoordinatorStore:
+    store = CoordinatorStore(tmp_path / "state" / "coordinator.db")
+    token = f"token-{device_id}-0123456789abcdef"
+    store.add_enrollment_token(token, "north", 3600.0)
+    store.redeem_enrollment_token(
+        token,
+        device_id,
+        bytes.fromhex(public_key_hex(generate_private_key())),
+        profile_toml_text(find_profile("laptop-mid-16gb")),
+    )
+    return store
+
+
+def test_add_device_needs_broker_admin_and_refuses_a_revoked_device(tmp_path: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(
+        coordinator_group, ["add-device", "--config", str(_toml(tmp_path, False)), "pi-1"]
+    )
+    assert result.exit_code != 0 and "[broker_admin]" in result.output
+    store = _enrolled_store(tmp_path, "pi-1")
+    assert store.revoke_device("pi-1")
+    store.close()
+    result = runner.invoke(
+        coordinator_group, ["add-device", "--config", str(_toml(tmp_path, True)), "pi-1"]
+    )
+    assert result.exit_code != 0 and "was revoked" in result.output
+
+
+def test_revoke_without_a_reachable_broker_still_revokes(tmp_path: Path) -> None:
+    _enrolled_store(tmp_path, "pi-1").close()
+    config = _toml(tmp_path, True)
+    result = CliRunner().invoke(coordinator_group, ["revoke", "--config", str(config), "pi-1"])
+    assert result.exit_code == 0, result.output
+    assert "did not answer" in result.output and "coordinator removes" in result.output
+    store = CoordinatorStore(tmp_path / "state" / "coordinator.db")
+    record = store.device("pi-1")
+    store.close()
+    assert record is not None and record.revoked
+    result = CliRunner().invoke(coordinator_group, ["revoke", "--config", str(config), "ghost"])
+    assert result.exit_code != 0 and "no active device 'ghost'" in result.output
+
+
 # -- against the production broker ----------------------------------------------------------
 
 
@@ -241,24 +304,17 @@ def _run_until(daemon: CoordinatorDaemon, condition: Callable[[], bool], what: s
 def test_the_daemon_takes_a_revoked_device_off_the_broker(
     broker: ProductionBroker, tmp_path: Path
 ) -> None:
+    for device_id in ("dev-a", "dev-b"):
+        _enrolled_store(tmp_path, device_id).close()
     config = CoordinatorConfig(
         coordinator=CoordinatorSettings(
-            fleet=FLEET, state_dir=str(tmp_path / "coordinator"), startup_grace_seconds=0.0
+            fleet=FLEET, state_dir=str(tmp_path / "state"), startup_grace_seconds=0.0
         ),
         broker=broker.settings(broker.coordinator_user),
         broker_admin=broker.admin_config(),
     )
     clock = Clock()
     daemon = BrokerManagingDaemon(config, now=clock)
-    for device_id in ("dev-a", "dev-b"):
-        token = f"token-{device_id}-0123456789abcdef"
-        daemon.store.add_enrollment_token(token, "north", 3600.0)
-        daemon.store.redeem_enrollment_token(
-            token,
-            device_id,
-            bytes.fromhex(public_key_hex(generate_private_key())),
-            profile_toml_text(find_profile("laptop-mid-16gb")),
-        )
     hostile = broker.transport("dev-a")
     honest = broker.transport("dev-b")
     hostile.start(WAIT_SECONDS)
