@@ -17,93 +17,6 @@ def coordinator_group() -> None:
     """Run the coordinator daemon, enroll and revoke devices, watch rounds, export models."""
 
 
-@coordinator_group.command("broker-config")
-@click.option("--fleet", required=True, help="Fleet name (the second topic level).")
-@click.option(
-    "--device",
-    "device_ids",
-    multiple=True,
-    help="A device id (repeatable); it becomes the device's MQTT username.",
-)
-@click.option(
-    "--devices-file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="A text file with one device id per line (# starts a comment).",
-)
-@click.option(
-    "--output",
-    "output_dir",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Folder for mosquitto.conf, acl, passwd and credentials.json.",
-)
-@click.option("--coordinator-user", default="coordinator", show_default=True)
-@click.option("--port", default=8883, show_default=True, help="Listener port.")
-@click.option("--tls-cert", default="/etc/mosquitto/certs/server.crt", show_default=True)
-@click.option("--tls-key", default="/etc/mosquitto/certs/server.key", show_default=True)
-@click.option("--tls-ca", default=None, help="CA file for client certificates (optional).")
-@click.option("--no-tls", is_flag=True, help="Plain TCP listener (lab use only).")
-@click.option("--persistence-location", default="/var/lib/mosquitto/", show_default=True)
-@click.option(
-    "--install-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Where acl and passwd will live on the broker host (default: --output).",
-)
-def broker_config_command(
-    fleet: str,
-    device_ids: tuple[str, ...],
-    devices_file: Path | None,
-    output_dir: Path,
-    coordinator_user: str,
-    port: int,
-    tls_cert: str,
-    tls_key: str,
-    tls_ca: str | None,
-    no_tls: bool,
-    persistence_location: str,
-    install_dir: Path | None,
-) -> None:
-    """Write a Mosquitto config, ACL and password file for a list of devices."""
-    from coordinator.broker_config import (
-        BrokerConfigError,
-        BrokerConfigRequest,
-        write_broker_config,
-    )
-
-    ids = list(device_ids)
-    if devices_file is not None:
-        for line in devices_file.read_text().splitlines():
-            line = line.split("#", 1)[0].strip()
-            if line:
-                ids.append(line)
-    if not ids:
-        raise click.UsageError("give at least one --device or a --devices-file")
-    request = BrokerConfigRequest(
-        fleet=fleet,
-        device_ids=tuple(ids),
-        output_dir=output_dir,
-        coordinator_user=coordinator_user,
-        port=port,
-        tls_certfile=None if no_tls else tls_cert,
-        tls_keyfile=None if no_tls else tls_key,
-        tls_cafile=None if no_tls else tls_ca,
-        persistence_location=persistence_location,
-        install_dir=install_dir,
-    )
-    try:
-        files = write_broker_config(request)
-    except BrokerConfigError as error:
-        raise click.ClickException(str(error)) from error
-    click.echo(f"wrote {files.config_path}")
-    click.echo(f"wrote {files.acl_path}")
-    click.echo(f"wrote {files.password_path} ({len(ids)} devices + {coordinator_user})")
-    click.echo(
-        f"wrote {files.credentials_path} (mode 0600): hand each device its password, "
-        "then delete this file"
-    )
-
-
 # -- the daemon and its operations ---------------------------------------------------------
 
 CONFIG_OPTION = click.option(
@@ -360,13 +273,54 @@ def privacy_report_command(config_path: Path, task_id: str) -> None:
 @CONFIG_OPTION
 @click.argument("device_id")
 def revoke_command(config_path: Path, device_id: str) -> None:
-    """Revoke DEVICE_ID: its messages are refused from now on."""
-    store = _open_store(config_path)
-    if not store.revoke_device(device_id):
+    """Revoke DEVICE_ID: its messages are refused from now on and, with [broker_admin], it
+    is removed from the broker at once (disconnected; it cannot reconnect)."""
+    from coordinator.broker_admin import BrokerAdminError
+    from coordinator.broker_cli import broker_admin_client
+    from coordinator.store import CoordinatorStore
+    from edge_runtime.wire import TransportError
+
+    config = _load_config(config_path)
+    path = config.state_dir / "coordinator.db"
+    if config.broker_admin is None:
+        store = _open_store(config_path)
+        revoked = store.revoke_device(device_id)
         store.close()
-        raise click.ClickException(f"no active device {device_id!r}")
-    store.close()
-    click.echo(f"revoked {device_id}; also remove it from the broker's password file")
+        if not revoked:
+            raise click.ClickException(f"no active device {device_id!r}")
+        click.echo(
+            f"revoked {device_id}; this coordinator does not manage the broker (no "
+            "[broker_admin] table): remove the device's broker credentials yourself"
+        )
+        return
+    revoked, record = False, None
+    if path.exists():
+        store = CoordinatorStore(path)
+        revoked = store.revoke_device(device_id)
+        record = store.device(device_id)
+        store.close()
+    try:
+        had_client = broker_admin_client(config).remove_device(device_id)
+    except (BrokerAdminError, TransportError, ValueError) as error:
+        if not revoked:
+            raise click.ClickException(
+                f"no active device {device_id!r}, and the broker did not answer: {error}"
+            ) from None
+        click.echo(
+            f"revoked {device_id}; the broker did not answer ({error}): the coordinator "
+            "removes the device from the broker as soon as it can reach it",
+            err=True,
+        )
+        return
+    if not revoked and not had_client:
+        raise click.ClickException(f"no active device {device_id!r} and no broker client of it")
+    state = "revoked" if revoked else "already revoked" if record else "not enrolled"
+    broker = (
+        "removed from the broker: disconnected, it cannot reconnect"
+        if had_client
+        else "it had no broker client"
+    )
+    click.echo(f"{device_id}: {state}; {broker}")
 
 
 @coordinator_group.command("export")
@@ -480,4 +434,13 @@ def _register_simulate() -> None:
     coordinator_group.add_command(simulate_command)
 
 
+def _register_broker_commands() -> None:
+    """`broker-config` and `add-device` live in coordinator/broker_cli.py."""
+    from coordinator.broker_cli import add_device_command, broker_config_command
+
+    coordinator_group.add_command(broker_config_command)
+    coordinator_group.add_command(add_device_command)
+
+
 _register_simulate()
+_register_broker_commands()

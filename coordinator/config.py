@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coordinator.broker_admin import BrokerAdminConfig
 from durable.config_tables import build_dataclass, read_toml_file
 from edge_runtime.wire import BrokerSettings, UpdateEncoding, check_identifier
 
@@ -494,6 +495,10 @@ class CoordinatorConfig:
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     tasks: tuple[TaskConfig, ...] = ()
     schools: tuple[SchoolConfig, ...] = ()
+    broker_admin: BrokerAdminConfig | None = None
+    """`[broker_admin]`, present when the broker runs the dynamic-security config of
+    `broker-config`: revoked devices are then removed from the broker at once
+    (coordinator/broker_admin.py)."""
 
     def __post_init__(self) -> None:
         ids = [task.id for task in self.tasks]
@@ -521,7 +526,8 @@ class CoordinatorConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "coordinator.toml") -> CoordinatorConfig:
         try:
-            unknown = sorted(set(data) - {"coordinator", "broker", "tasks", "schools"})
+            tables = {"coordinator", "broker", "broker_admin", "tasks", "schools"}
+            unknown = sorted(set(data) - tables)
             if unknown:
                 raise CoordinatorConfigError(f"unknown tables {unknown}")
             if "coordinator" not in data:
@@ -543,6 +549,16 @@ class CoordinatorConfig:
                         SchoolConfig, table, f"[[schools]] #{index + 1}", CoordinatorConfigError
                     )
                     for index, table in enumerate(data.get("schools", []))
+                ),
+                broker_admin=(
+                    build_dataclass(
+                        BrokerAdminConfig,
+                        data["broker_admin"],
+                        "[broker_admin]",
+                        CoordinatorConfigError,
+                    )
+                    if "broker_admin" in data
+                    else None
                 ),
             )
         except (CoordinatorConfigError, TypeError, ValueError) as error:

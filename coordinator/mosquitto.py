@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -64,8 +65,15 @@ class MosquittoConfig:
     extra_lines: list[str] = field(default_factory=list)
     """Appended verbatim (ACL, password file, TLS listener...)."""
     allow_anonymous: bool = True
+    prepared_config: str | None = None
+    """A complete mosquitto.conf to run instead of the rendered one (e.g. the production
+    config of `broker-config`, adapted to a loopback port). Its listener must be on `port`
+    (set it; 0 is not resolved here) and its persistence in `workdir`, or
+    `database_path` will not find the file."""
 
     def render(self) -> str:
+        if self.prepared_config is not None:
+            return self.prepared_config
         lines = [
             f"listener {self.port} {self.host}",
             f"allow_anonymous {'true' if self.allow_anonymous else 'false'}",
@@ -124,6 +132,8 @@ class MosquittoProcess:
             return
         self.config.workdir.mkdir(parents=True, exist_ok=True)
         if self.config.port == 0:
+            if self.config.prepared_config is not None:
+                raise MosquittoError("a prepared config names its own port: set config.port")
             self.config.port = free_loopback_port()
         elif _port_accepts(self.config.host, self.config.port):
             raise MosquittoError(
@@ -178,6 +188,50 @@ class MosquittoProcess:
         """Stop and start again on the same port, keeping persisted sessions."""
         self.stop()
         self.start()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self.running and self._process is not None else None
+
+    @property
+    def database_path(self) -> Path:
+        """Mosquitto's persistence file (`mosquitto.db` in the persistence folder)."""
+        return self.config.workdir / "mosquitto.db"
+
+    def save_database(self, timeout_seconds: float = 10.0) -> int:
+        """Make the broker write its persistence file now (SIGUSR1) and return its size.
+
+        Why: measuring what a client made the broker store (retained messages, queues)
+        without waiting for `autosave_interval`. Waits until the file has been replaced."""
+        if self._process is None or not self.running:
+            raise MosquittoError("the broker is not running")
+        path = self.database_path
+
+        def identity() -> tuple[int, int] | None:
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                return None
+            return stat.st_ino, stat.st_mtime_ns
+
+        before = identity()
+        self._process.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + timeout_seconds
+        while time.monotonic() < deadline:
+            after = identity()
+            if after is not None and after != before:
+                return path.stat().st_size
+            time.sleep(0.02)
+        raise MosquittoError(f"mosquitto did not write {path} within {timeout_seconds:.0f} s")
+
+    def resident_bytes(self) -> int:
+        """The broker process's resident memory (VmRSS), Linux only."""
+        if self.pid is None:
+            raise MosquittoError("the broker is not running")
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise MosquittoError("no VmRSS line in /proc/<pid>/status")
 
     def log_text(self) -> str:
         log_path = self.config.workdir / "mosquitto.log"

@@ -1,7 +1,8 @@
 """MQTT topics of the protocol: one subtree per device, plus coordinator-owned topics.
 
-A device publishes only under `schoolfl/<fleet>/dev/<device>/`, so a broker ACL can confine it
-to its own subtree (Mosquitto: `pattern readwrite schoolfl/+/dev/%u/#`); the coordinator
+A device publishes only to its `DeviceChannel` topics under `schoolfl/<fleet>/dev/<device>/`,
+so a broker ACL can confine it to exactly those (the production broker's per-device role:
+coordinator/broker_acl.py); the coordinator
 writes each device's inbox under `schoolfl/<fleet>/to/<device>/` and the fleet-wide status,
 manifests and content-addressed model blobs under `schoolfl/<fleet>/coord/`. MQTT 3.1.1 is
 enough. See docs/protocol.md.
