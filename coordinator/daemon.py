@@ -19,9 +19,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from coordinator.broker_acl import RESPONSE_TOPIC
+from coordinator.broker_admin import BrokerRevocations
 from coordinator.config import CoordinatorConfig
 from coordinator.outgoing import Outgoing
 from coordinator.refusals import RefusalLedger
+from coordinator.retained_guard import (
+    RETAINED_SWEEP_SECONDS,
+    forbidden_retained,
+    retained_sweep_filters,
+)
 from coordinator.rounds import RoundManager
 from coordinator.scheduler import DeviceCandidate, Scheduler
 from coordinator.store import CoordinatorStore, DeviceRecord
@@ -43,6 +50,7 @@ from edge_runtime.wire import (
     EnrollmentResponse,
     Frame,
     InboxChannel,
+    Limits,
     MqttTransport,
     ProtocolError,
     ReceivedMessage,
@@ -57,6 +65,7 @@ from edge_runtime.wire import (
     decode_frame,
     encode_frame,
     generate_private_key,
+    idle_timeout_for_deadlines,
     inbox_topic,
     load_private_key,
     parse_device_topic,
@@ -128,13 +137,27 @@ class CoordinatorDaemon:
         self.rounds = RoundManager(
             config, self.store, scheduler, self.key, now=now, reject=self.reject
         )
-        self.reassembler = ChunkReassembler()
+        self.reassembler = ChunkReassembler(
+            Limits(),  # per-sender quotas: 4 open transfers, 512 MiB unfinished per device
+            idle_timeout_seconds=idle_timeout_for_deadlines(
+                task.schedule.round_deadline_seconds for task in config.tasks
+            ),
+        )
+        """One for every device; a device over its own quota is refused (`LimitExceededError`),
+        and a transfer quiet for the longest round deadline is dropped (`transfer-expired`)."""
         self.liveness: dict[str, DeviceLiveness] = {}
         self.stop_requested = threading.Event()
         self._status_sequence = int(now() * 1000)
         self._last_status_at = 0.0
         self._started_at = now()
         self.transport: MqttTransport | None = None
+        self.broker_revocations = (
+            BrokerRevocations(self.fleet, config.broker_admin.retry_seconds)
+            if config.broker_admin is not None
+            else None
+        )
+        """With [broker_admin]: revoked devices are removed from the broker (dynamic security)."""
+        self._last_retained_sweep = now()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -155,6 +178,8 @@ class CoordinatorDaemon:
         self.transport = self.transport_class(transport_config)
         for topic_filter in coordinator_subscriptions(self.fleet):
             self.transport.subscribe(topic_filter)
+        if self.broker_revocations is not None:
+            self.transport.subscribe(RESPONSE_TOPIC)
         self.transport.start(timeout_seconds=30)
         logger.info(
             "coordinator for fleet %s: %d task(s) %s, state in %s",
@@ -162,6 +187,19 @@ class CoordinatorDaemon:
             len(self.config.tasks),
             [t.id for t in self.config.tasks],
             self.config.state_dir,
+        )
+        limits = self.reassembler.limits
+        logger.info(
+            "chunk reassembly: %d open transfers / %d bytes per device (%d / %d in all), "
+            "idle timeout %.0f s; broker administration: %s",
+            limits.max_open_transfers_per_sender,
+            limits.max_buffered_bytes_per_sender,
+            limits.max_open_transfers,
+            limits.max_buffered_bytes,
+            self.reassembler.idle_timeout_seconds,
+            "revoked devices are removed from the broker ([broker_admin])"
+            if self.broker_revocations is not None
+            else "off (no [broker_admin]: remove revoked devices from the broker yourself)",
         )
         self._started_at = self.now()
         self._publish_all(self.rounds.start())
@@ -210,6 +248,9 @@ class CoordinatorDaemon:
             devices = self.store.devices()
             revoked = {record.device_id for record in devices if record.revoked}
             self._publish_all(self.rounds.release_revoked(revoked))
+            if self.broker_revocations is not None:
+                self._publish_all(self.broker_revocations.due(revoked, self.now()))
+            self._sweep_retained()
             self._publish_all(self.rounds.close_due_rounds())
             settling = self.now() - self._started_at < self.config.coordinator.startup_grace_seconds
             if not settling:
@@ -219,11 +260,40 @@ class CoordinatorDaemon:
                 self._publish_status()
             for expired in self.reassembler.expire():
                 self.reject(expired.sender or None, "transfer-expired", expired.reason)
+            self._count_receive_drops()
             if self.refusals.due():
                 self.flush_refusals()
         except Exception:  # noqa: BLE001 - log, count and keep the daemon alive
             logger.exception("tick failed; continuing")
             self.rejected["internal-error"] += 1
+
+    def _sweep_retained(self) -> None:
+        """Every RETAINED_SWEEP_SECONDS, subscribe again to the device channels that are
+        never retained: the broker re-sends what it retains there (by design nothing), and
+        `handle` refuses and clears each one (coordinator/retained_guard.py)."""
+        if self.now() - self._last_retained_sweep < RETAINED_SWEEP_SECONDS:
+            return
+        assert self.transport is not None  # start() ran
+        for topic_filter in retained_sweep_filters(self.fleet):
+            self.transport.subscribe(topic_filter)
+        self._last_retained_sweep = self.now()
+
+    def _count_receive_drops(self) -> None:
+        """Messages the transport dropped while this loop was behind (its receive queue was
+        full): counted per topic and tick against the topic's device."""
+        assert self.transport is not None
+        for topic, count in self.transport.take_drops().items():
+            try:
+                _, device_id, _ = parse_device_topic(topic)
+            except ProtocolError:
+                device_id = None  # "" sums the topics past the first 1024
+            self.reject(
+                device_id,
+                "receive-queue-full",
+                f"{count} message(s) on {topic[:200] or 'other topics'} dropped: the receive "
+                f"queue was full ({self.transport.dropped} since start)",
+                count=count,
+            )
 
     def candidates(self, devices: list[DeviceRecord] | None = None) -> list[DeviceCandidate]:
         """Enrolled, not revoked, online and eligible devices with their profiles (of
@@ -268,11 +338,11 @@ class CoordinatorDaemon:
 
     # -- messages ------------------------------------------------------------------------
 
-    def reject(self, device_id: str | None, category: str, reason: str) -> None:
-        """Count and log one refusal (at a bounded rate); the store gets it with the next
-        flush. Never raises: it runs inside the loop boundary's own handlers."""
-        self.rejected[category] += 1
-        self.refusals.note(device_id, category, reason)
+    def reject(self, device_id: str | None, category: str, reason: str, *, count: int = 1) -> None:
+        """Count and log `count` refusals (at a bounded rate); the store gets them with the
+        next flush. Never raises: it runs inside the loop boundary's own handlers."""
+        self.rejected[category] += count
+        self.refusals.note(device_id, category, reason, count)
 
     def flush_refusals(self) -> None:
         """Write the pending refusal counts in one transaction. A store that cannot take
@@ -316,6 +386,10 @@ class CoordinatorDaemon:
 
     def handle(self, received: ReceivedMessage) -> None:
         """One message from the broker. Never raises."""
+        if received.topic == RESPONSE_TOPIC:
+            if self.broker_revocations is not None:
+                self.broker_revocations.accept_reply(received.payload)  # never raises
+            return
         device_id: str | None = None
         try:
             fleet, device_id, channel = parse_device_topic(received.topic)
@@ -323,6 +397,11 @@ class CoordinatorDaemon:
                 raise SchemaError(
                     f"message for fleet {fleet!r}, this coordinator serves {self.fleet!r}"
                 )
+            violation = forbidden_retained(self.fleet, received)
+            if violation is not None:
+                self._publish_all([violation.clearing])
+                self.reject(device_id, "retained-refused", violation.reason)
+                return
             if not received.payload:
                 return  # a retained message being cleared
             frame = decode_frame(received.payload)

@@ -61,16 +61,16 @@ class RefusalLedger:
         self._logging: dict[tuple[str, str], _LogState] = {}
         self._last_flush = time.monotonic()
 
-    def note(self, device_id: str | None, category: str, reason: str) -> None:
-        """Count one refusal and log it, or not, by the rate limit."""
+    def note(self, device_id: str | None, category: str, reason: str, count: int = 1) -> None:
+        """Count `count` refusals of one kind and log them, or not, by the rate limit."""
         key = (device_id or UNKNOWN_SENDER, category)
         at = self.now()
         reason = reason[:500]
         counted = self.pending.get(key)
         if counted is None:
-            self.pending[key] = RefusalCount(key[0], category, 1, at, at, reason)
+            self.pending[key] = RefusalCount(key[0], category, count, at, at, reason)
         else:
-            counted.count += 1
+            counted.count += count
             counted.last_at = at
             counted.last_reason = reason
         self._log(key, reason)

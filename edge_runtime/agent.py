@@ -43,15 +43,14 @@ from edge_runtime.update_frames import (
     plain_update_frame,
     round_metrics,
 )
+from edge_runtime.uploads import Uploads
 from edge_runtime.wire import (
     COORDINATOR_SENDER,
-    DEFAULT_CHUNK_BYTES,
     Acknowledgement,
     AckStatus,
     AssignmentDecline,
     ChunkHeader,
     ChunkReassembler,
-    ChunkSender,
     DeviceChannel,
     Ed25519PublicKey,
     Frame,
@@ -63,7 +62,6 @@ from edge_runtime.wire import (
     SecAggStep,
     TaskAssignment,
     TransferStatus,
-    TransferStatusRequest,
     WillConfig,
     decode_frame,
     decode_update,
@@ -81,8 +79,6 @@ from quantization.task_data import read_labelled_texts, read_lm_texts
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 10.0
-RESEND_SECONDS = 20.0
-"""An unacknowledged update is offered again after this long."""
 TRAINING_FAILURES = (OSError, ValueError, RuntimeError, ImportError, QuantizationError)
 """What loading the task's data or model, or training it, may raise on a device (a data
 file missing or malformed, a model file unreadable, out of memory): each becomes a decline
@@ -140,11 +136,12 @@ class AgentDaemon:
         self.secure_sessions = SecureSessions(self.device_id, self.key)
         """This device's secure-aggregation state per round; memory only."""
         self.downloads = ChunkReassembler()
-        self.uploads: dict[str, ChunkSender] = {}
+        self.uploads = Uploads(
+            self.fleet, self.device_id, self.key, self.outbox, self._connected, now=now
+        )
         self.stop_requested = threading.Event()
         self._last_heartbeat = 0.0
         self._subscribed_blobs: set[str] = set()
-        self._last_sent: dict[str, float] = {}
         self.transport: MqttTransport | None = None
         if config.agent.threads:
             torch.set_num_threads(config.agent.threads)
@@ -180,7 +177,7 @@ class AgentDaemon:
             len(self.outbox),
         )
         self.heartbeat()
-        self.resend_pending(force=True)
+        self.uploads.resend_pending(force=True)
 
     def stop(self) -> None:
         if self.transport is not None:
@@ -209,9 +206,37 @@ class AgentDaemon:
         try:
             if self.now() - self._last_heartbeat >= HEARTBEAT_SECONDS:
                 self.heartbeat()
-            self.resend_pending()
+            self.uploads.resend_pending()
+            self._recover_dropped_messages()
         except Exception:  # noqa: BLE001 - the daemon loop boundary: log and go on
             logger.exception("agent tick failed; continuing")
+
+    def _connected(self) -> MqttTransport:
+        assert self.transport is not None  # start() ran
+        return self.transport
+
+    def _recover_dropped_messages(self) -> None:
+        """The transport dropped messages while this loop was busy (training, most likely).
+        Subscribing again makes the broker send the retained ones again: the assignment in
+        the inbox and the chunks of the models still awaited (repeats are ignored: handled
+        assignments by the history and outbox, held chunks by the reassembler). The rest
+        recovers by itself: an unacknowledged update is resent, and so is its ack."""
+        transport = self._connected()
+        drops = transport.take_drops()
+        if not drops:
+            return
+        awaited = {
+            blob_filter(self.fleet, assignment.model_version)
+            for assignment in self.waiting.values()
+            if assignment.model_version not in self.global_states
+        }
+        logger.warning(
+            "receive queue dropped %d message(s) while busy; fetching %d model(s) again",
+            sum(drops.values()),
+            len(awaited),
+        )
+        for topic_filter in [*device_subscriptions(self.fleet, self.device_id), *sorted(awaited)]:
+            transport.subscribe(topic_filter)
 
     def heartbeat(self) -> None:
         assert self.transport is not None
@@ -242,7 +267,7 @@ class AgentDaemon:
             elif isinstance(message, Acknowledgement):
                 self._acknowledgement(message)
             elif isinstance(message, TransferStatus):
-                self._transfer_status(message)
+                self.uploads.transfer_status(message)
             elif isinstance(message, SecAggEnvelope):
                 self._secure_step(message, frame.body)
         except (ProtocolError, SecAggError) as error:
@@ -348,14 +373,7 @@ class AgentDaemon:
             logger.warning("coordinator refused %s: %s", ack.acked_message_id, ack.reason)
         if self.outbox.acknowledge(ack.acked_message_id):
             logger.info("update %s acknowledged (%s)", ack.acked_message_id, ack.status.value)
-        self.uploads.pop(ack.acked_message_id, None)
-
-    def _transfer_status(self, status: TransferStatus) -> None:
-        for update_id, sender in list(self.uploads.items()):
-            if sender.transfer_id == status.transfer_id:
-                missing = sender.missing_from(status)
-                logger.info("resending %d missing chunk(s) of %s", len(missing), update_id)
-                self._publish_chunks(sender, missing)
+        self.uploads.acknowledged(ack.acked_message_id)
 
     # -- training and upload -------------------------------------------------------------
 
@@ -492,7 +510,7 @@ class AgentDaemon:
         )
         adapters_dir = self.config.state_dir / "adapters"
         save_personal_copy(adapters_dir, assignment, trainer, start.start_state)
-        self.send_update(outgoing.message_id, outgoing.frame)
+        self.uploads.send(outgoing.message_id, outgoing.frame)
         logger.info(
             "task %s round %d: trained %d steps in %.1f s, loss %.3f -> %.3f, uploading %d bytes",
             task,
@@ -544,43 +562,3 @@ class AgentDaemon:
         remaining = min(predicted, limit) - (time.monotonic() - started)
         if remaining > 0:
             self.stop_requested.wait(remaining)
-
-    def send_update(self, update_id: str, frame: bytes) -> None:
-        """Publish an update frame, in chunks when it is larger than one chunk."""
-        assert self.transport is not None
-        self.outbox.mark_sent(update_id)
-        self._last_sent[update_id] = self.now()
-        if len(frame) <= DEFAULT_CHUNK_BYTES:
-            self.transport.publish(
-                device_topic(self.fleet, self.device_id, DeviceChannel.UPDATE), frame
-            )
-            return
-        sender = self.uploads.get(update_id)
-        if sender is None:
-            transfer_id = hashlib.sha256(frame).hexdigest()[:32]
-            sender = ChunkSender(frame, transfer_id=transfer_id, sender=self.device_id)
-            self.uploads[update_id] = sender
-            self._publish_chunks(sender, range(sender.count))
-        else:  # a resend: ask which chunks the coordinator still lacks
-            request = TransferStatusRequest(
-                transfer_id=sender.transfer_id, request_id=f"r{int(self.now() * 1000)}"
-            )
-            self.transport.publish(
-                device_topic(self.fleet, self.device_id, DeviceChannel.TRANSFER),
-                encode_frame(request, sender=self.device_id, signing_key=self.key),
-            )
-
-    def _publish_chunks(self, sender: ChunkSender, indices: object) -> None:
-        assert self.transport is not None
-        topic = device_topic(self.fleet, self.device_id, DeviceChannel.CHUNK)
-        for _, chunk in sender.frames(indices):  # type: ignore[arg-type]
-            self.transport.publish(topic, chunk)
-
-    def resend_pending(self, force: bool = False) -> None:
-        """Offer again every update the coordinator has not acknowledged for a while (all of
-        them at start-up: the previous run may have died before or after publishing)."""
-        for pending in self.outbox.pending():
-            last = self._last_sent.get(pending.update_id)
-            if force or last is None or self.now() - last >= RESEND_SECONDS:
-                logger.info("sending unacknowledged %s again", pending.update_id)
-                self.send_update(pending.update_id, pending.frame)

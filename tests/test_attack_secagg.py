@@ -434,9 +434,9 @@ def test_the_round_manager_publishes_the_honest_mean_and_records_the_liar(
     assert f"summed {len(survivors)} masked inputs, {len(dropped)} dropped" in record.reason
     assert "revealed wrong shares and were outvoted: d1" in record.reason
     assert manager.store.rejection_counts() == {"secagg-bad-share": 1}
-    [(_, device_id, category, reason)] = manager.store.recent_rejections(1)
-    assert (device_id, category) == ("d1", "secagg-bad-share")
-    assert "'d1' revealed wrong shares" in reason
+    [refused] = manager.store.refusals(1)
+    assert (refused.device_id, refused.category) == ("d1", "secagg-bad-share")
+    assert "'d1' revealed wrong shares" in refused.last_reason
 
 
 def _secure_spec(manager: RoundManager):  # noqa: ANN202
@@ -524,10 +524,13 @@ def test_over_mosquitto_a_lying_device_is_outvoted_and_recorded(
         assert f"outvoted: {liar}" in record.reason
 
         assert daemon.rejected["secagg-bad-share"] == 1
-        assert operator.rejection_counts().get("secagg-bad-share") == 1
-        rows = [row for row in operator.recent_rejections(20) if row[2] == "secagg-bad-share"]
-        assert [row[1] for row in rows] == [liar]
-        assert f"{liar!r} revealed wrong shares" in rows[0][3]
+        wait_until(  # the daemon writes refusal counts about once a second
+            lambda: operator.rejection_counts().get("secagg-bad-share") == 1,
+            what="the liar's refusal row",
+        )
+        rows = [row for row in operator.refusals(20) if row.category == "secagg-bad-share"]
+        assert [row.device_id for row in rows] == [liar]
+        assert f"{liar!r} revealed wrong shares" in rows[0].last_reason
     finally:
         _stop(daemon, loop)
         for device in devices.values():

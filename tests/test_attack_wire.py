@@ -221,9 +221,11 @@ def test_the_daemon_counts_a_flooders_refusals_and_serves_an_honest_device(
     assert daemon.rejected["LimitExceededError"] > 0, "the flood was not refused"
     quota = Limits().max_open_transfers_per_sender
     assert daemon.rejected["LimitExceededError"] == 64 - quota
+    daemon.flush_refusals()  # counts are written about once a second; now, for the test
     assert daemon.store.rejection_counts().get("LimitExceededError") == 64 - quota
-    [(_, device_id, _, reason)] = daemon.store.recent_rejections(1)
-    assert device_id == "mallory" and "max_open_transfers_per_sender" in reason
+    [refused] = daemon.store.refusals(1)  # one row for the device and category
+    assert refused.device_id == "mallory" and refused.count == 64 - quota
+    assert "max_open_transfers_per_sender" in refused.last_reason
 
     state = DeviceState(
         fleet=FLEET,
