@@ -31,13 +31,24 @@ WAIT_SECONDS = 60.0
 
 class ScriptedDevice:
     def __init__(
-        self, fleet: str, device_id: str, host: str, port: int, profile: str = "laptop-mid-16gb"
+        self,
+        fleet: str,
+        device_id: str,
+        host: str = "",
+        port: int = 0,
+        profile: str = "laptop-mid-16gb",
+        *,
+        transport: MqttTransport | None = None,
     ) -> None:
+        """Connects to a lab broker at host:port, or through `transport` (a production
+        broker's TLS transport with this device's credential)."""
         self.fleet = fleet
         self.device_id = device_id
         self.key: Ed25519PrivateKey = generate_private_key()
         self.profile_text = profile_toml_text(find_profile(profile))
-        self.transport = MqttTransport(TransportConfig(host=host, port=port, client_id=device_id))
+        self.transport = transport or MqttTransport(
+            TransportConfig(host=host, port=port, client_id=device_id)
+        )
         for topic_filter in device_subscriptions(fleet, device_id):
             self.transport.subscribe(topic_filter)
         self.transport.start(timeout_seconds=10)

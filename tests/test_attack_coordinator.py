@@ -1,7 +1,8 @@
-"""A hostile insider against the coordinator: one enrolled device, with its real key, that
-lies about its sample count, sends a huge update, floods refusals, re-enrolls after its
-revocation, or redeems another school's token. Real Mosquitto, the real daemon in a thread,
-scripted devices speaking the real protocol; honest rounds still complete."""
+"""A hostile insider against the coordinator: one enrolled device, with its real key and
+broker password, that lies about its sample count, sends a huge update, floods refusals,
+re-enrolls after its revocation, or redeems another school's token. Real Mosquitto running
+the generated production config (TLS, per-device credentials and roles), the real daemon in
+a thread, scripted devices speaking the real protocol; honest rounds still complete."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import logging
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,13 +18,11 @@ import torch
 
 from coordinator.config import CoordinatorConfig, CoordinatorSettings, ScheduleConfig, TaskConfig
 from coordinator.daemon import CoordinatorDaemon
-from coordinator.mosquitto import MosquittoProcess
 from coordinator.scheduler import RandomScheduler
 from coordinator.store import CoordinatorStore, RoundState
 from edge_runtime.wire import (
     Acknowledgement,
     AckStatus,
-    BrokerSettings,
     CodecConfig,
     DeviceChannel,
     EnrollmentResponse,
@@ -36,17 +36,25 @@ from edge_runtime.wire import (
 from quantization.adapter_deltas import update_l2_norm
 from quantization.adapters import read_adapter_folder
 from tests.daemon_helpers import ScriptedDevice, wait_until
+from tests.production_broker import ProductionBroker, production_broker
 
 pytestmark = pytest.mark.integration
 
 FLEET = "hostile"
+DEVICES = ("honest-1", "honest-2", "hostile", "pi-north", "pi-south")
 LOCAL_STEPS = 4
 BATCH_SIZE = 8
 """A plan of 4 steps x 8 examples: no honest device trains on more than 32 examples."""
 
 
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[ProductionBroker]:
+    with production_broker(tmp_path / "broker", fleet=FLEET, device_ids=DEVICES) as running:
+        yield running
+
+
 def _config(
-    tmp_path: Path, broker: MosquittoProcess, model: Path, **task: object
+    tmp_path: Path, broker: ProductionBroker, model: Path, **task: object
 ) -> CoordinatorConfig:
     return CoordinatorConfig(
         coordinator=CoordinatorSettings(
@@ -55,7 +63,7 @@ def _config(
             tick_seconds=0.05,
             startup_grace_seconds=0.0,
         ),  # fmt: skip
-        broker=BrokerSettings(url=broker.url),
+        broker=broker.settings(broker.coordinator_user),
         tasks=(
             TaskConfig(
                 id="t",
@@ -84,14 +92,14 @@ def _config(
 class Round:
     """A coordinator in a thread, three enrolled scripted devices and their assignments."""
 
-    def __init__(self, config: CoordinatorConfig, broker: MosquittoProcess) -> None:
+    def __init__(self, config: CoordinatorConfig, broker: ProductionBroker) -> None:
         self.daemon = CoordinatorDaemon(config, scheduler=RandomScheduler())
         self.daemon.start()
         self.loop = threading.Thread(target=self.daemon.run, daemon=True)
         self.loop.start()
         self.operator = CoordinatorStore(config.state_dir / "coordinator.db")
         self.devices = {
-            name: ScriptedDevice(FLEET, name, broker.host, broker.port)
+            name: ScriptedDevice(FLEET, name, transport=broker.transport(name))
             for name in ("honest-1", "honest-2", "hostile")
         }
         for name, device in self.devices.items():
@@ -155,13 +163,13 @@ def _close(delta: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) ->
 
 
 def test_a_lying_sample_count_weighs_no_more_than_the_plan_allows(
-    tmp_path: Path, mosquitto: MosquittoProcess, tiny_bert_folder: Path
+    tmp_path: Path, broker: ProductionBroker, tiny_bert_folder: Path
 ) -> None:
     """Before: weighted by its own claim of 10^9 samples, the hostile update took
     0.99999982 of the aggregate. Now it weighs at most steps x batch = 32 examples, what an
     honest device that ran the whole plan weighs, and a claim of more steps than the plan
     is refused outright."""
-    round_ = Round(_config(tmp_path, mosquitto, tiny_bert_folder), mosquitto)
+    round_ = Round(_config(tmp_path, broker, tiny_bert_folder), broker)
     try:
         ack = round_.send("hostile", _filled(round_.reference, 0.02), 10**9, steps=10**6)
         assert ack.status is AckStatus.REJECTED and "its plan allows 4" in ack.reason
@@ -177,12 +185,12 @@ def test_a_lying_sample_count_weighs_no_more_than_the_plan_allows(
 
 
 def test_one_huge_update_is_clipped_to_the_rounds_median_norm_by_default(
-    tmp_path: Path, mosquitto: MosquittoProcess, tiny_bert_folder: Path
+    tmp_path: Path, broker: ProductionBroker, tiny_bert_folder: Path
 ) -> None:
     """Before: no bound by default, and one update 1000x the honest norm moved the
     aggregate to hundreds of times an honest update. Now, without any setting, it counts as
     at most 3x the median norm, so the aggregate stays within 5/3 of an honest update."""
-    round_ = Round(_config(tmp_path, mosquitto, tiny_bert_folder), mosquitto)
+    round_ = Round(_config(tmp_path, broker, tiny_bert_folder), broker)
     try:
         honest = _filled(round_.reference, 0.01)
         for name in ("honest-1", "honest-2"):
@@ -199,9 +207,9 @@ def test_one_huge_update_is_clipped_to_the_rounds_median_norm_by_default(
 
 
 def test_in_reject_mode_the_aggregate_is_exactly_the_honest_fedavg(
-    tmp_path: Path, mosquitto: MosquittoProcess, tiny_bert_folder: Path
+    tmp_path: Path, broker: ProductionBroker, tiny_bert_folder: Path
 ) -> None:
-    round_ = Round(_config(tmp_path, mosquitto, tiny_bert_folder, norm_mode="reject"), mosquitto)
+    round_ = Round(_config(tmp_path, broker, tiny_bert_folder, norm_mode="reject"), broker)
     try:
         for name, value in (("honest-1", 0.01), ("honest-2", 0.03)):
             assert (
@@ -218,13 +226,13 @@ def test_in_reject_mode_the_aggregate_is_exactly_the_honest_fedavg(
 
 def test_a_flood_of_refusals_is_one_counted_row_and_a_few_log_lines(
     tmp_path: Path,
-    mosquitto: MosquittoProcess,
+    broker: ProductionBroker,
     tiny_bert_folder: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Before: one fsync'd row and one WARNING per refused message (11,246 rows in 15
     minutes from one device)."""
-    daemon = CoordinatorDaemon(_config(tmp_path, mosquitto, tiny_bert_folder))
+    daemon = CoordinatorDaemon(_config(tmp_path, broker, tiny_bert_folder))
     garbage = ReceivedMessage(
         device_topic(FLEET, "hostile", DeviceChannel.UPDATE), b"\x00", 1, False
     )
@@ -243,13 +251,13 @@ def test_a_flood_of_refusals_is_one_counted_row_and_a_few_log_lines(
 
 
 def test_tokens_are_refused_clearly_for_a_bad_lifetime_or_another_school(
-    tmp_path: Path, mosquitto: MosquittoProcess, tiny_bert_folder: Path
+    tmp_path: Path, broker: ProductionBroker, tiny_bert_folder: Path
 ) -> None:
-    config = _config(tmp_path, mosquitto, tiny_bert_folder)
+    config = _config(tmp_path, broker, tiny_bert_folder)
     config_path = tmp_path / "coordinator.toml"
     config_path.write_text(
         f'[coordinator]\nfleet = "{FLEET}"\nstate_dir = "{config.state_dir}"\n\n'
-        f'[broker]\nurl = "{mosquitto.url}"\n\n[[tasks]]\nid = "t"\nkind = "classification"\n'
+        f'[broker]\nurl = "{broker.url}"\n\n[[tasks]]\nid = "t"\nkind = "classification"\n'
         f'base_model = "{tiny_bert_folder}"\nlabels = ["a", "b"]\n'
     )
     for hours in ("0", "-5"):
@@ -266,8 +274,8 @@ def test_tokens_are_refused_clearly_for_a_bad_lifetime_or_another_school(
     loop = threading.Thread(target=daemon.run, daemon=True)
     loop.start()
     operator = CoordinatorStore(config.state_dir / "coordinator.db")
-    south = ScriptedDevice(FLEET, "pi-south", mosquitto.host, mosquitto.port)
-    north = ScriptedDevice(FLEET, "pi-north", mosquitto.host, mosquitto.port)
+    south = ScriptedDevice(FLEET, "pi-south", transport=broker.transport("pi-south"))
+    north = ScriptedDevice(FLEET, "pi-north", transport=broker.transport("pi-north"))
     try:
         operator.add_enrollment_token("a-token-for-north-0123456", "north", 600)
         south.enroll("a-token-for-north-0123456", school="south")
