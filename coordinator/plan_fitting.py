@@ -158,6 +158,7 @@ class PlanFitter:
             fits=not reason,
             reason=reason,
             usable_bytes=profile.usable_ram_bytes,
+            validated=profile.predictions_validated,
         )
 
     def full_round_seconds(

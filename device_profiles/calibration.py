@@ -97,7 +97,8 @@ _CALIBRATED_FIELDS = (
 
 
 def _time_features(profile: DeviceProfile, counts: Sequence[StepCounts]) -> np.ndarray:
-    """Each term of step time at unit coefficient, on the rate the cost model would use."""
+    """Each term of step time at unit coefficient, on the rate the cost model would use
+    (times the scheme's CPU step factor, so a bitsandbytes point fits the same coefficients)."""
     throughput = profile.throughput
     on_gpu = profile.hardware.accelerator == "cuda" and throughput.gpu_fp32_gflops > 0
     gflops = (throughput.gpu_fp32_gflops if on_gpu else throughput.cpu_fp32_gflops) * 1e9
@@ -105,14 +106,15 @@ def _time_features(profile: DeviceProfile, counts: Sequence[StepCounts]) -> np.n
     return np.array(
         [
             [
-                step.matmul_flops / gflops,
-                step.elementwise_bytes / bandwidth,
-                step.dequant_bytes_int8 / bandwidth,
-                step.dequant_bytes_nf4 / bandwidth,
-                float(step.layers),
-                1.0,
+                factor * step.matmul_flops / gflops,
+                factor * step.elementwise_bytes / bandwidth,
+                factor * step.dequant_bytes_int8 / bandwidth,
+                factor * step.dequant_bytes_nf4 / bandwidth,
+                factor * float(step.layers),
+                factor,
             ]
             for step in counts
+            for factor in (1.0 if on_gpu else step.cpu_step_factor,)
         ]
     )
 

@@ -112,6 +112,12 @@ def show_command(profile_ref: str) -> None:
     console.print(f"[bold]{profile.name}[/bold] ({profile.kind}) {profile.description}")
     if profile.measured_at:
         console.print(f"measured at {profile.measured_at}")
+    if profile.support == "unsupported":
+        console.print(f"[red]UNSUPPORTED[/red]: {profile.support_note}")
+    if not profile.predictions_validated:
+        console.print(f"[yellow]unvalidated[/yellow]: {profile.validation_note}")
+    if profile.notes:
+        console.print(f"notes: {profile.notes}")
     table = Table()
     for column in ("field", "value", "source"):
         table.add_column(column)
@@ -226,9 +232,16 @@ def plan_command(
     )
     rows = evaluate(profiles, shape, plans)
     for profile in profiles:
+        status = "" if profile.predictions_validated else ", predictions unvalidated"
         table = Table(
-            title=f"{profile.name} ({profile.kind}, {_gb(profile.usable_ram_bytes)} usable)"
+            title=f"{profile.name} ({profile.kind}, {_gb(profile.usable_ram_bytes)} usable{status})"
         )
+        if profile.support == "unsupported":
+            console.print(f"[red]{profile.name} is UNSUPPORTED[/red]: {profile.support_note}")
+        if not profile.predictions_validated:
+            console.print(
+                f"[yellow]{profile.name}: unvalidated[/yellow]: {profile.validation_note}"
+            )
         for column in ("scheme", "rank", "batch", "seq", "step s", "peak", "round s", "verdict"):
             table.add_column(column)
         mine = [row for row in rows if row.profile is profile]
@@ -241,6 +254,8 @@ def plan_command(
                 if prediction.fits
                 else (f"[red]does not fit[/red]: {prediction.reason}")
             )
+            if not prediction.validated:
+                verdict += " (unvalidated)"
             table.add_row(
                 row.plan.scheme,
                 str(row.plan.rank),

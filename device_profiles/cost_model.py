@@ -7,6 +7,7 @@ devices nobody measured:
          + elementwise bytes / (bandwidth x memory_efficiency)
          + dequantized weight bytes x dequant_factor[scheme] / bandwidth
          + per_layer_seconds x layers + fixed_seconds
+    x the scheme's CPU step factor (bitsandbytes' CPU kernels, measured ~11x ours)
 
 GFLOPS and bandwidth are the profile's (measured, or published for reference devices); the
 efficiencies and overheads are the profile's calibration, fitted by `calibration.py` on a
@@ -33,6 +34,17 @@ UPLOAD_BYTES_PER_PARAM = 1.0
 """Updates travel int8 per-row quantized (DESIGN.md: compressed before upload)."""
 SAFETENSORS_OVERHEAD_BYTES = 8192
 """JSON header, message header and chunk framing, per transfer."""
+BNB_CPU_STEP_FACTOR: dict[str, float] = {"bnb-nf4": 11.1, "bnb-int8": 11.1}
+"""Step time of a bitsandbytes scheme on the CPU / that of our scheme of the same storage.
+benchmarks/RESULTS.md, training benchmark run 1 (2026-11-27, bitsandbytes 0.50.2, 2 threads):
+SmolLM2-135M lora-bnb-nf4 46.160 s vs lora-nf4 4.146 s (11.1x), lora-bnb-int8 44.553 s vs
+lora-int8 4.006 s (11.1x). MiniLM-L6 in the same run: bnb-nf4 4.093 s vs nf4 0.584 s (7.0x);
+its bnb-int8 0.592 s is 1.36x LoRA fp32 (its int8 row, 7.1 s, was a contention outlier). The
+decoder figure is used: it is the larger model and the one school tasks train. A measured
+profile's calibration divides it out (see `calibration._time_features`); CUDA, where
+bitsandbytes is fast, is not priced here because the trainer runs on the CPU."""
+SCHEME_CPU_STEP_FACTOR: dict[str, float] = {"none": 1.0, "int8": 1.0, "nf4": 1.0}
+SCHEME_CPU_STEP_FACTOR.update(BNB_CPU_STEP_FACTOR)
 DEFAULT_MEMORY_MARGIN = 0.15
 """A plan fits when peak x (1 + margin) <= RAM - OS reserve: the OS, page cache and other
 processes move by more than a few percent during a round."""
@@ -59,6 +71,8 @@ class StepCounts:
     """fp32 size of the block weights when the scheme dequantizes (0 otherwise): the
     allocator keeps a share of the per-layer dequantized copies resident while training."""
     family: str
+    cpu_step_factor: float = 1.0
+    """Multiplies the whole CPU step: SCHEME_CPU_STEP_FACTOR of the plan's scheme."""
 
 
 def adapter_parameter_count(
@@ -161,6 +175,7 @@ def count_step(model_shape: ModelShape, plan: TrainingPlan) -> StepCounts:
         activation_bytes=saved + transient,
         dequant_workspace_bytes=BYTES_FP32 * block_params if storage.dequantizes else 0.0,
         family=model_shape.family,
+        cpu_step_factor=SCHEME_CPU_STEP_FACTOR[plan.scheme],
     )
 
 
@@ -179,6 +194,9 @@ class Prediction:
     reason: str
     """Why it does not fit (empty when it fits, or 'ok ...' with the headroom)."""
     usable_bytes: int = 0
+    validated: bool = False
+    """True only when the profile records measurements from the device: otherwise the
+    figures are unvalidated estimates (published rates and an x86 fit)."""
 
 
 def step_seconds_for(profile: DeviceProfile, counts: StepCounts) -> float:
@@ -188,7 +206,8 @@ def step_seconds_for(profile: DeviceProfile, counts: StepCounts) -> float:
     on_gpu = profile.hardware.accelerator == "cuda" and throughput.gpu_fp32_gflops > 0
     gflops = throughput.gpu_fp32_gflops if on_gpu else throughput.cpu_fp32_gflops
     bandwidth = throughput.memory_bandwidth_gbps * 1e9
-    return (
+    factor = 1.0 if on_gpu else counts.cpu_step_factor
+    return factor * (
         counts.matmul_flops / (gflops * 1e9 * calibration.flop_efficiency)
         + counts.elementwise_bytes / (bandwidth * calibration.memory_efficiency)
         + counts.dequant_bytes_int8 * calibration.dequant_int8 / bandwidth
@@ -288,4 +307,5 @@ def predict(
         fits=not reason,
         reason=reason,
         usable_bytes=profile.usable_ram_bytes,
+        validated=profile.predictions_validated,
     )

@@ -40,12 +40,17 @@ class SchemeStorage:
 
 SCHEME_STORAGE: dict[str, SchemeStorage] = {
     "none": SchemeStorage(32, 0.0, 0.0, 0, dequantizes=False),
-    # torchao int8 weight-only: int8 data + one scale per output row.
+    # Our int8 weight-only (`quantization.qlinear.Int8Linear`): int8 data + one fp32 scale
+    # per output row.
     "int8": SchemeStorage(8, 4.0, 0.0, 0, dequantizes=True),
-    # torchao NF4: 4-bit codes, a scaler per 64-block quantized to int8 plus one fp32 per 256.
-    "nf4": SchemeStorage(4, 0.0, 1.0 + 4.0 / 4, 64, dequantizes=True),
-    # bitsandbytes NF4 (double quant) and LLM.int8 row-wise: the same storage arithmetic.
-    "bnb-nf4": SchemeStorage(4, 0.0, 1.0 + 4.0 / 4, 64, dequantizes=True),
+    # Our NF4 (`quantization.qlinear.NF4Linear`): 4-bit codes and an exact fp32 absmax per
+    # 64-block (`nf4_scales`, float32), not torchao's int8-quantized scalers: 4 bytes a block.
+    "nf4": SchemeStorage(4, 0.0, 4.0, 64, dequantizes=True),
+    # bitsandbytes NF4 as `quantization.bnb_backend` builds it (`Params4bit` defaults:
+    # blocksize 64, compress_statistics=True): a uint8 absmax per 64-block, double-quantized
+    # with one fp32 scale per 256 of them.
+    "bnb-nf4": SchemeStorage(4, 0.0, 1.0 + 4.0 / 256, 64, dequantizes=True),
+    # bitsandbytes LLM.int8 row-wise: int8 data + one fp32 scale per output row.
     "bnb-int8": SchemeStorage(8, 4.0, 0.0, 0, dequantizes=True),
 }
 KNOWN_SCHEMES: tuple[str, ...] = tuple(SCHEME_STORAGE)

@@ -26,6 +26,26 @@ SCHEMA_VERSION = 1
 PROFILE_KINDS = ("reference", "measured")
 POWER_SOURCES = ("mains", "battery", "battery+mains", "poe")
 ACCELERATORS = ("none", "cuda")
+SUPPORT_LEVELS = ("supported", "unsupported")
+"""`unsupported`: schoolfl cannot run on the device as it ships (e.g. its OS's Python is too
+old). The profile stays for planning what an upgrade would give; `schoolfl profile show` and
+`plan` print its `support_note`. The scheduler still prices it: a device that enrolls runs a
+working agent, so it is no longer as shipped."""
+TOP_LEVEL_KEYS = (
+    "schema_version",
+    "name",
+    "kind",
+    "description",
+    "measured_at",
+    "support",
+    "support_note",
+    "notes",
+    "measurements",
+)
+UNVALIDATED_NOTE = (
+    "step-time and memory predictions are not validated on this device: no measurement from "
+    "it is recorded in `measurements` (run `schoolfl profile bench` on one)"
+)
 
 
 @dataclass(frozen=True)
@@ -59,8 +79,27 @@ SECTION_FIELDS: dict[str, tuple[FieldSpec, ...]] = {
             minimum=0,
             cited=True,
         ),
-        FieldSpec("accelerator", "choice", "GPU kind", choices=ACCELERATORS),
+        FieldSpec(
+            "accelerator",
+            "choice",
+            "GPU the trainer uses ('none' while training runs on the CPU)",
+            choices=ACCELERATORS,
+        ),
         FieldSpec("accelerator_model", "str", "GPU name, empty when none", required=False),
+        FieldSpec(
+            "clock_ghz",
+            "float",
+            "sustained CPU clock the figures assume (boards of one name ship at several)",
+            required=False,
+            strictly_positive=True,
+            cited=True,
+        ),
+        FieldSpec(
+            "thermal",
+            "str",
+            "cooling the figures assume and when the device throttles",
+            required=False,
+        ),
     ),
     "throughput": (
         FieldSpec(
@@ -80,7 +119,9 @@ SECTION_FIELDS: dict[str, tuple[FieldSpec, ...]] = {
         FieldSpec(
             "memory_bandwidth_gbps",
             "float",
-            "memory bandwidth in GB/s (1e9 bytes/s)",
+            "copy bandwidth in GB/s (bytes read + written per second, 1e9) of a torch tensor "
+            "copy at the training thread count, as `schoolfl profile bench` measures and the "
+            "cost model was fitted to; not the DRAM peak of a datasheet",
             strictly_positive=True,
             cited=True,
         ),
@@ -191,6 +232,10 @@ class Hardware:
     os_reserved_bytes: int
     accelerator: str = "none"
     accelerator_model: str = ""
+    clock_ghz: float | None = None
+    """Sustained CPU clock the figures assume; None when the CPU name says it all."""
+    thermal: str = ""
+    """Cooling the figures assume and when the device throttles; empty when not stated."""
     sources: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -278,10 +323,28 @@ class DeviceProfile:
     calibration: Calibration = field(default_factory=Calibration)
     measurements: tuple[Measurement, ...] = ()
     measured_at: str = ""
+    support: str = "supported"
+    """One of SUPPORT_LEVELS; 'unsupported' when schoolfl cannot run on the device as shipped."""
+    support_note: str = ""
+    """What an owner must do to run schoolfl (required when unsupported)."""
+    notes: str = ""
+    """Free text `schoolfl profile show` prints: which board and OS image it models, what
+    the predictions are not yet checked against."""
 
     @property
     def usable_ram_bytes(self) -> int:
         return self.hardware.ram_bytes - self.hardware.os_reserved_bytes
+
+    @property
+    def predictions_validated(self) -> bool:
+        """True once a measurement from the device is recorded: until then the cost model's
+        predictions for it rest on published figures and an x86 fit only."""
+        return bool(self.measurements)
+
+    @property
+    def validation_note(self) -> str:
+        """'' when validated, else the sentence the CLI and planner print."""
+        return "" if self.predictions_validated else UNVALIDATED_NOTE
 
     def problems(self) -> list[str]:
         """Every rule this profile breaks, each naming field, value and expectation."""
@@ -376,6 +439,20 @@ def _header_problems(data: Mapping[str, Any]) -> list[str]:
     kind = data.get("kind")
     if isinstance(kind, str) and kind and kind not in PROFILE_KINDS:
         found.append(f"kind is {kind!r}; expected one of {', '.join(PROFILE_KINDS)}")
+    for key in ("description", "measured_at", "support_note", "notes"):
+        if key in data and not isinstance(data[key], str):
+            found.append(f"{key} is {data[key]!r}; expected a string")
+    support = data.get("support", "supported")
+    if support not in SUPPORT_LEVELS:
+        found.append(f"support is {support!r}; expected one of {', '.join(SUPPORT_LEVELS)}")
+    elif support == "unsupported" and not data.get("support_note"):
+        found.append("support_note is missing; an unsupported profile says what an owner must do")
+    known = set(TOP_LEVEL_KEYS) | set(SECTION_FIELDS)
+    for key in data:
+        if key not in known:
+            found.append(
+                f"{key} is not a known top-level key; expected one of {', '.join(sorted(known))}"
+            )
     return found
 
 
@@ -508,6 +585,11 @@ def to_dict(profile: DeviceProfile) -> dict[str, Any]:
     }
     if profile.measured_at:
         data["measured_at"] = profile.measured_at
+    if profile.support != "supported" or profile.support_note:
+        data["support"] = profile.support
+        data["support_note"] = profile.support_note
+    if profile.notes:
+        data["notes"] = profile.notes
     for section in ("hardware", "throughput", "network", "power", "calibration"):
         data[section] = _section_to_dict(getattr(profile, section))
     data["measurements"] = [
@@ -524,6 +606,9 @@ def from_dict(data: Mapping[str, Any]) -> DeviceProfile:
         kind=data["kind"],
         description=data.get("description", ""),
         measured_at=data.get("measured_at", ""),
+        support=data.get("support", "supported"),
+        support_note=data.get("support_note", ""),
+        notes=data.get("notes", ""),
         hardware=_section_from_dict(Hardware, data["hardware"]),
         throughput=_section_from_dict(Throughput, data["throughput"]),
         network=_section_from_dict(Network, data["network"]),

@@ -142,9 +142,11 @@ def test_adapter_bytes() -> None:
 
 
 def test_gpu_profile_uses_gpu_rate() -> None:
-    orin = find_profile("jetson-orin-nano-8gb")
-    cpu_only = dataclasses.replace(
-        orin, hardware=dataclasses.replace(orin.hardware, accelerator="none")
+    """A profile that says `cuda` is priced at the GPU rate; no shipped one does yet."""
+    cpu_only = find_profile("jetson-orin-nano-8gb")
+    assert cpu_only.hardware.accelerator == "none"
+    orin = dataclasses.replace(
+        cpu_only, hardware=dataclasses.replace(cpu_only.hardware, accelerator="cuda")
     )
     shape, plan = KNOWN_SHAPES["smollm2-135m"], TrainingPlan()
     assert predict(orin, shape, plan).step_seconds < predict(cpu_only, shape, plan).step_seconds
