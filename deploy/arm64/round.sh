@@ -19,11 +19,14 @@ ROUND_TIMEOUT=2400
 
 step() { printf '\n==> %s  [%s]\n' "$*" "$(date -u +%H:%M:%S)"; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
-schoolfl_host() { PYTHONPATH="$REPO" HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 "$HOST_PYTHON" -m schoolfl "$@"; }
-in_root() {
-    chroot "$ROOT" /usr/bin/env -i HOME=/root PATH=/usr/bin:/bin HF_HUB_OFFLINE=1 \
-        OMP_NUM_THREADS=1 MALLOC_MMAP_THRESHOLD_=1048576 "$@"
-}
+# Commands as arrays, not functions: a backgrounded function runs in a subshell, and $! would
+# be that shell, not the agent (its RSS and its kill would miss the agent).
+SCHOOLFL_HOST=(env PYTHONPATH="$REPO" HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 "$HOST_PYTHON" -m schoolfl)
+IN_ROOT=(chroot "$ROOT" /usr/bin/env -i HOME=/root PATH=/usr/bin:/bin HF_HUB_OFFLINE=1
+    OMP_NUM_THREADS=1 MALLOC_MMAP_THRESHOLD_=1048576)
+schoolfl_host() { "${SCHOOLFL_HOST[@]}" "$@"; }
+in_root() { "${IN_ROOT[@]}" "$@"; }
+# VmHWM: the process's peak resident set so far (under qemu-user, guest + emulator).
 peak_rss_mb() { awk '/VmHWM/ {printf "%d", $2 / 1024}' "/proc/$1/status" 2>/dev/null || echo "?"; }
 
 [[ -x "$ROOT$VENV/bin/schoolfl" ]] || die "no agent in $ROOT; run build-and-test.sh first"
@@ -33,7 +36,7 @@ rm -rf "$WORK" "$ROOT$ARM_STATE" && mkdir -p "$WORK/x86/data" "$ROOT$ARM_STATE/d
 PIDS=()
 cleanup() {
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
+    wait 2>/dev/null || true  # each child's exit status no longer matters here
 }
 trap cleanup EXIT
 
@@ -92,7 +95,7 @@ round_deadline_seconds = $ROUND_TIMEOUT
 EOF
 
 step "coordinator on the host"
-schoolfl_host coordinator serve --config "$WORK/coordinator.toml" --exit-when-done \
+"${SCHOOLFL_HOST[@]}" coordinator serve --config "$WORK/coordinator.toml" --exit-when-done \
     > "$WORK/coordinator.log" 2>&1 &
 COORDINATOR=$!
 PIDS+=($COORDINATOR)
@@ -124,18 +127,20 @@ in_root "$VENV/bin/schoolfl" agent enroll --config "$ARM_STATE/agent.toml" --tok
 
 step "both agents run; waiting for the round to aggregate (timeout ${ROUND_TIMEOUT} s)"
 start=$(date +%s)
-schoolfl_host -v agent run --config "$WORK/x86/agent.toml" > "$WORK/x86.log" 2>&1 &
+"${SCHOOLFL_HOST[@]}" -v agent run --config "$WORK/x86/agent.toml" > "$WORK/x86.log" 2>&1 &
 X86=$!
 PIDS+=($X86)
-in_root "$VENV/bin/schoolfl" -v agent run --config "$ARM_STATE/agent.toml" > "$WORK/arm.log" 2>&1 &
+"${IN_ROOT[@]}" "$VENV/bin/schoolfl" -v agent run --config "$ARM_STATE/agent.toml" > "$WORK/arm.log" 2>&1 &
 ARM=$!
 PIDS+=($ARM)
 x86_peak="?" arm_peak="?"
 while kill -0 "$COORDINATOR" 2>/dev/null; do
     (( $(date +%s) - start < ROUND_TIMEOUT )) || die "no aggregate within ${ROUND_TIMEOUT} s; see $WORK/*.log"
     x86_peak=$(peak_rss_mb "$X86") arm_peak=$(peak_rss_mb "$ARM")
-    sleep 5
+    sleep 1
 done
+# VmHWM only grows: a last reading while the agents still run is their peak for the round.
+x86_peak=$(peak_rss_mb "$X86") arm_peak=$(peak_rss_mb "$ARM")
 wait "$COORDINATOR" || die "the coordinator failed; see $WORK/coordinator.log"
 elapsed=$(( $(date +%s) - start ))
 
