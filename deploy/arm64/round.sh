@@ -4,7 +4,7 @@
 # coordinator on the host over loopback. Checks that the round aggregates both updates and
 # that the coordinator recorded the arm64 device as aarch64; prints each agent's peak RSS.
 #
-# Called by `build-and-test.sh --round` (after the install); takes ~10-15 min on a 2-core
+# Called by `build-and-test.sh --round` (after the install); takes ~2 min on a 2-core
 # host, nearly all of it the emulated agent importing torch, loading MiniLM and training
 # its 2 steps. Steps, batch and sequence are tiny so emulated time stays bounded.
 set -euo pipefail
