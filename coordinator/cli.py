@@ -138,6 +138,7 @@ def enroll_token_command(config_path: Path, school: str, valid_hours: float | No
 @CONFIG_OPTION
 def devices_command(config_path: Path) -> None:
     """List enrolled devices: school, profile, enrollment and revocation."""
+    from device_profiles.architecture import architectures_disagree
     from device_profiles.profile import profile_from_toml_text
 
     store = _open_store(config_path)
@@ -149,8 +150,12 @@ def devices_command(config_path: Path) -> None:
     for device in devices:
         profile = profile_from_toml_text(device.profile_toml)
         state = f"revoked {_when(device.revoked_at)}" if device.revoked else "active"
+        # The machine the agent reported; "?" for agents that predate the field.
+        machine = device.machine or "?"
+        if architectures_disagree(profile.hardware.architecture, device.machine):
+            machine += f" (profile says {profile.hardware.architecture}!)"
         click.echo(
-            f"{device.device_id:24} {device.school:16} {profile.name:20} "
+            f"{device.device_id:24} {device.school:16} {profile.name:20} {machine:8} "
             f"enrolled {_when(device.enrolled_at)}  {state}"
         )
     store.close()

@@ -533,8 +533,11 @@ class CoordinatorDaemon:
                     bytes.fromhex(request.public_key),
                     profile_text,
                     agent_school=request.school,
+                    machine=request.machine,
                 )
-                logger.info("enrolled device %s", request.device_id)
+                logger.info(
+                    "enrolled device %s (machine %s)", request.device_id, request.machine or "?"
+                )
             except (ValueError, UnicodeDecodeError) as error:
                 accepted, reason = False, str(error)
                 self.reject(request.device_id, "enrollment-refused", reason)

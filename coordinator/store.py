@@ -31,7 +31,7 @@ from coordinator.store_records import (
     UpdateOutcome,
     token_digest,
 )
-from coordinator.store_schema import SCHEMA, SCHEMA_VERSION
+from coordinator.store_schema import ADDED_COLUMNS, SCHEMA, SCHEMA_VERSION
 from durable.sqlite import open_database
 
 logger = logging.getLogger(__name__)
@@ -68,7 +68,16 @@ class CoordinatorStore:
                 f"{self.path} has schema version {row[0]}, this coordinator expects "
                 f"{SCHEMA_VERSION}; upgrade schoolfl or point --state at a new folder"
             )
+        self._add_missing_columns()
         self._fold_old_rejections()
+
+    def _add_missing_columns(self) -> None:
+        """Bring a store written by an older coordinator up to the additive columns."""
+        for table, column, declaration in ADDED_COLUMNS:
+            present = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in present:
+                logger.info("adding column %s.%s to %s", table, column, self.path)
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
     def close(self) -> None:
         self._db.close()
@@ -102,6 +111,7 @@ class CoordinatorStore:
         public_key: bytes,
         profile_toml: str,
         agent_school: str = "",
+        machine: str = "",
     ) -> DeviceRecord:
         """Exchange a one-time token for a device registration, atomically.
 
@@ -139,8 +149,8 @@ class CoordinatorStore:
             )
             db.execute(
                 "INSERT OR REPLACE INTO devices(device_id, school, public_key, profile_toml,"
-                " enrolled_at, revoked_at) VALUES (?,?,?,?,?,NULL)",
-                (device_id, school, public_key, profile_toml, self._now()),
+                " enrolled_at, revoked_at, machine) VALUES (?,?,?,?,?,NULL,?)",
+                (device_id, school, public_key, profile_toml, self._now(), machine),
             )
         device = self.device(device_id)
         assert device is not None  # just written in the transaction above
@@ -148,7 +158,7 @@ class CoordinatorStore:
 
     def device(self, device_id: str) -> DeviceRecord | None:
         row = self._db.execute(
-            "SELECT device_id, school, public_key, profile_toml, enrolled_at, revoked_at "
+            "SELECT device_id, school, public_key, profile_toml, enrolled_at, revoked_at, machine "
             "FROM devices WHERE device_id=?",
             (device_id,),
         ).fetchone()
@@ -163,7 +173,7 @@ class CoordinatorStore:
 
     def devices(self) -> list[DeviceRecord]:
         rows = self._db.execute(
-            "SELECT device_id, school, public_key, profile_toml, enrolled_at, revoked_at "
+            "SELECT device_id, school, public_key, profile_toml, enrolled_at, revoked_at, machine "
             "FROM devices ORDER BY device_id"
         ).fetchall()
         return [DeviceRecord(r[0], r[1], bytes(r[2]), *r[3:]) for r in rows]

@@ -26,6 +26,9 @@ class DeviceRecord:
     profile_toml: str
     enrolled_at: float
     revoked_at: float | None
+    machine: str = ""
+    """`platform.machine()` the device reported at enrollment (empty: an agent that
+    predates the field); the profile's architecture may disagree with it."""
 
     @property
     def revoked(self) -> bool:

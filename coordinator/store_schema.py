@@ -19,7 +19,8 @@ CREATE TABLE IF NOT EXISTS devices (
     public_key BLOB NOT NULL,
     profile_toml TEXT NOT NULL,
     enrolled_at REAL NOT NULL,
-    revoked_at REAL
+    revoked_at REAL,
+    machine TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS enrollment_tokens (
     token_sha256 TEXT PRIMARY KEY,
@@ -101,3 +102,10 @@ CREATE TABLE IF NOT EXISTS privacy_stops (
     at REAL NOT NULL
 );
 """
+
+ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("devices", "machine", "TEXT NOT NULL DEFAULT ''"),
+)
+"""Columns added after a store's schema version was first written: (table, column, type).
+A store opened by an older coordinator lacks them and gets them by ALTER TABLE at open;
+additive only, so SCHEMA_VERSION stays and an older coordinator still reads the store."""

@@ -29,6 +29,7 @@ from edge_runtime.agent_config import AgentConfig
 from edge_runtime.assignment_models import start_state_for_rank, task_model_spec
 from edge_runtime.device_state import device_state_frame
 from edge_runtime.eligibility import check_eligibility, read_device
+from edge_runtime.enrollment import warn_if_architecture_mismatch
 from edge_runtime.enrollment_record import AgentError, Enrollment
 from edge_runtime.local_privacy import privatize_update
 from edge_runtime.outbox import Outbox, RoundHistory
@@ -122,6 +123,7 @@ class AgentDaemon:
             self.enrollment.coordinator_public_key
         )
         self.profile: DeviceProfile = find_profile(config.agent.profile)
+        warn_if_architecture_mismatch(self.profile.hardware.architecture)
         self.profile_digest = hashlib.sha256(profile_toml_text(self.profile).encode()).hexdigest()
         self._state_lock = lock_state_folder(config.state_dir, "agent")
         sweep_leftovers(config.state_dir)  # ours alone now: a kill mid-save leaves these

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import platform
 import queue
 import secrets
 import time
 
+from device_profiles.architecture import architecture_mismatch
 from device_profiles.profile import find_profile, profile_toml_text
 from edge_runtime.agent_config import AgentConfig
 from edge_runtime.enrollment_record import Enrollment
@@ -44,10 +46,22 @@ class EnrollmentError(RuntimeError):
     """The coordinator refused the token, or did not answer in time."""
 
 
+def warn_if_architecture_mismatch(profile_architecture: str, machine: str | None = None) -> None:
+    """Log `architecture_mismatch` as a WARNING (the agent's commands show warnings)."""
+    message = architecture_mismatch(
+        profile_architecture, platform.machine() if machine is None else machine
+    )
+    if message is not None:
+        logger.warning("%s", message)
+
+
 def enroll_device(config: AgentConfig, token: str, timeout_seconds: float = 60.0) -> Enrollment:
     """Send the enrollment request and wait for the coordinator's signed answer."""
     key = load_private_key(config.key_path)
-    profile_bytes = profile_toml_text(find_profile(config.agent.profile)).encode()
+    profile = find_profile(config.agent.profile)
+    profile_bytes = profile_toml_text(profile).encode()
+    machine = platform.machine()
+    warn_if_architecture_mismatch(profile.hardware.architecture, machine)
     request = EnrollmentRequest(
         fleet=config.agent.fleet,
         device_id=config.agent.device_id,
@@ -56,6 +70,7 @@ def enroll_device(config: AgentConfig, token: str, timeout_seconds: float = 60.0
         public_key=public_key_hex(key),
         profile_digest=hashlib.sha256(profile_bytes).hexdigest(),
         school=config.agent.school,
+        machine=machine,
     )
     transport = MqttTransport(config.broker.transport_config(f"{config.agent.device_id}-enroll"))
     transport.subscribe(

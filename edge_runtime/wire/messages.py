@@ -120,6 +120,10 @@ class EnrollmentRequest:
     school: str = ""
     """The school the agent is configured for: a token issued for another is refused
     (empty from agents that predate the field)."""
+    machine: str = ""
+    """`platform.machine()` of the device (`aarch64`, `x86_64`, ...): what the hardware
+    really is, whatever the configured profile claims, so an operator sees a Pi enrolled
+    with a laptop profile (empty from agents that predate the field)."""
 
     def __post_init__(self) -> None:
         check_identifier("fleet", self.fleet)
@@ -127,6 +131,11 @@ class EnrollmentRequest:
         check_identifier("request_id", self.request_id)
         if self.school:
             check_identifier("school", self.school)
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{0,32}", self.machine):
+            raise SchemaError(
+                f"machine must be up to 32 chars of [A-Za-z0-9_.-] (platform.machine()), "
+                f"got {self.machine!r:.80}"
+            )
         if not 16 <= len(self.token) <= 256:
             raise SchemaError(f"token must be 16..256 chars, got {len(self.token)}")
         if not re.fullmatch(r"[0-9a-f]{64}", self.public_key):
