@@ -398,7 +398,13 @@ class MqttTransport:
             return
         self.stopping = True
         self._client.disconnect()
-        self._client.loop_stop()
+        try:
+            self._client.loop_stop()
+        except AttributeError:
+            # paho-mqtt issue #872: loop_stop checks its thread, then joins it; when the
+            # thread ends in between (quickly, if we never connected) paho raises on None.
+            # The thread being gone is exactly what stop() wants.
+            pass
         self._started = False
         self.stopping = False
         self.connected.clear()
