@@ -74,6 +74,7 @@ from edge_runtime.wire import (
     public_key_from_hex,
     verify_frame,
 )
+from quantization.compute_device import ComputeDevice, resolve_compute_device
 from quantization.errors import QuantizationError
 from quantization.task_data import read_labelled_texts, read_lm_texts
 
@@ -124,6 +125,7 @@ class AgentDaemon:
         )
         self.profile: DeviceProfile = find_profile(config.agent.profile)
         warn_if_architecture_mismatch(self.profile.hardware.architecture)
+        self.compute: ComputeDevice = resolve_compute_device(config.agent.device)
         self.profile_digest = hashlib.sha256(profile_toml_text(self.profile).encode()).hexdigest()
         self._state_lock = lock_state_folder(config.state_dir, "agent")
         sweep_leftovers(config.state_dir)  # ours alone now: a kill mid-save leaves these
@@ -172,10 +174,12 @@ class AgentDaemon:
             self.transport.subscribe(topic_filter)
         self.transport.start(timeout_seconds=30)
         logger.info(
-            "agent %s (school %s, profile %s) started; %d update(s) waiting in the outbox",
+            "agent %s (school %s, profile %s, training on %s) started; %d update(s) waiting "
+            "in the outbox",
             self.device_id,
             self.config.agent.school,
             self.profile.name,
+            self.compute.describe(),
             len(self.outbox),
         )
         self.heartbeat()
@@ -426,7 +430,7 @@ class AgentDaemon:
                 spec.task_id,
                 len(examples),
             )
-            trainer = self.trainer_class(spec, examples)
+            trainer = self.trainer_class(spec, examples, device=self.compute)
             self.trainers[assignment.task] = trainer
         return trainer
 
@@ -450,7 +454,9 @@ class AgentDaemon:
             self._decline(assignment, [str(error)])
             return None
         verdict = check_eligibility(
-            self.config.eligibility, read_device(0.2), self._predicted_peak_bytes(assignment)
+            self.config.eligibility,
+            read_device(0.2, self.compute),
+            self._predicted_peak_bytes(assignment),
         )
         if not verdict.eligible:
             self._decline(assignment, list(verdict.reasons))

@@ -16,6 +16,7 @@ from durable.config_tables import build_dataclass, read_toml_file
 from edge_runtime.eligibility import EligibilityPolicy
 from edge_runtime.privacy_policy import PrivacyPolicy
 from edge_runtime.wire import BrokerSettings, check_identifier
+from quantization.compute_device import DEVICE_SETTINGS
 
 
 class AgentConfigError(ValueError):
@@ -47,8 +48,15 @@ class AgentSettings:
     """Tasks this device may join; empty = any the coordinator assigns."""
     emulate_profile: bool = False
     """Demo only: stretch compute to the profile's predicted step time."""
+    device: str = "auto"
+    """Where to train: "auto" (a CUDA GPU when torch finds one, else the CPU), "cpu", or
+    "cuda" (refuses to start without a usable GPU)."""
 
     def __post_init__(self) -> None:
+        if self.device not in DEVICE_SETTINGS:
+            raise AgentConfigError(
+                f"[agent] device must be one of {', '.join(DEVICE_SETTINGS)}, got {self.device!r}"
+            )
         for name in ("fleet", "device_id", "school"):
             try:
                 check_identifier(name, getattr(self, name))

@@ -18,6 +18,8 @@ from typing import Any
 
 import psutil
 
+from quantization.compute_device import CPU, ComputeDevice, free_memory_bytes, gpu_temperature
+
 logger = logging.getLogger(__name__)
 
 _WINDOW = re.compile(r"^(\d{1,2}):(\d{2})-(\d{1,2}):(\d{2})$")
@@ -113,6 +115,12 @@ class DeviceReadings:
     temperature_celsius: float | None
     """Hottest sensor; None where the platform exposes none."""
     local_time: dt.datetime
+    gpu_free_memory_bytes: int | None = None
+    """Free memory of a discrete training GPU; None on the CPU and on a Jetson, whose GPU
+    allocates from `available_memory_bytes` (quantization/compute_device.py)."""
+    gpu_temperature_celsius: float | None = None
+    gpu_temperature_source: str = ""
+    """Where the GPU reading came from, or why there is none (only when training on a GPU)."""
 
 
 @dataclass(frozen=True)
@@ -136,8 +144,9 @@ def _read_battery() -> Any:
         return None
 
 
-def read_device(cpu_sample_seconds: float = 0.5) -> DeviceReadings:
-    """Take readings with psutil. CPU load is sampled over `cpu_sample_seconds`."""
+def read_device(cpu_sample_seconds: float = 0.5, compute: ComputeDevice = CPU) -> DeviceReadings:
+    """Take readings with psutil (and, when `compute` is a GPU, its memory and temperature).
+    CPU load is sampled over `cpu_sample_seconds`."""
     battery = _read_battery()
     temperatures: list[float] = []
     if hasattr(psutil, "sensors_temperatures"):
@@ -153,13 +162,31 @@ def read_device(cpu_sample_seconds: float = 0.5) -> DeviceReadings:
         available_memory_bytes=int(psutil.virtual_memory().available),
         temperature_celsius=max(temperatures) if temperatures else None,
         local_time=dt.datetime.now(),
+        **_gpu_readings(compute),
     )
 
 
+def _gpu_readings(compute: ComputeDevice) -> dict[str, Any]:
+    if not compute.is_cuda:
+        return {}
+    reading = gpu_temperature()
+    return {
+        "gpu_free_memory_bytes": None if compute.unified_memory else free_memory_bytes(compute),
+        "gpu_temperature_celsius": reading.celsius,
+        "gpu_temperature_source": reading.source,
+    }
+
+
 def check_eligibility(
-    policy: EligibilityPolicy, readings: DeviceReadings, required_memory_bytes: int = 0
+    policy: EligibilityPolicy,
+    readings: DeviceReadings,
+    required_memory_bytes: int = 0,
+    required_gpu_memory_bytes: int = 0,
 ) -> Eligibility:
-    """Apply every check and collect all the reasons, not just the first."""
+    """Apply every check and collect all the reasons, not just the first.
+
+    `required_gpu_memory_bytes` is checked against a discrete GPU's free memory; on a
+    Jetson the GPU's share is part of `required_memory_bytes` (one RAM for both)."""
     reasons: list[str] = []
     if policy.require_mains and not readings.on_mains:
         reasons.append("on battery and the policy requires mains power")
@@ -180,6 +207,20 @@ def check_eligibility(
         reasons.append(
             f"free memory {readings.available_memory_bytes / 2**20:.0f} MiB is below the "
             f"{needed / 2**20:.0f} MiB the plan needs with margin"
+        )
+    gpu_needed = required_gpu_memory_bytes + policy.memory_margin_bytes
+    if readings.gpu_free_memory_bytes is not None and readings.gpu_free_memory_bytes < gpu_needed:
+        reasons.append(
+            f"free GPU memory {readings.gpu_free_memory_bytes / 2**20:.0f} MiB is below the "
+            f"{gpu_needed / 2**20:.0f} MiB the plan needs on the GPU with margin"
+        )
+    if (
+        readings.gpu_temperature_celsius is not None
+        and readings.gpu_temperature_celsius > policy.max_temperature_celsius
+    ):
+        reasons.append(
+            f"GPU temperature {readings.gpu_temperature_celsius:.0f} C is above "
+            f"{policy.max_temperature_celsius:.0f} C"
         )
     if (
         readings.temperature_celsius is not None

@@ -4,6 +4,9 @@ The quantized base is loaded once per task and kept between rounds (a round's fi
 matters on a Raspberry Pi); each round starts from the global adapter, runs the plan's
 steps, stops early rather than miss the deadline, and returns the *delta* to the global
 adapter plus what was actually done. Student data stays in this process.
+
+On a GPU (`ComputeDevice`, chosen by the agent) the model, batches and optimizer live there
+and forward passes run under autocast; the delta always comes back as fp32 CPU tensors.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from device_profiles.plan import TrainingPlan
 from durable.crash_points import crash_point
 from quantization.adapters import get_adapter_state, set_adapter_state
+from quantization.compute_device import CPU, ComputeDevice
 from quantization.task_data import LabelledText
 from quantization.task_model import (
     TaskModelSpec,
@@ -57,12 +61,16 @@ class LocalTrainer:
         *,
         seed: int = 0,
         clock: Callable[[], float] = time.monotonic,
+        device: ComputeDevice = CPU,
     ) -> None:
         if not examples:
             raise ValueError(f"task {spec.task_id!r}: no local examples to train on")
         self.spec = spec
         self.examples = list(examples)
-        self.model, self.tokenizer = build_task_model(spec, seed=seed)
+        self.device = device
+        self.model, self.tokenizer = build_task_model(
+            spec, seed=seed, device=None if device is CPU else device.torch_device
+        )
         self.clock = clock
         self._seed = seed
 
@@ -75,8 +83,10 @@ class LocalTrainer:
     def _batch(self, indices: Sequence[int], seq_len: int) -> dict[str, torch.Tensor]:
         chosen = [self.examples[i] for i in indices]
         if self.spec.kind == "classification":
-            return classification_batch(self.tokenizer, chosen, self.spec.labels, seq_len)  # type: ignore[arg-type]
-        return causal_lm_batch(self.tokenizer, chosen, seq_len)  # type: ignore[arg-type]
+            batch = classification_batch(self.tokenizer, chosen, self.spec.labels, seq_len)  # type: ignore[arg-type]
+        else:
+            batch = causal_lm_batch(self.tokenizer, chosen, seq_len)  # type: ignore[arg-type]
+        return self.device.move_batch(batch)
 
     def _batches(self, plan: TrainingPlan, round_seed: int) -> list[list[int]]:
         """Shuffled passes over the local data, cut into the plan's batches."""
@@ -111,6 +121,7 @@ class LocalTrainer:
         start_state = {name: t.clone() for name, t in global_state.items()}
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=plan.learning_rate, weight_decay=0.0)
+        scaler = self.device.grad_scaler()  # fp16 only
         self.model.train()
         losses: list[float] = []
         slowest_step = 0.0
@@ -122,14 +133,20 @@ class LocalTrainer:
                 stopped_early = True
                 break
             batch = self._batch(indices, plan.seq_len)
-            loss = self.model(**batch).loss
+            with self.device.autocast():
+                loss = self.model(**batch).loss.float()
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"training loss became {loss.item()} at step {len(losses)}"
                 )
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)  # skips the step when fp16 gradients overflowed
+                scaler.update()
             crash_point("training-step")
             losses.append(float(loss.detach()))
             slowest_step = max(slowest_step, self.clock() - step_start)

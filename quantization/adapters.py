@@ -101,14 +101,18 @@ def attach_adapter(model: nn.Module, config: AdapterConfig):  # noqa: ANN201 - P
 
 
 def get_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter (LoRA + saved modules) as named fp32 tensors, detached copies.
+    """The adapter (LoRA + saved modules) as named fp32 CPU tensors, detached copies.
 
-    Names are PEFT's saved names (adapter name stripped), identical for every scheme.
+    Names are PEFT's saved names (adapter name stripped), identical for every scheme and
+    device: an adapter trained on a GPU leaves it in exactly the form a CPU one has.
     """
     from peft import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
-    return {name: tensor.detach().to(torch.float32).clone() for name, tensor in state.items()}
+    return {
+        name: tensor.detach().to(device="cpu", dtype=torch.float32, copy=True)
+        for name, tensor in state.items()
+    }
 
 
 def set_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -31,10 +31,19 @@ def _device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def _compute_dtype(device: torch.device) -> torch.dtype:
+    """bitsandbytes' own compute dtype (its matmul is not autocast's): the GPU's half
+    precision, as the trainer's autocast (quantization/compute_device.py); fp32 on a CPU."""
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 def make_bnb_linear(
     weight: torch.Tensor, bias: torch.Tensor | None, kind: str, device: torch.device | None = None
 ) -> nn.Module:
-    """A frozen bitsandbytes Linear4bit (kind='nf4') or Linear8bitLt (kind='int8')."""
+    """A frozen bitsandbytes Linear4bit (kind='nf4') or Linear8bitLt (kind='int8') on
+    `device` (default: the GPU when there is one)."""
     bnb = _import_bnb()
     device = device or _device()
     out_features, in_features = weight.shape
@@ -44,11 +53,16 @@ def make_bnb_linear(
             in_features,
             out_features,
             bias=bias is not None,
-            compute_dtype=torch.float32,
+            compute_dtype=_compute_dtype(device),
             quant_type="nf4",
             device="meta",
         )
         layer.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4")
+        # On a CPU with AVX512-BF16, bitsandbytes (0.48+) repacks the weight on the first
+        # eval-mode forward without grad: block scales go to bf16, and `state_dict()` undoes
+        # that lossily (absmax re-quantized), so a frozen base changed after one evaluation
+        # (issue 18). Training and evaluation must see one fixed base: keep bnb's own format.
+        layer.support_avx512bf16_for_cpu = False
     elif kind == "int8":
         layer = bnb.nn.Linear8bitLt(
             in_features, out_features, bias=bias is not None, has_fp16_weights=False, device="meta"
@@ -62,8 +76,11 @@ def make_bnb_linear(
 
 
 @functools.cache
-def bnb_unavailable_reason(kind: str) -> str | None:
-    """None when bitsandbytes `kind` works here, else a sentence saying why not."""
+def bnb_unavailable_reason(kind: str, device_type: str | None = None) -> str | None:
+    """None when bitsandbytes `kind` works on `device_type` ('cpu', 'cuda'; default: the GPU
+    when there is one), else a sentence saying why not. Imports bitsandbytes: call it only
+    when a bnb scheme is asked for."""
+    device = torch.device(device_type) if device_type else _device()
     try:
         bnb = _import_bnb()
     except Exception as error:  # noqa: BLE001 - any import failure means "not available"
@@ -76,9 +93,9 @@ def bnb_unavailable_reason(kind: str) -> str | None:
         weight = torch.randn(64, 128, generator=generator) * 0.05
         x = torch.randn(4, 128, generator=generator)
         reference = x @ weight.T
-        layer = make_bnb_linear(weight, None, kind)
+        layer = make_bnb_linear(weight, None, kind, device)
         with torch.no_grad():
-            got = layer(x.to(_device())).float().cpu()
+            got = layer(x.to(device)).float().cpu()
         relative_error = ((got - reference).norm() / reference.norm()).item()
     except Exception as error:  # noqa: BLE001 - a crashing kernel also means "not available"
         return (

@@ -241,9 +241,16 @@ def _gguf_config_and_tensors(path: Path, task: str, num_labels: int | None):  # 
 class _Assembler:
     """Puts streamed tensors into a meta skeleton, quantizing Linear weights on arrival."""
 
-    def __init__(self, model: nn.Module, scheme: Scheme, skip_modules: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        scheme: Scheme,
+        skip_modules: tuple[str, ...],
+        device: torch.device | None = None,
+    ) -> None:
         self.model = model
         self.scheme = scheme
+        self.device = device
         self.prefix = getattr(model, "base_model_prefix", "")
         self.parameters = dict(model.named_parameters(remove_duplicate=False))
         self.buffers = dict(model.named_buffers())
@@ -309,7 +316,7 @@ class _Assembler:
         if bias is None and module.bias is not None:
             bias = torch.zeros(module.out_features)  # placeholder until the bias streams in
         with torch.no_grad():
-            quantized = quantize_linear_weight(tensor, bias, self.scheme)
+            quantized = quantize_linear_weight(tensor, bias, self.scheme, self.device)
         parent_name, _, child_name = module_name.rpartition(".")
         setattr(self.model.get_submodule(parent_name), child_name, quantized)
         self.quantized.add(module_name)
@@ -371,6 +378,7 @@ def load_quantized(
     task: str = "auto",
     num_labels: int | None = None,
     skip_modules: tuple[str, ...] = DEFAULT_SKIP_MODULES,
+    device: torch.device | None = None,
 ) -> nn.Module:
     """Load a Hugging Face model folder or a GGUF file with its Linear weights quantized.
 
@@ -383,12 +391,16 @@ def load_quantized(
     task:
         "classification" (sequence classification head, `num_labels` outputs),
         "causal-lm", "embedding" (bare encoder), or "auto" (from the config).
+    device:
+        Where the model ends up (default: the CPU; a bitsandbytes scheme defaults to the
+        GPU when there is one). Weights stream in and are quantized on the CPU, then move,
+        so the GPU never holds a full-precision Linear weight.
 
     All base parameters are frozen and the model is in eval mode; attach adapters next.
     Raises `ModelFileError` for missing/unreadable files and `ModelMismatchError` when the
     weights do not fit the config.
     """
-    scheme = require_scheme(scheme)
+    scheme = require_scheme(scheme, device.type if device is not None else None)
     source = Path(source)
     if not source.exists():
         raise ModelFileError(f"model source {source} does not exist")
@@ -409,10 +421,12 @@ def load_quantized(
         tensors = _iter_safetensors(files)
     else:
         raise ModelFileError(f"{source} is neither a model folder nor a .gguf file")
-    assembler = _Assembler(model, scheme, tuple(skip_modules))
+    assembler = _Assembler(model, scheme, tuple(skip_modules), device)
     for key, tensor in tensors:
         assembler.add(key, tensor, source)
         del tensor
     model = assembler.finish(source)
+    if device is not None:
+        model.to(device)
     logger.info("loaded %s with scheme %s (%s)", source, scheme.value, type(model).__name__)
     return model

@@ -58,7 +58,20 @@ class _DequantizedMatmul(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None]:
         if not ctx.needs_input_grad[0]:
             return None, None
+        # grad_out has the forward's compute dtype (autocast runs no longer), so the weight
+        # is rebuilt in that dtype too, as in forward.
         return ctx.layer._matmul_transposed(grad_out), None
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype this layer multiplies in: autocast's (bf16/fp16 on a GPU, see
+    quantization/compute_device.py) when it is on for x's device, else x's own float dtype.
+    The dequantized weight is built directly in it, never as an fp32 copy first."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    if x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return x.dtype
+    return torch.float32
 
 
 class QuantizedLinear(nn.Linear):
@@ -99,8 +112,7 @@ class QuantizedLinear(nn.Linear):
         """Nothing to reset: the weight is frozen data, not a trainable parameter."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            x = x.float()
+        x = x.to(_compute_dtype(x))  # differentiable; a no-op when the dtype already fits
         if torch.is_grad_enabled() and x.requires_grad:
             y = _DequantizedMatmul.apply(x, self)
         else:
@@ -124,12 +136,15 @@ class QuantizedLinear(nn.Linear):
 
 
 @functools.cache
-def _nf4_quad_table(codebook: tuple[float, ...]) -> torch.Tensor:
+def _nf4_quad_table(
+    codebook: tuple[float, ...], device: torch.device | None = None
+) -> torch.Tensor:
     """(65536, 4) table: two packed bytes read as one uint16 -> their four NF4 values.
 
     Decoding 16 bits per lookup is ~4x faster on CPU than torchao's nibble-by-nibble int64
     indexing. torchao packs the earlier element in the high nibble; a little-endian uint16
-    holds the earlier byte in its low 8 bits. One 1 MiB table is shared by every layer.
+    holds the earlier byte in its low 8 bits. One 1 MiB table per device is shared by every
+    layer (a per-layer buffer would follow `.to(device)` but cost 1 MiB per layer).
     """
     if sys.byteorder != "little":
         raise RuntimeError("the NF4 decode table assumes a little-endian CPU")
@@ -137,7 +152,8 @@ def _nf4_quad_table(codebook: tuple[float, ...]) -> torch.Tensor:
     word = torch.arange(65536)  # (65536,)
     first, second = word & 0xFF, word >> 8
     nibbles = [first >> 4, first & 0xF, second >> 4, second & 0xF]
-    return torch.stack([values[n] for n in nibbles], dim=1).contiguous()  # (65536, 4)
+    table = torch.stack([values[n] for n in nibbles], dim=1).contiguous()  # (65536, 4)
+    return table if device is None else table.to(device)
 
 
 NF4_QUANTIZE_CHUNK = 2**20
@@ -193,7 +209,6 @@ class NF4Linear(QuantizedLinear):
         self.register_buffer("nf4_scales", block_scales)  # (out * in / 64,) float32
         if packed.numel() % 2:
             raise ValueError("nf4 packed codes must have an even number of bytes")
-        self.nf4_quad_table = _nf4_quad_table(NF4_CODEBOOK)  # (65536, 4), shared, not state
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> NF4Linear:
@@ -208,8 +223,9 @@ class NF4Linear(QuantizedLinear):
         return cls(in_features, out_features, packed, scales, bias)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        table = _nf4_quad_table(NF4_CODEBOOK, self.nf4_packed.device)  # (65536, 4), shared
         words = self.nf4_packed.view(torch.int16).to(torch.int32).bitwise_and_(0xFFFF)  # (n/4,)
-        quads = torch.index_select(self.nf4_quad_table, 0, words)  # (n/4, 4)
+        quads = torch.index_select(table, 0, words)  # (n/4, 4)
         blocks = quads.view(-1, NF4_BLOCK_SIZE)  # (n_blocks, 64)
         blocks.mul_(self.nf4_scales.unsqueeze(1))
         return blocks.view(self.out_features, self.in_features).to(dtype)

@@ -61,22 +61,27 @@ def _torchao_unavailable_reason() -> str | None:
     return None
 
 
-def available_schemes() -> dict[Scheme, str | None]:
-    """Every scheme -> None if usable on this machine, else the reason it is not."""
-    torchao_reason = _torchao_unavailable_reason()
-    return {
-        Scheme.NONE: None,
-        Scheme.NF4: torchao_reason,
-        Scheme.INT8: torchao_reason,
-        Scheme.BNB_NF4: bnb_unavailable_reason("nf4"),
-        Scheme.BNB_INT8: bnb_unavailable_reason("int8"),
-    }
+def scheme_unavailable_reason(scheme: Scheme, device_type: str | None = None) -> str | None:
+    """None if `scheme` runs on this machine (on `device_type` for bitsandbytes, whose
+    kernels differ per device), else the reason. Only a bnb scheme imports bitsandbytes:
+    its import and self-check cost seconds and memory every other process should not pay."""
+    if scheme is Scheme.NONE:
+        return None
+    if scheme in (Scheme.NF4, Scheme.INT8):
+        return _torchao_unavailable_reason()
+    return bnb_unavailable_reason("nf4" if scheme is Scheme.BNB_NF4 else "int8", device_type)
 
 
-def require_scheme(scheme: str | Scheme) -> Scheme:
+def available_schemes(device_type: str | None = None) -> dict[Scheme, str | None]:
+    """Every scheme -> None if usable on this machine, else the reason it is not (imports
+    bitsandbytes to check it: for reports and the device benchmark, not the hot path)."""
+    return {scheme: scheme_unavailable_reason(scheme, device_type) for scheme in Scheme}
+
+
+def require_scheme(scheme: str | Scheme, device_type: str | None = None) -> Scheme:
     """Parse `scheme` and raise `SchemeUnavailableError` (with the reason) if it cannot run."""
     parsed = parse_scheme(scheme)
-    reason = available_schemes()[parsed]
+    reason = scheme_unavailable_reason(parsed, device_type)
     if reason is not None:
         raise SchemeUnavailableError(f"scheme {parsed.value!r} is not available here: {reason}")
     return parsed
@@ -98,11 +103,16 @@ def can_quantize(weight_shape: tuple[int, ...], scheme: Scheme) -> bool:
 
 
 def quantize_linear_weight(
-    weight: torch.Tensor, bias: torch.Tensor | None, scheme: str | Scheme
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    scheme: str | Scheme,
+    device: torch.device | None = None,
 ) -> nn.Module:
     """A frozen Linear module holding `weight` (out, in) stored with `scheme`.
 
-    For `none` it is a plain `nn.Linear` whose parameters do not require grad.
+    For `none` it is a plain `nn.Linear` whose parameters do not require grad. `device`
+    matters only to bitsandbytes, which quantizes as it moves a layer there; the others
+    quantize on the CPU and move with the model.
     """
     scheme = parse_scheme(scheme)
     if scheme is Scheme.NF4:
@@ -110,7 +120,8 @@ def quantize_linear_weight(
     if scheme is Scheme.INT8:
         return Int8Linear.from_weight(weight, bias)
     if scheme in (Scheme.BNB_NF4, Scheme.BNB_INT8):
-        return make_bnb_linear(weight, bias, "nf4" if scheme is Scheme.BNB_NF4 else "int8")
+        kind = "nf4" if scheme is Scheme.BNB_NF4 else "int8"
+        return make_bnb_linear(weight, bias, kind, device)
     out_features, in_features = weight.shape
     layer = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
     layer.weight = nn.Parameter(weight.detach().to(torch.float32), requires_grad=False)
@@ -129,6 +140,7 @@ def quantize_model(
     scheme: str | Scheme,
     *,
     skip_modules: Iterable[str] = DEFAULT_SKIP_MODULES,
+    device: torch.device | None = None,
 ) -> nn.Module:
     """Swap every `nn.Linear` of an in-memory model for a frozen quantized one, in place.
 
@@ -136,9 +148,9 @@ def quantize_model(
     checkpoints should go through `load_quantized`, which never holds the full-precision
     model. All base parameters end up frozen (`requires_grad=False`), so only adapters added
     afterwards train. Layers whose shape the scheme cannot store are left in full precision
-    with a warning. Returns `model` for chaining.
+    with a warning. With `device`, the model ends up there. Returns `model` for chaining.
     """
-    scheme = require_scheme(scheme)
+    scheme = require_scheme(scheme, device.type if device is not None else None)
     skip = tuple(skip_modules)
     swaps: list[tuple[nn.Module, str, nn.Module]] = []
     for name, module in model.named_modules():
@@ -157,9 +169,11 @@ def quantize_model(
     for parent, child_name, module in swaps:
         if scheme is not Scheme.NONE:
             with torch.no_grad():
-                new = quantize_linear_weight(module.weight, module.bias, scheme)
+                new = quantize_linear_weight(module.weight, module.bias, scheme, device)
             setattr(parent, child_name, new)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
+    if device is not None:
+        model.to(device)
     logger.info("quantized %d linear layers with %s", len(swaps), scheme.value)
     return model

@@ -66,21 +66,31 @@ class TaskModelSpec:
             raise ValueError(f"task {self.task_id!r}: classification needs at least 2 labels")
 
 
-def build_task_model(spec: TaskModelSpec, seed: int = 0) -> tuple[nn.Module, object]:
-    """(PEFT model, tokenizer) for a task: quantized frozen base + fresh adapter.
+def build_task_model(
+    spec: TaskModelSpec, seed: int = 0, device: torch.device | None = None
+) -> tuple[nn.Module, object]:
+    """(PEFT model, tokenizer) for a task: quantized frozen base + fresh adapter, on `device`
+    (default the CPU).
 
     The seed fixes the adapter's (and head's) initial values, so the coordinator's version 0
-    is reproducible; devices overwrite them with the global adapter before training.
+    is reproducible (the coordinator builds it on the CPU); devices overwrite them with the
+    global adapter before training, so a GPU's different random draws do not matter.
     """
     source = resolve_base_model(spec.base_model)
     torch.manual_seed(seed)
     if spec.kind == "classification":
         base = load_quantized(
-            source, spec.scheme, task="classification", num_labels=len(spec.labels)
+            source,
+            spec.scheme,
+            task="classification",
+            num_labels=len(spec.labels),
+            device=device,
         )
     else:
-        base = load_quantized(source, spec.scheme, task="causal-lm")
+        base = load_quantized(source, spec.scheme, task="causal-lm", device=device)
     model = attach_adapter(base, spec.adapter)
+    if device is not None:  # the adapter (and a classification head) follow the base
+        model.to(device)
     tokenizer = load_tokenizer(source)
     if getattr(tokenizer, "pad_token", None) is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -129,11 +139,12 @@ def classification_accuracy(
     batch_size: int = 32,
 ) -> float:
     model.eval()
+    device = next(model.parameters()).device
     correct = 0
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         batch = classification_batch(tokenizer, chunk, labels, seq_len)
-        targets = batch.pop("labels")
-        predictions = model(**batch).logits.argmax(dim=-1)
+        targets = batch.pop("labels").to(device)
+        predictions = model(**{k: v.to(device) for k, v in batch.items()}).logits.argmax(dim=-1)
         correct += int((predictions == targets).sum())
     return correct / len(examples)

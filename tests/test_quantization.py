@@ -127,7 +127,9 @@ def test_quantize_model_keeps_no_full_precision_copy_and_skips_heads() -> None:
 def test_unavailable_scheme_names_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
     import quantization.schemes as schemes
 
-    monkeypatch.setattr(schemes, "bnb_unavailable_reason", lambda kind: "no bitsandbytes here")
+    monkeypatch.setattr(
+        schemes, "bnb_unavailable_reason", lambda kind, device_type=None: "no bitsandbytes here"
+    )
     with pytest.raises(SchemeUnavailableError, match="no bitsandbytes here"):
         quantize_model(nn.Sequential(nn.Linear(64, 64)), "bnb-nf4")
 
