@@ -216,3 +216,47 @@ def test_gpu_temperature_from_a_jetson_thermal_zone(tmp_path: Path) -> None:
     if not torch.cuda.is_available():
         missing = gpu_temperature(empty)
         assert missing.celsius is None and "no GPU thermal zone" in missing.source
+
+
+# -- bitsandbytes: imported only when asked for, and a base that stays fixed ----------------------
+
+
+def test_bitsandbytes_is_imported_only_for_a_bnb_scheme() -> None:
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, torch; from torch import nn; from quantization.schemes import quantize_model; "
+        "quantize_model(nn.Sequential(nn.Linear(64, 64)), '{scheme}'); "
+        "print('bitsandbytes' in sys.modules)"
+    )
+    answers = {}
+    for scheme in ("nf4", "bnb-nf4"):
+        done = subprocess.run(
+            [sys.executable, "-c", probe.format(scheme=scheme)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        answers[scheme] = done.stdout.strip().splitlines()[-1]
+    assert answers == {"nf4": "False", "bnb-nf4": "True"}
+
+
+def test_bnb_nf4_base_survives_evaluation_unchanged() -> None:
+    """bitsandbytes repacks NF4 weights for AVX512-BF16 CPUs on the first eval forward, and
+    `state_dict()` undid it lossily; our layers opt out (quantization/bnb_backend.py)."""
+    from quantization.bnb_backend import bnb_unavailable_reason, make_bnb_linear
+
+    assert bnb_unavailable_reason("nf4", "cpu") is None  # CI installs the bnb extra
+    weight = torch.randn(64, 128, generator=torch.Generator().manual_seed(0)) * 0.05
+    layer = make_bnb_linear(weight, None, "nf4", torch.device("cpu")).eval()
+    before = {name: t.clone() for name, t in layer.state_dict().items()}
+    with torch.no_grad():
+        first = layer(torch.ones(2, 128))
+        second = layer(torch.ones(2, 128))
+    after = layer.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert torch.equal(first, second)
