@@ -86,6 +86,14 @@ def agent_group() -> None:
     show_default=True,
     help="Training threads; 0 = torch's default (all cores).",
 )
+@click.option(
+    "--device",
+    "compute_device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="Where to train: a CUDA GPU when torch finds one (auto), the CPU, or the GPU only.",
+)
 @click.option("--task", "tasks", multiple=True, help="A task this device may join (repeatable).")
 @click.option("--force", is_flag=True, help="Overwrite an existing config file.")
 def init_command(
@@ -100,6 +108,7 @@ def init_command(
     data_dir: Path,
     profile: str,
     threads: int,
+    compute_device: str,
     tasks: tuple[str, ...],
     force: bool,
 ) -> None:
@@ -121,6 +130,7 @@ def init_command(
                 profile=profile,
                 threads=threads,
                 tasks=tasks,
+                device=compute_device,
             ),
             broker=BrokerSettings(url=broker_url, username=username, password_file=password_file),
         )
