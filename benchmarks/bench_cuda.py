@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -142,12 +143,12 @@ def _demo_round(workdir: Path) -> str:
     command += ["--quick", "--no-onnx", "--state", str(state)]
     print("  schoolfl demo, 1 round ...", file=sys.stderr, flush=True)
     done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=REPO)
+    pattern = re.compile(r"training on (.*)\) started")  # the agent's start-up line
     devices = sorted(
         {
-            line.split("training on ", 1)[1].split(")", 1)[0] + ")"
+            match.group(1)
             for log in state.rglob("*.log")
-            for line in log.read_text(errors="replace").splitlines()
-            if "training on " in line
+            for match in pattern.finditer(log.read_text(errors="replace"))
         }
     )
     outcome = "completed" if done.returncode == 0 else f"failed (exit {done.returncode})"
