@@ -15,6 +15,10 @@ The scheduler refits a school's plans whenever it adds one of the school's devic
 The cost model is pure arithmetic, but the scheduler may call it for 10,000 devices per round;
 the compute part of a prediction (step time, peak memory) depends only on the profile and the
 plan, so it is cached per (profile, plan) and the transfer part is computed directly.
+
+Memory is the cost model's answer (`estimate_compute`): a CUDA profile is checked where its
+peak lives (RAM shared with a Jetson's GPU, or a discrete GPU's own memory), and a device's
+reported free memory is compared with the peak of the memory it describes.
 """
 
 from __future__ import annotations
@@ -25,13 +29,14 @@ from dataclasses import dataclass, replace
 
 from device_profiles.cost_model import (
     UPLOAD_BYTES_PER_PARAM,
+    ComputeEstimate,
+    MemoryKind,
     Prediction,
     adapter_bytes,
     count_step,
-    peak_bytes_for,
-    step_seconds_for,
+    estimate_compute,
+    prediction_from,
     transfer_seconds,
-    unfit_reason,
 )
 from device_profiles.plan import TrainingPlan
 from device_profiles.profile import DeviceProfile
@@ -92,7 +97,7 @@ class PlanFitter:
         self.budget_seconds = deadline_seconds * DEADLINE_SAFETY
         self.download_bytes = adapter_bytes(shape, full_plan.rank, full_plan.target_modules)
         """Devices always download the full-rank global adapter, whatever rank they train."""
-        self._compute_cache: dict[tuple[object, ...], tuple[float, float, str]] = {}
+        self._compute_cache: dict[tuple[object, ...], ComputeEstimate] = {}
         self._ladder = [
             full_plan
             if (rank, seq_len) == (full_plan.rank, full_plan.seq_len)
@@ -112,18 +117,15 @@ class PlanFitter:
         plan: TrainingPlan,
         link: SchoolLink | None,
         speed_factor: float,
-    ) -> tuple[float, float, float, float, str]:
-        """(step, download, upload, peak bytes, why it cannot run) as plain floats: the
-        fitter tries up to a dozen plans per device, and building a `Prediction` for each
-        would cost more than the arithmetic."""
+    ) -> tuple[float, float, float, ComputeEstimate]:
+        """(step, download, upload, the cached compute estimate) as plain floats: the fitter
+        tries up to a dozen plans per device, and building a `Prediction` for each would
+        cost more than the arithmetic."""
         key = (profile.name, plan.scheme, plan.rank, plan.batch_size, plan.seq_len)
-        cached = self._compute_cache.get(key)
-        if cached is None:
+        estimate = self._compute_cache.get(key)
+        if estimate is None:
             counts = count_step(self.shape, plan)
-            step, peak = step_seconds_for(profile, counts), peak_bytes_for(profile, counts)
-            reason = unfit_reason(profile, plan.scheme, peak)
-            cached = self._compute_cache[key] = (step, peak, reason)
-        step, peak, reason = cached
+            estimate = self._compute_cache[key] = estimate_compute(profile, counts, plan.scheme)
         upload_bytes = self._upload_bytes.get(plan.rank)
         if upload_bytes is None:
             upload_bytes = adapter_bytes(
@@ -135,7 +137,7 @@ class PlanFitter:
         up_mbps = min(network.up_mbps, link.up_mbps) if link else network.up_mbps
         download = transfer_seconds(self.download_bytes, down_mbps, network.rtt_ms)
         upload = transfer_seconds(upload_bytes, up_mbps, network.rtt_ms)
-        return step * speed_factor, download, upload, peak, reason
+        return estimate.step_seconds * speed_factor, download, upload, estimate
 
     def predict(
         self,
@@ -146,26 +148,21 @@ class PlanFitter:
     ) -> Prediction:
         """The cost model's prediction, with the device's observed slowness and its share of
         the school link applied (same arithmetic as `device_profiles.cost_model.predict`)."""
-        step, download, upload, peak, reason = self._estimate(profile, plan, link, speed_factor)
-        compute = step * plan.local_steps
-        return Prediction(
+        step, download, upload, estimate = self._estimate(profile, plan, link, speed_factor)
+        return prediction_from(
+            profile,
+            estimate,
             step_seconds=step,
-            peak_bytes=int(peak),
-            round_seconds=download + compute + upload,
+            local_steps=plan.local_steps,
             download_seconds=download,
             upload_seconds=upload,
-            compute_seconds=compute,
-            fits=not reason,
-            reason=reason,
-            usable_bytes=profile.usable_ram_bytes,
-            validated=profile.predictions_validated,
         )
 
     def full_round_seconds(
         self, profile: DeviceProfile, link: SchoolLink | None = None, speed_factor: float = 1.0
     ) -> float:
         """Predicted seconds of the task's full plan on this device."""
-        step, download, upload, _, _ = self._estimate(profile, self.full_plan, link, speed_factor)
+        step, download, upload, _ = self._estimate(profile, self.full_plan, link, speed_factor)
         return download + upload + step * self.full_plan.local_steps
 
     def fit(
@@ -203,13 +200,17 @@ class PlanFitter:
         free_memory_bytes: int | None,
         budget: float,
     ) -> TrainingPlan | str:
-        step, download, upload, peak, reason = self._estimate(profile, plan, link, speed_factor)
-        if reason:
-            return reason
+        step, download, upload, estimate = self._estimate(profile, plan, link, speed_factor)
+        if estimate.reason:
+            return estimate.reason
+        peaks = estimate.peaks
+        on_gpu_memory = peaks.kind is MemoryKind.GPU
+        peak = peaks.gpu_bytes if on_gpu_memory else peaks.ram_bytes
         if free_memory_bytes is not None and peak > free_memory_bytes:
+            memory = " of GPU memory" if on_gpu_memory else ""
             return (
                 f"predicted peak {peak / 2**20:.0f} MiB exceeds the "
-                f"{free_memory_bytes / 2**20:.0f} MiB free right now"
+                f"{free_memory_bytes / 2**20:.0f} MiB{memory} free right now"
             )
         transfer = download + upload
         if transfer + step * plan.local_steps <= budget:

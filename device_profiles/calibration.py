@@ -18,6 +18,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from device_profiles.cost_model import StepCounts, count_step
+from device_profiles.gpu_path import (
+    MemoryKind,
+    dequantized_width,
+    gpu_time_features,
+    memory_kind,
+    trains_on_gpu,
+)
 from device_profiles.plan import TrainingPlan
 from device_profiles.profile import Calibration, DeviceProfile
 from device_profiles.shapes import ModelShape
@@ -98,10 +105,12 @@ _CALIBRATED_FIELDS = (
 
 def _time_features(profile: DeviceProfile, counts: Sequence[StepCounts]) -> np.ndarray:
     """Each term of step time at unit coefficient, on the rate the cost model would use
-    (times the scheme's CPU step factor, so a bitsandbytes point fits the same coefficients)."""
+    (times the scheme's CPU step factor, so a bitsandbytes point fits the same coefficients;
+    the GPU path's own terms for a CUDA profile, whose layer column is kernel launch)."""
+    if trains_on_gpu(profile):
+        return np.array([gpu_time_features(profile, step) for step in counts])
     throughput = profile.throughput
-    on_gpu = profile.hardware.accelerator == "cuda" and throughput.gpu_fp32_gflops > 0
-    gflops = (throughput.gpu_fp32_gflops if on_gpu else throughput.cpu_fp32_gflops) * 1e9
+    gflops = throughput.cpu_fp32_gflops * 1e9
     bandwidth = throughput.memory_bandwidth_gbps * 1e9
     return np.array(
         [
@@ -114,12 +123,12 @@ def _time_features(profile: DeviceProfile, counts: Sequence[StepCounts]) -> np.n
                 factor,
             ]
             for step in counts
-            for factor in (1.0 if on_gpu else step.cpu_step_factor,)
+            for factor in (step.cpu_step_factor,)
         ]
     )
 
 
-def _time_prior(defaults: Calibration) -> np.ndarray:
+def _time_prior(defaults: Calibration, on_gpu: bool = False) -> np.ndarray:
     """The default time coefficients, in the same column order as `_time_features`."""
     return np.array(
         [
@@ -127,14 +136,16 @@ def _time_prior(defaults: Calibration) -> np.ndarray:
             1 / defaults.memory_efficiency,
             defaults.dequant_int8,
             defaults.dequant_nf4,
-            defaults.per_layer_seconds,
+            defaults.gpu_launch_seconds_per_layer if on_gpu else defaults.per_layer_seconds,
             defaults.fixed_seconds,
         ]
     )
 
 
-def _memory_features(counts: Sequence[StepCounts]) -> np.ndarray:
-    """Encoder and decoder activations get separate columns: the cost model has a factor each."""
+def _memory_features(counts: Sequence[StepCounts], workspace_width: float = 1.0) -> np.ndarray:
+    """Encoder and decoder activations get separate columns: the cost model has a factor each.
+    `workspace_width` is the dequantized weight's width relative to fp32 (half on the GPU
+    path under autocast)."""
     rows = []
     for step in counts:
         encoder = step.family == "encoder"
@@ -142,7 +153,7 @@ def _memory_features(counts: Sequence[StepCounts]) -> np.ndarray:
             [
                 step.activation_bytes if encoder else 0.0,
                 0.0 if encoder else step.activation_bytes,
-                step.dequant_workspace_bytes,
+                workspace_width * step.dequant_workspace_bytes,
                 1.0,
             ]
         )
@@ -161,6 +172,20 @@ def _memory_prior(defaults: Calibration) -> np.ndarray:
     )
 
 
+def _fixed_memory_base(profile: DeviceProfile) -> float:
+    """The part of a measured peak no coefficient scales, besides weights and trainable
+    state, in the memory the cost model checks (`cost_model.memory_peaks`): the process
+    baseline on the CPU path, plus the CUDA context on unified memory, the context alone
+    for a discrete GPU's device-side peak."""
+    kind = memory_kind(profile)
+    context = profile.calibration.cuda_context_bytes
+    if kind is MemoryKind.RAM:
+        return float(profile.throughput.baseline_rss_bytes)
+    if kind is MemoryKind.UNIFIED:
+        return profile.throughput.baseline_rss_bytes + context
+    return context
+
+
 def _fit_memory(
     profile: DeviceProfile,
     observations: Sequence[Observation],
@@ -175,11 +200,11 @@ def _fit_memory(
     peaks = np.array([observation.peak_bytes for observation in observations])
     fixed_parts = np.array(
         [
-            profile.throughput.baseline_rss_bytes + step.weight_bytes + step.trainable_state_bytes
+            _fixed_memory_base(profile) + step.weight_bytes + step.trainable_state_bytes
             for step in counts
         ]
     )
-    memory_matrix = _memory_features(counts) / peaks[:, None]
+    memory_matrix = _memory_features(counts, dequantized_width(profile)) / peaks[:, None]
     memory_goal = (peaks - fixed_parts) / peaks
     memory_prior = _memory_prior(defaults)
     memory_fit = memory_prior.copy()
@@ -192,20 +217,35 @@ def _fit_memory(
     return memory_fit
 
 
-def _calibration_from(time_fit: np.ndarray, memory_fit: np.ndarray, source: str) -> Calibration:
-    """Efficiencies and activation factors are clamped so that none comes out zero or infinite."""
+def _calibration_from(
+    time_fit: np.ndarray,
+    memory_fit: np.ndarray,
+    source: str,
+    defaults: Calibration | None = None,
+    on_gpu: bool = False,
+) -> Calibration:
+    """Efficiencies and activation factors are clamped so that none comes out zero or
+    infinite. On the GPU path the layer coefficient is kernel launch, and the CPU path's
+    per-layer cost keeps its default (and the reverse); the CUDA context is not fitted."""
+    defaults = defaults or Calibration()
+    layer = float(time_fit[4])
+    fitted = _CALIBRATED_FIELDS + (("gpu_launch_seconds_per_layer",) if on_gpu else ())
+    if on_gpu:
+        fitted = tuple(name for name in fitted if name != "per_layer_seconds")
     return Calibration(
         flop_efficiency=float(1.0 / max(time_fit[0], 1e-3)),
         memory_efficiency=float(1.0 / max(time_fit[1], 1e-3)),
         dequant_int8=float(time_fit[2]),
         dequant_nf4=float(time_fit[3]),
-        per_layer_seconds=float(time_fit[4]),
+        per_layer_seconds=defaults.per_layer_seconds if on_gpu else layer,
         fixed_seconds=float(time_fit[5]),
         activation_factor_encoder=max(float(memory_fit[0]), 1e-3),
         activation_factor_decoder=max(float(memory_fit[1]), 1e-3),
         dequant_memory_fraction=float(memory_fit[2]),
         memory_overhead_bytes=float(memory_fit[3]),
-        sources={name: source for name in _CALIBRATED_FIELDS} if source else {},
+        gpu_launch_seconds_per_layer=layer if on_gpu else defaults.gpu_launch_seconds_per_layer,
+        cuda_context_bytes=defaults.cuda_context_bytes,
+        sources={name: source for name in fitted} if source else {},
     )
 
 
@@ -216,11 +256,12 @@ def fit_calibration(
     if not observations:
         raise ValueError("fit_calibration needs at least one observation")
     defaults = Calibration()
+    on_gpu = trains_on_gpu(profile)
     counts = [count_step(o.model_shape, o.plan) for o in observations]
     time_target = np.array([observation.step_seconds for observation in observations])
-    time_fit = _fit(_time_features(profile, counts), time_target, _time_prior(defaults))
+    time_fit = _fit(_time_features(profile, counts), time_target, _time_prior(defaults, on_gpu))
     memory_fit = _fit_memory(profile, observations, counts, defaults)
-    calibration = _calibration_from(time_fit, memory_fit, source)
+    calibration = _calibration_from(time_fit, memory_fit, source, defaults, on_gpu)
     logger.info("fitted calibration on %d points: %s", len(observations), calibration)
     return calibration
 

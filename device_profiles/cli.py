@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from device_profiles.errors import BenchError, ProfileError, ProfileValidationError
+from device_profiles.gpu_path import MemoryKind, memory_kind, usable_gpu_memory_bytes
 from device_profiles.plan import KNOWN_SCHEMES
 from device_profiles.profile import (
     SECTION_FIELDS,
@@ -49,6 +50,17 @@ def _int_list(text: str) -> list[int]:
 
 def _str_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _memory_label(profile: DeviceProfile) -> str:
+    """Which memory the plans below were checked against (cost_model.memory_kind)."""
+    usable = _gb(profile.usable_ram_bytes)
+    kind = memory_kind(profile)
+    if kind is MemoryKind.UNIFIED:
+        return f"{usable} usable RAM shared with the GPU"
+    if kind is MemoryKind.GPU:
+        return f"{usable} usable RAM, {_gb(usable_gpu_memory_bytes(profile))} GPU memory"
+    return f"{usable} usable"
 
 
 def _gb(value: float) -> str:
@@ -233,9 +245,7 @@ def plan_command(
     rows = evaluate(profiles, shape, plans)
     for profile in profiles:
         status = "" if profile.predictions_validated else ", predictions unvalidated"
-        table = Table(
-            title=f"{profile.name} ({profile.kind}, {_gb(profile.usable_ram_bytes)} usable{status})"
-        )
+        table = Table(title=f"{profile.name} ({profile.kind}, {_memory_label(profile)}{status})")
         if profile.support == "unsupported":
             console.print(f"[red]{profile.name} is UNSUPPORTED[/red]: {profile.support_note}")
         if not profile.predictions_validated:

@@ -47,6 +47,10 @@ class Hardware:
     """Sustained CPU clock the figures assume; None when the CPU name says it all."""
     thermal: str = ""
     """Cooling the figures assume and when the device throttles; empty when not stated."""
+    gpu_memory_bytes: int | None = None
+    """Dedicated GPU memory (VRAM) of a discrete GPU. None or 0: the GPU allocates from the
+    same RAM as the CPU (a Jetson's unified memory), so every byte it holds counts against
+    `ram_bytes` (see `cost_model.memory_kind`)."""
     sources: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -60,6 +64,17 @@ class Throughput:
     quant_schemes: tuple[str, ...]
     baseline_rss_bytes: int
     threads: int | None = None
+    gpu_half_gflops: float | None = None
+    """Dense bf16/fp16 GFLOP/s of the GPU's matrix units (tensor cores): the rate of the
+    trainer's matrix products under autocast. None: no half-precision speedup (the fp32
+    rate is used)."""
+    gpu_memory_bandwidth_gbps: float | None = None
+    """DRAM bandwidth GPU kernels see (the datasheet peak is the right kind: thousands of
+    GPU threads stream at close to it, unlike the one CPU thread `memory_bandwidth_gbps`
+    describes). None: `memory_bandwidth_gbps` is used, which is pessimistic."""
+    gpu_compute_dtype: str | None = None
+    """What the trainer multiplies in on the GPU: 'bfloat16', 'float16' or 'float32'. None:
+    the trainer's default, half precision (bf16, or fp16 where the GPU lacks bf16)."""
     sources: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -97,6 +112,15 @@ class Calibration:
     activation_factor_decoder: float = 1.67
     dequant_memory_fraction: float = 0.64
     memory_overhead_bytes: float = 34e6
+    gpu_launch_seconds_per_layer: float = 0.001
+    """GPU path only, in place of `per_layer_seconds`: the host's cost of dispatching one
+    transformer layer's kernels per step (forward and backward, ~100 kernels at ~10 us of
+    eager PyTorch dispatch and launch on an x86 host). An assumption until a GPU measurement
+    calibrates it; it is why a small model gains little from a GPU."""
+    cuda_context_bytes: float = 400e6
+    """GPU path only: memory the CUDA context takes once torch first touches the GPU (driver
+    state and lazily loaded kernels; ~400 MB with CUDA >= 11.7's lazy module loading, as
+    reported in pytorch/pytorch#109888). On unified memory it comes out of RAM."""
     sources: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -355,11 +379,28 @@ def _measurement_problems(data: Mapping[str, Any], kind: Any) -> list[str]:
     return found
 
 
+def _accelerator_problems(data: Mapping[str, Any]) -> list[str]:
+    """A CUDA profile without a GPU rate would silently be priced for the CPU."""
+    hardware, throughput = data.get("hardware"), data.get("throughput")
+    if not (isinstance(hardware, Mapping) and isinstance(throughput, Mapping)):
+        return []
+    rate = throughput.get("gpu_fp32_gflops")
+    if hardware.get("accelerator") == "cuda" and isinstance(rate, (int, float)) and rate <= 0:
+        return [
+            f"throughput.gpu_fp32_gflops is {rate!r} but hardware.accelerator is 'cuda'; "
+            "give the GPU's fp32 GFLOP/s, or set accelerator = 'none' to price the CPU"
+        ]
+    return []
+
+
 def _problems(data: Mapping[str, Any]) -> list[str]:
     """Every problem at once, not just the first, so one `validate` run lists all to fix."""
     kind = data.get("kind")
     return (
-        _header_problems(data) + _section_problems(data, kind) + _measurement_problems(data, kind)
+        _header_problems(data)
+        + _section_problems(data, kind)
+        + _accelerator_problems(data)
+        + _measurement_problems(data, kind)
     )
 
 

@@ -12,6 +12,9 @@ SCHEMA_VERSION = 1
 PROFILE_KINDS = ("reference", "measured")
 POWER_SOURCES = ("mains", "battery", "battery+mains", "poe")
 ACCELERATORS = ("none", "cuda")
+GPU_COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+"""What the trainer's matrix products run in on a GPU (quantization/compute_device.py picks
+bf16 where the GPU has it, else fp16; float32 means no autocast)."""
 SUPPORT_LEVELS = ("supported", "unsupported")
 """`unsupported`: schoolfl cannot run on the device as it ships (e.g. its OS's Python is too
 old). The profile stays for planning what an upgrade would give; `schoolfl profile show` and
@@ -68,7 +71,9 @@ SECTION_FIELDS: dict[str, tuple[FieldSpec, ...]] = {
         FieldSpec(
             "accelerator",
             "choice",
-            "GPU the trainer uses ('none' while training runs on the CPU)",
+            "where the trainer computes: 'cuda' prices the GPU path (the agent's device = "
+            "'auto' trains on a CUDA GPU when torch finds one; needs gpu_fp32_gflops > 0), "
+            "'none' the CPU",
             choices=ACCELERATORS,
         ),
         FieldSpec("accelerator_model", "str", "GPU name, empty when none", required=False),
@@ -85,6 +90,15 @@ SECTION_FIELDS: dict[str, tuple[FieldSpec, ...]] = {
             "str",
             "cooling the figures assume and when the device throttles",
             required=False,
+        ),
+        FieldSpec(
+            "gpu_memory_bytes",
+            "int",
+            "dedicated GPU memory (VRAM) in bytes; absent or 0 when the GPU shares RAM with "
+            "the CPU (a Jetson's unified memory: everything the GPU holds counts against RAM)",
+            required=False,
+            minimum=0,
+            cited=True,
         ),
     ),
     "throughput": (
@@ -125,6 +139,33 @@ SECTION_FIELDS: dict[str, tuple[FieldSpec, ...]] = {
             "torch threads used when measuring",
             required=False,
             strictly_positive=True,
+        ),
+        FieldSpec(
+            "gpu_half_gflops",
+            "float",
+            "dense bf16/fp16 GFLOP/s of the GPU's matrix units (tensor cores), the rate of "
+            "matrix products under autocast; absent or 0: no half-precision speedup",
+            required=False,
+            minimum=0,
+            cited=True,
+        ),
+        FieldSpec(
+            "gpu_memory_bandwidth_gbps",
+            "float",
+            "DRAM bandwidth in GB/s that GPU kernels reach: the datasheet peak is the right "
+            "kind here (unlike memory_bandwidth_gbps, a CPU thread's copy figure); absent: "
+            "memory_bandwidth_gbps is used",
+            required=False,
+            strictly_positive=True,
+            cited=True,
+        ),
+        FieldSpec(
+            "gpu_compute_dtype",
+            "choice",
+            "what the trainer multiplies in on the GPU; absent: half precision (bfloat16, or "
+            "float16 where the GPU lacks bf16), as the trainer does under autocast",
+            required=False,
+            choices=GPU_COMPUTE_DTYPES,
         ),
     ),
     "network": (
@@ -201,6 +242,22 @@ SECTION_FIELDS: dict[str, tuple[FieldSpec, ...]] = {
             "memory_overhead_bytes",
             "float",
             "allocator and framework bytes beyond the counted terms",
+            minimum=0,
+        ),
+        FieldSpec(
+            "gpu_launch_seconds_per_layer",
+            "float",
+            "GPU path, in place of per_layer_seconds: host time to dispatch one layer's "
+            "kernels (forward and backward) per step; absent: the default (an assumption)",
+            required=False,
+            minimum=0,
+        ),
+        FieldSpec(
+            "cuda_context_bytes",
+            "float",
+            "GPU path: memory of the CUDA context (driver state, loaded kernels); from RAM on "
+            "unified memory, from GPU memory on a discrete GPU; absent: the default",
+            required=False,
             minimum=0,
         ),
     ),

@@ -142,11 +142,13 @@ def test_adapter_bytes() -> None:
 
 
 def test_gpu_profile_uses_gpu_rate() -> None:
-    """A profile that says `cuda` is priced at the GPU rate; no shipped one does yet."""
-    cpu_only = find_profile("jetson-orin-nano-8gb")
-    assert cpu_only.hardware.accelerator == "none"
-    orin = dataclasses.replace(
-        cpu_only, hardware=dataclasses.replace(cpu_only.hardware, accelerator="cuda")
+    """A profile that says `cuda` is priced for the GPU path (issue 18: the shipped Orin
+    does); the same device with `none` is priced for its CPU. tests/test_cost_model_gpu.py
+    checks the GPU path's terms."""
+    orin = find_profile("jetson-orin-nano-8gb")
+    assert orin.hardware.accelerator == "cuda"
+    cpu_only = dataclasses.replace(
+        orin, hardware=dataclasses.replace(orin.hardware, accelerator="none")
     )
     shape, plan = KNOWN_SHAPES["smollm2-135m"], TrainingPlan()
     assert predict(orin, shape, plan).step_seconds < predict(cpu_only, shape, plan).step_seconds

@@ -150,14 +150,18 @@ def test_cli_show_and_plan_mark_unvalidated_and_unsupported() -> None:
     assert "(unvalidated)" in planned.output and "UNSUPPORTED" in planned.output
 
 
-def test_jetsons_are_priced_for_the_cpu_path_at_copy_bandwidth() -> None:
-    """The trainer never touches CUDA yet, and the model was fitted to a copy figure."""
+def test_jetsons_cpu_figures_are_copy_bandwidth_and_the_orin_trains_on_its_gpu() -> None:
+    """The CPU path was fitted to a copy figure; the GPU path uses the DRAM peak (issue 18:
+    the trainer computes on CUDA when torch finds it, so the Orin is priced for its GPU)."""
     for profile in load_reference_profiles():
-        assert profile.hardware.accelerator == "none", profile.name
+        expected = "cuda" if profile.name == "jetson-orin-nano-8gb" else "none"
+        assert profile.hardware.accelerator == expected, profile.name
     nano, orin = find_profile("jetson-nano-4gb"), find_profile("jetson-orin-nano-8gb")
     assert 3.0 <= nano.throughput.memory_bandwidth_gbps <= 3.7
     assert 6.3 <= orin.throughput.memory_bandwidth_gbps <= 6.7
-    assert "CPU" in orin.description and "CUDA" in orin.notes
+    assert orin.throughput.gpu_memory_bandwidth_gbps == 68.0
+    assert "GPU" in orin.description and "CUDA" in orin.notes and "unified" in orin.notes
+    assert not orin.hardware.gpu_memory_bytes and not nano.hardware.gpu_memory_bytes
     assert nano.support == "unsupported" and "Python >= 3.10" in nano.support_note
 
 
