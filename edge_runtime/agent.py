@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from device_profiles.cost_model import predict
+from device_profiles.gpu_path import with_compute_device
 from device_profiles.profile import DeviceProfile, find_profile, profile_toml_text
 from device_profiles.shapes import resolve_shape
 from durable.atomic_files import sweep_leftovers
@@ -126,6 +127,14 @@ class AgentDaemon:
         self.profile: DeviceProfile = find_profile(config.agent.profile)
         warn_if_architecture_mismatch(self.profile.hardware.architecture)
         self.compute: ComputeDevice = resolve_compute_device(config.agent.device)
+        self.local_profile = with_compute_device(
+            self.profile,
+            on_gpu=self.compute.is_cuda,
+            compute_dtype=self.compute.dtype_name,
+            gpu_memory_bytes=self.compute.total_memory_bytes,
+        )
+        """The profile priced for where this agent trains (the coordinator prices the
+        enrolled one): the agent's own memory checks use it."""
         self.profile_digest = hashlib.sha256(profile_toml_text(self.profile).encode()).hexdigest()
         self._state_lock = lock_state_folder(config.state_dir, "agent")
         sweep_leftovers(config.state_dir)  # ours alone now: a kill mid-save leaves these
@@ -161,6 +170,7 @@ class AgentDaemon:
             sequence=int(self.now() * 1000),
             profile_digest=self.profile_digest,
             eligibility=self.config.eligibility,
+            compute=self.compute,
         )
 
     def start(self) -> None:
@@ -434,14 +444,15 @@ class AgentDaemon:
             self.trainers[assignment.task] = trainer
         return trainer
 
-    def _predicted_peak_bytes(self, assignment: TaskAssignment) -> int:
-        """The cost model's peak for the assignment's plan: the same object the scheduler
-        priced and the trainer runs."""
+    def _predicted_peaks(self, assignment: TaskAssignment) -> tuple[int, int]:
+        """(RAM, discrete-GPU) peaks the cost model gives the assignment's plan (the object
+        the scheduler priced and the trainer runs) where this agent trains."""
         try:
             shape = resolve_shape(assignment.spec.base_model)
         except Exception:  # noqa: BLE001 - unknown shape: no memory requirement to check
-            return 0
-        return predict(self.profile, shape, assignment.plan).peak_bytes
+            return 0, 0
+        prediction = predict(self.local_profile, shape, assignment.plan)
+        return prediction.peak_bytes, prediction.gpu_peak_bytes
 
     def _training_start(self, assignment: TaskAssignment) -> TrainingStart | None:
         """Where training starts and how long it may run, or None once declined: the checks
@@ -456,7 +467,7 @@ class AgentDaemon:
         verdict = check_eligibility(
             self.config.eligibility,
             read_device(0.2, self.compute),
-            self._predicted_peak_bytes(assignment),
+            *self._predicted_peaks(assignment),
         )
         if not verdict.eligible:
             self._decline(assignment, list(verdict.reasons))

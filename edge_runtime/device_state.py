@@ -7,7 +7,12 @@ before the agent connects.
 
 from __future__ import annotations
 
-from edge_runtime.eligibility import EligibilityPolicy, check_eligibility, read_device
+from edge_runtime.eligibility import (
+    DeviceReadings,
+    EligibilityPolicy,
+    check_eligibility,
+    read_device,
+)
 from edge_runtime.wire import (
     SECURE_AGGREGATION_CAPABILITY,
     DeviceState,
@@ -15,6 +20,7 @@ from edge_runtime.wire import (
     PowerSource,
     encode_frame,
 )
+from quantization.compute_device import CPU, ComputeDevice
 
 
 def device_state_frame(
@@ -26,10 +32,13 @@ def device_state_frame(
     sequence: int,
     profile_digest: str,
     eligibility: EligibilityPolicy,
+    compute: ComputeDevice = CPU,
 ) -> bytes:
     """The signed state frame; an online one reads the device's sensors (without waiting
-    for a CPU sample: a heartbeat must not stall the loop)."""
-    readings = read_device(cpu_sample_seconds=0.0) if online else None
+    for a CPU sample: a heartbeat must not stall the loop). Training on a discrete GPU, the
+    free memory reported is the GPU's, which the coordinator's plan fitter compares with a
+    plan's GPU peak (device_profiles/gpu_path.py); otherwise it is the system's."""
+    readings = read_device(cpu_sample_seconds=0.0, compute=compute) if online else None
     eligible, reasons = False, ("offline",)
     if readings is not None:
         verdict = check_eligibility(eligibility, readings)
@@ -45,7 +54,7 @@ def device_state_frame(
         online=online,
         eligible=eligible,
         cpu_load=readings.cpu_percent if readings else 0.0,
-        free_memory_bytes=readings.available_memory_bytes if readings else 0,
+        free_memory_bytes=_free_memory(readings),
         power_source=power,
         profile_digest=profile_digest,
         ineligible_reasons=tuple(reasons),
@@ -53,3 +62,11 @@ def device_state_frame(
         capabilities=(SECURE_AGGREGATION_CAPABILITY,),
     )
     return encode_frame(state, sender=device_id, signing_key=key)
+
+
+def _free_memory(readings: DeviceReadings | None) -> int:
+    if readings is None:
+        return 0
+    if readings.gpu_free_memory_bytes is not None:
+        return readings.gpu_free_memory_bytes
+    return readings.available_memory_bytes

@@ -48,6 +48,8 @@ class ComputeDevice:
     """What the log and `agent status` show: 'cpu' or the GPU's name."""
     unified_memory: bool = False
     """True when the GPU allocates from system RAM (Jetson)."""
+    total_memory_bytes: int = 0
+    """A discrete GPU's own memory; 0 on the CPU and with unified memory."""
 
     @property
     def is_cuda(self) -> bool:
@@ -75,18 +77,19 @@ class ComputeDevice:
             return batch
         return {key: value.to(self.torch_device, non_blocking=True) for key, value in batch.items()}
 
+    @property
+    def dtype_name(self) -> str:
+        """'float32', 'bfloat16' or 'float16', as profiles spell `gpu_compute_dtype`."""
+        return str(self.compute_dtype).removeprefix("torch.")
+
     def describe(self) -> str:
         if not self.is_cuda:
-            return "cpu" if not self.half_precision else f"cpu ({_dtype_name(self.compute_dtype)})"
+            return "cpu" if not self.half_precision else f"cpu ({self.dtype_name})"
         memory = "unified memory" if self.unified_memory else "dedicated memory"
-        return f"{self.torch_device} {self.name} ({_dtype_name(self.compute_dtype)}, {memory})"
+        return f"{self.torch_device} {self.name} ({self.dtype_name}, {memory})"
 
 
 CPU = ComputeDevice(torch.device("cpu"))
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def cuda_unavailable_reason() -> str | None:
@@ -106,11 +109,13 @@ def cuda_compute_device(index: int = 0) -> ComputeDevice:
     e.g. Jetson Orin) or fp16."""
     properties = torch.cuda.get_device_properties(index)
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    unified = bool(getattr(properties, "is_integrated", False))
     return ComputeDevice(
         torch_device=torch.device("cuda", index),
         compute_dtype=dtype,
         name=str(properties.name),
-        unified_memory=bool(getattr(properties, "is_integrated", False)),
+        unified_memory=unified,
+        total_memory_bytes=0 if unified else int(properties.total_memory),
     )
 
 
