@@ -75,6 +75,8 @@ from edge_runtime.wire import (
     public_key_from_hex,
     verify_frame,
 )
+from quantization.allocator import configure_training_allocator
+from quantization.bnb_backend import keep_bitsandbytes_out
 from quantization.compute_device import ComputeDevice, resolve_compute_device
 from quantization.errors import QuantizationError
 from quantization.task_data import read_labelled_texts, read_lm_texts
@@ -126,6 +128,9 @@ class AgentDaemon:
         )
         self.profile: DeviceProfile = find_profile(config.agent.profile)
         warn_if_architecture_mismatch(self.profile.hardware.architecture)
+        if not any(s.startswith("bnb-") for s in self.profile.throughput.quant_schemes):
+            keep_bitsandbytes_out()
+        logger.info(configure_training_allocator())
         self.compute: ComputeDevice = resolve_compute_device(config.agent.device)
         self.local_profile = with_compute_device(
             self.profile,

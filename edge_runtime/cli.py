@@ -240,9 +240,6 @@ Wants=network-online.target
 Type=simple
 ExecStart={executable} agent run --config {config}
 Restart=on-failure
-# Return freed training buffers to the OS at once (glibc keeps large heaps otherwise): this
-# is what keeps a 1.1B nf4 base under 2.5 GB on a 4 GB Raspberry Pi (benchmarks/RESULTS.md).
-Environment=MALLOC_MMAP_THRESHOLD_=1048576
 RestartSec=10
 Nice=10
 IOSchedulingClass=idle

@@ -31,6 +31,8 @@ from typing import Any
 
 import psutil
 
+from quantization.allocator import set_malloc_thresholds
+
 logger = logging.getLogger(__name__)
 
 ENCODER_TARGETS = {
@@ -70,10 +72,6 @@ def _release_free_heap() -> None:
         pass  # not glibc: RSS may stay higher, which the measurement then shows
 
 
-M_TRIM_THRESHOLD = -1
-M_MMAP_THRESHOLD = -3
-
-
 def _set_malloc_thresholds(mmap_bytes: int, trim_bytes: int | None = None) -> None:
     """Tune glibc malloc (no-op elsewhere).
 
@@ -82,13 +80,7 @@ def _set_malloc_thresholds(mmap_bytes: int, trim_bytes: int | None = None) -> No
     measured peak would include memory a streaming-loaded agent never holds. Building with a
     low mmap threshold gives every weight its own mapping, returned to the OS when freed.
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return  # not glibc
-    libc.mallopt(M_MMAP_THRESHOLD, mmap_bytes)
-    if trim_bytes is not None:
-        libc.mallopt(M_TRIM_THRESHOLD, trim_bytes)
+    set_malloc_thresholds(mmap_bytes, trim_bytes)
 
 
 def _build_model(shape: dict[str, Any]) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 from typing import Any
 
 import torch
@@ -21,7 +22,25 @@ SELF_CHECK_TOLERANCE = {"nf4": 0.2, "int8": 0.05}
 """Max relative output error of the self-check layer (NF4 typically ~0.09, int8 ~0.004)."""
 
 
+def keep_bitsandbytes_out() -> bool:
+    """Stop this process from importing bitsandbytes; True if that is still possible.
+
+    PEFT imports bitsandbytes whenever it is installed (~40 MB RSS and ~1 s, measured with
+    bitsandbytes 0.50 and PEFT 0.21), even for a model without one bnb layer. An agent whose
+    profile offers no bnb scheme never gets a bnb plan, so it calls this before anything
+    imports PEFT. Too late (already imported) is harmless: it returns False."""
+    if "bitsandbytes" in sys.modules or "peft" in sys.modules:
+        return False
+    sys.modules["bitsandbytes"] = None  # type: ignore[assignment] - find_spec() now says absent
+    return True
+
+
 def _import_bnb() -> Any:
+    if "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:
+        raise ImportError(
+            "bitsandbytes was kept out of this agent process because its profile lists no "
+            "bnb scheme (quant_schemes); add one to the profile and restart the agent"
+        )
     import bitsandbytes  # noqa: PLC0415 - optional dependency, imported on demand
 
     return bitsandbytes
