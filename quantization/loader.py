@@ -192,26 +192,30 @@ def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 @contextlib.contextmanager
-def _gguf_shortcuts(reader: Any) -> Iterator[None]:
-    """Two shortcuts through transformers' GGUF helpers, which import both names from `gguf`
-    at each call: `GGUFReader` hands back our already-parsed reader (parsing the header with
-    SmolLM2's 49k-token vocabulary took ~8 s, and it was done twice), and
-    `get_tensor_name_map` is memoized (`get_gguf_hf_weights_map` rebuilt the same map for
-    each of ~400 modules: ~7 s). Profiled on SmolLM2-135M, issue 19."""
+def shared_gguf_reader(path: str | Path) -> Iterator[Any]:
+    """One parsed `gguf.GGUFReader` of `path` for every reader of it inside the block.
+
+    transformers' GGUF helpers (config, tensor-name map, tokenizer) import `GGUFReader` and
+    `get_tensor_name_map` from `gguf` at each call, so for the block both are swapped: a
+    reader of `path` is the one parsed here (parsing SmolLM2's header, with its 49k-token
+    vocabulary, took ~8 s and was done three times per model load), and the tensor-name map
+    is memoized (`get_gguf_hf_weights_map` rebuilt the same map for each of ~400 modules:
+    ~7 s). Profiled on SmolLM2-135M for issue 19. Nested blocks reuse the outer reader."""
     import gguf
 
     original_reader, original_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    reader = original_reader(str(path))
+    target = Path(str(path)).resolve()
 
-    def reuse_reader(path: object, *args: object, **kwargs: object) -> Any:
-        same_file = Path(str(path)).resolve() == Path(str(reader.data.filename)).resolve()
-        if same_file and not args and not kwargs:
+    def reuse_reader(other: object, *args: object, **kwargs: object) -> Any:
+        if Path(str(other)).resolve() == target and not args and not kwargs:
             return reader
-        return original_reader(path, *args, **kwargs)
+        return original_reader(other, *args, **kwargs)
 
     gguf.GGUFReader = reuse_reader
     gguf.get_tensor_name_map = functools.cache(original_map)
     try:
-        yield
+        yield reader
     finally:
         gguf.GGUFReader, gguf.get_tensor_name_map = original_reader, original_map
 
@@ -219,7 +223,7 @@ def _gguf_shortcuts(reader: Any) -> Iterator[None]:
 def _gguf_config_and_tensors(path: Path, task: str, num_labels: int | None):  # noqa: ANN202
     """Config from the GGUF metadata, then a generator of (hf_name, fp32 tensor)."""
     import numpy as np
-    from gguf import GGUFReader, dequantize
+    from gguf import dequantize
     from transformers import AutoConfig
     from transformers.modeling_gguf_pytorch_utils import (
         TENSOR_PROCESSORS,
@@ -229,20 +233,21 @@ def _gguf_config_and_tensors(path: Path, task: str, num_labels: int | None):  # 
     )
 
     try:
-        reader = GGUFReader(str(path))
-        with _gguf_shortcuts(reader):
+        with shared_gguf_reader(path) as reader:
             parsed = load_gguf_checkpoint(str(path), return_tensors=False)
+            config_dict = dict(parsed["config"])
+            model_type = config_dict.pop("model_type")
+            config = AutoConfig.for_model(model_type, **config_dict)
+            task = _resolve_task(config, "causal-lm" if task == "auto" else task, num_labels)
+            model = _build_skeleton(config, task, num_labels)
+            architecture = str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8")
+            processor_class = TENSOR_PROCESSORS.get(architecture, TensorProcessor)
+            processor = processor_class(config=parsed["config"])
+            name_map = get_gguf_hf_weights_map(model, processor)
+    except QuantizationError:
+        raise  # a model that does not fit its config says so itself
     except (ValueError, OSError, KeyError, IndexError) as error:
         raise ModelFileError(f"cannot read GGUF file {path}: {error}") from error
-    config_dict = dict(parsed["config"])
-    model_type = config_dict.pop("model_type")
-    config = AutoConfig.for_model(model_type, **config_dict)
-    task = _resolve_task(config, "causal-lm" if task == "auto" else task, num_labels)
-    model = _build_skeleton(config, task, num_labels)
-    architecture = str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8")
-    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed["config"])
-    with _gguf_shortcuts(reader):
-        name_map = get_gguf_hf_weights_map(model, processor)
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for tensor in reader.tensors:

@@ -7,6 +7,7 @@ head every device starts from), to write PEFT adapter folders and to evaluate ve
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from quantization.adapters import AdapterConfig, attach_adapter
-from quantization.loader import load_quantized
+from quantization.loader import load_quantized, shared_gguf_reader
 from quantization.models import load_tokenizer, minilm_path, smollm2_gguf_path
 from quantization.task_data import LabelledText
 
@@ -78,6 +79,21 @@ def build_task_model(
     """
     source = resolve_base_model(spec.base_model)
     torch.manual_seed(seed)
+    # A GGUF file is parsed once for the weights, the config and the tokenizer.
+    reading = shared_gguf_reader(source) if source.suffix == ".gguf" else contextlib.nullcontext()
+    with reading:
+        model = _quantized_model_with_adapter(spec, source, device)
+        tokenizer = load_tokenizer(source)
+    if getattr(tokenizer, "pad_token", None) is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if spec.kind == "classification" and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def _quantized_model_with_adapter(
+    spec: TaskModelSpec, source: Path, device: torch.device | None
+) -> nn.Module:
     if spec.kind == "classification":
         base = load_quantized(
             source,
@@ -91,12 +107,7 @@ def build_task_model(
     model = attach_adapter(base, spec.adapter)
     if device is not None:  # the adapter (and a classification head) follow the base
         model.to(device)
-    tokenizer = load_tokenizer(source)
-    if getattr(tokenizer, "pad_token", None) is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if spec.kind == "classification" and getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
+    return model
 
 
 def classification_batch(

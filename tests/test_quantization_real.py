@@ -164,3 +164,28 @@ def test_smollm2_nf4_lora_lowers_loss(smollm2) -> None:  # noqa: ANN001
     assert losses[-1] < 0.7 * losses[0], losses
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert all("lora_" in n for n in trainable)
+
+
+def test_smollm2_task_model_parses_its_gguf_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weights, config and tokenizer come from one parse of the GGUF header (issue 19: it
+    was parsed three times, ~8 s each on this machine)."""
+    import gguf
+
+    from quantization.adapters import AdapterConfig
+    from quantization.task_model import TaskModelSpec, build_task_model
+
+    parses: list[str] = []
+    original = gguf.GGUFReader
+
+    class CountingReader(original):  # type: ignore[misc, valid-type]
+        def __init__(self, path: object, *args: object, **kwargs: object) -> None:
+            parses.append(str(path))
+            super().__init__(path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", CountingReader)
+    spec = TaskModelSpec("t", "causal-lm", "smollm2-135m", "nf4", AdapterConfig(rank=4))
+    model, tokenizer = build_task_model(spec)
+    assert parses == [str(smollm2_gguf_path())]
+    assert tokenizer("photosynthesis")["input_ids"]
+    assert any("lora_" in name for name, _ in model.named_parameters())
+    assert gguf.GGUFReader is CountingReader  # the shortcut is undone after the load
