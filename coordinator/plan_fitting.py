@@ -18,15 +18,22 @@ plan, so it is cached per (profile, plan) and the transfer part is computed dire
 
 Memory is the cost model's answer (`estimate_compute`): a CUDA profile is checked where its
 peak lives (RAM shared with a Jetson's GPU, or a discrete GPU's own memory), and a device's
-reported free memory is compared with the peak of the memory it describes.
+reported free memory is compared with the peak of the memory it describes. When a plan's
+predicted peak does not fit, the fitter pulls the memory levers before it shrinks anything
+the model learns from (`coordinator.memory_levers`): gradient checkpointing, then micro-
+batches with gradient accumulation (halved down to one example), and only then the ladder's
+next rung (a shorter sequence, a smaller rank). The levers change step time, not the
+gradient, so the deadline fit that follows sees their cost.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from coordinator.memory_levers import lever_note, with_memory_levers
 from device_profiles.cost_model import (
     UPLOAD_BYTES_PER_PARAM,
     ComputeEstimate,
@@ -41,6 +48,8 @@ from device_profiles.cost_model import (
 from device_profiles.plan import TrainingPlan
 from device_profiles.profile import DeviceProfile
 from device_profiles.shapes import ModelShape
+
+logger = logging.getLogger(__name__)
 
 DEADLINE_SAFETY = 0.8
 """A plan must be predicted to finish within this share of the deadline."""
@@ -108,7 +117,9 @@ class PlanFitter:
         """Plan shapes in the order they are tried, built once (plans validate on creation).
         Within one fitter every plan has the task's scheme, batch and target modules, so the
         caches below key on what varies."""
-        self._plans_by_steps: dict[tuple[int, int, int], TrainingPlan] = {}
+        self._levered: dict[TrainingPlan, tuple[TrainingPlan, ...]] = {}
+        """Each ladder shape with its memory levers, in the order they are pulled."""
+        self._plans_by_steps: dict[tuple[int, int, bool, int, int], TrainingPlan] = {}
         self._upload_bytes: dict[int, int] = {}
 
     def _estimate(
@@ -121,11 +132,7 @@ class PlanFitter:
         """(step, download, upload, the cached compute estimate) as plain floats: the fitter
         tries up to a dozen plans per device, and building a `Prediction` for each would
         cost more than the arithmetic."""
-        key = (profile.name, plan.scheme, plan.rank, plan.batch_size, plan.seq_len)
-        estimate = self._compute_cache.get(key)
-        if estimate is None:
-            counts = count_step(self.shape, plan)
-            estimate = self._compute_cache[key] = estimate_compute(profile, counts, plan.scheme)
+        estimate = self._compute(profile, plan)
         upload_bytes = self._upload_bytes.get(plan.rank)
         if upload_bytes is None:
             upload_bytes = adapter_bytes(
@@ -138,6 +145,23 @@ class PlanFitter:
         download = transfer_seconds(self.download_bytes, down_mbps, network.rtt_ms)
         upload = transfer_seconds(upload_bytes, up_mbps, network.rtt_ms)
         return estimate.step_seconds * speed_factor, download, upload, estimate
+
+    def _compute(self, profile: DeviceProfile, plan: TrainingPlan) -> ComputeEstimate:
+        """The cached step time and memory of `plan` on `profile`."""
+        key = (
+            profile.name,
+            plan.scheme,
+            plan.rank,
+            plan.batch_size,
+            plan.seq_len,
+            plan.gradient_checkpointing,
+            plan.micro_batch_size,
+        )
+        estimate = self._compute_cache.get(key)
+        if estimate is None:
+            counts = count_step(self.shape, plan)
+            estimate = self._compute_cache[key] = estimate_compute(profile, counts, plan.scheme)
+        return estimate
 
     def predict(
         self,
@@ -200,18 +224,11 @@ class PlanFitter:
         free_memory_bytes: int | None,
         budget: float,
     ) -> TrainingPlan | str:
-        step, download, upload, estimate = self._estimate(profile, plan, link, speed_factor)
-        if estimate.reason:
-            return estimate.reason
-        peaks = estimate.peaks
-        on_gpu_memory = peaks.kind is MemoryKind.GPU
-        peak = peaks.gpu_bytes if on_gpu_memory else peaks.ram_bytes
-        if free_memory_bytes is not None and peak > free_memory_bytes:
-            memory = " of GPU memory" if on_gpu_memory else ""
-            return (
-                f"predicted peak {peak / 2**20:.0f} MiB exceeds the "
-                f"{free_memory_bytes / 2**20:.0f} MiB{memory} free right now"
-            )
+        fitted = self.fit_memory(profile, plan, free_memory_bytes)
+        if isinstance(fitted, str):
+            return fitted
+        plan = fitted
+        step, download, upload, _ = self._estimate(profile, plan, link, speed_factor)
         transfer = download + upload
         if transfer + step * plan.local_steps <= budget:
             return plan
@@ -224,14 +241,94 @@ class PlanFitter:
             )
         return self._with_steps(plan, min(steps, plan.local_steps))
 
+    def fit_memory(
+        self, profile: DeviceProfile, plan: TrainingPlan, free_memory_bytes: int | None = None
+    ) -> TrainingPlan | str:
+        """`plan` as it is when its predicted peak fits the device (the profile's usable
+        memory with the cost model's margin, and `free_memory_bytes` when the device
+        reported it), else with the first memory lever that makes it fit (gradient
+        checkpointing, then micro-batches of half the batch, a quarter, ... one example),
+        else why even the last does not fit. Nothing the model learns from changes; only
+        step time does, and the caller fits the deadline with the lever's step time."""
+        reason = self._memory_problem(profile, plan, free_memory_bytes)
+        if not reason or plan.scheme not in profile.throughput.quant_schemes:
+            return reason or plan
+        levered = self._levered.get(plan)
+        if levered is None:
+            levered = self._levered[plan] = with_memory_levers(plan)
+        for candidate in levered:
+            problem = self._memory_problem(profile, candidate, free_memory_bytes)
+            if not problem:
+                if logger.isEnabledFor(logging.DEBUG):
+                    logger.debug(
+                        "%s: %s; %s", profile.name, reason, self.lever_note(profile, candidate)
+                    )
+                return candidate
+            reason = problem
+        if levered:
+            return f"{reason}, even with {lever_note(levered[-1])}"
+        return reason
+
+    def lever_note(self, profile: DeviceProfile, plan: TrainingPlan) -> str:
+        """Which memory levers `plan` pulls and what each costs on `profile`, one after the
+        other: predicted peak and step time before and after each (for logs and the
+        operator's view of a round; empty for a plan without levers)."""
+        steps = [replace(plan, gradient_checkpointing=False, micro_batch_size=0)]
+        if plan.gradient_checkpointing:
+            steps.append(replace(plan, micro_batch_size=0))
+        if plan.micro_batch_size:
+            steps.append(plan)
+        notes = []
+        for before, after in zip(steps, steps[1:], strict=False):
+            old, new = self._compute(profile, before), self._compute(profile, after)
+            lever = (
+                "gradient checkpointing"
+                if after.micro_batch_size == 0
+                else lever_note(replace(after, gradient_checkpointing=False))
+            )
+            notes.append(
+                f"{lever}: predicted peak {_checked_peak(old) / 2**20:.0f} -> "
+                f"{_checked_peak(new) / 2**20:.0f} MiB, step {old.step_seconds:.2f} -> "
+                f"{new.step_seconds:.2f} s ({new.step_seconds / old.step_seconds - 1:+.0%})"
+            )
+        return "; then ".join(notes)
+
+    def _memory_problem(
+        self, profile: DeviceProfile, plan: TrainingPlan, free_memory_bytes: int | None
+    ) -> str:
+        """Why `plan` does not fit the device's memory now; empty when it does."""
+        estimate = self._compute(profile, plan)
+        if estimate.reason:
+            return estimate.reason
+        peak = _checked_peak(estimate)
+        if free_memory_bytes is not None and peak > free_memory_bytes:
+            memory = " of GPU memory" if estimate.peaks.kind is MemoryKind.GPU else ""
+            return (
+                f"predicted peak {peak / 2**20:.0f} MiB exceeds the "
+                f"{free_memory_bytes / 2**20:.0f} MiB{memory} free right now"
+            )
+        return ""
+
     def _with_steps(self, plan: TrainingPlan, steps: int) -> TrainingPlan:
         """`plan` with fewer steps, memoised: a validated dataclass copy costs more than the
         whole prediction, and 10,000 devices need only a few dozen distinct plans."""
-        key = (plan.rank, plan.seq_len, steps)
+        key = (
+            plan.rank,
+            plan.seq_len,
+            plan.gradient_checkpointing,
+            plan.micro_batch_size,
+            steps,
+        )
         cached = self._plans_by_steps.get(key)
         if cached is None:
             cached = self._plans_by_steps[key] = replace(plan, local_steps=steps)
         return cached
+
+
+def _checked_peak(estimate: ComputeEstimate) -> float:
+    """The peak of the memory the plan is checked against (a discrete GPU's, else RAM)."""
+    peaks = estimate.peaks
+    return peaks.gpu_bytes if peaks.kind is MemoryKind.GPU else peaks.ram_bytes
 
 
 def fit_plan_to_deadline(

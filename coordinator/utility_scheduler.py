@@ -430,20 +430,21 @@ class OortScheduler(Scheduler):
         for candidate in sorted(candidates, key=lambda c: c.device_id):
             stats = history.devices.get(candidate.device_id)
             speed = stats.speed_factor if stats else 1.0
-            prediction = fitter.predict(candidate.profile, full_plan, None, speed)
-            if not prediction.fits:
-                skipped[candidate.device_id] = prediction.reason
+            # The task's full plan, with the memory levers it needs to fit the device (they
+            # change step time, not what the device learns).
+            plan = fitter.fit_memory(candidate.profile, full_plan)
+            if isinstance(plan, str):
+                skipped[candidate.device_id] = plan
                 continue
+            prediction = fitter.predict(candidate.profile, plan, None, speed)
             penalty = 1.0
             if prediction.round_seconds > preferred_seconds:
                 penalty = (preferred_seconds / prediction.round_seconds) ** LATENESS_ALPHA
             if candidate.device_id in utilities:
-                pick = _Pick(
-                    candidate, full_plan, prediction, utilities[candidate.device_id] * penalty
-                )
+                pick = _Pick(candidate, plan, prediction, utilities[candidate.device_id] * penalty)
                 explored.append(pick)
             else:
-                unexplored.append(_Pick(candidate, full_plan, prediction, 0.0))
+                unexplored.append(_Pick(candidate, plan, prediction, 0.0))
         wanted = task.schedule.devices_to_assign
         explore_slots = _explore_slots(
             wanted, task.schedule.exploration, len(explored), len(unexplored)

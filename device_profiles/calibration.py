@@ -119,8 +119,8 @@ def _time_features(profile: DeviceProfile, counts: Sequence[StepCounts]) -> np.n
                 factor * step.elementwise_bytes / bandwidth,
                 factor * step.dequant_bytes_int8 / bandwidth,
                 factor * step.dequant_bytes_nf4 / bandwidth,
-                factor * float(step.layers),
-                factor,
+                factor * float(step.layer_executions),
+                factor * step.passes,
             ]
             for step in counts
             for factor in (step.cpu_step_factor,)

@@ -73,6 +73,9 @@ profile's calibration divides it out (see `calibration._time_features`); CUDA, w
 bitsandbytes is fast, does not get the factor (the GPU path below)."""
 SCHEME_CPU_STEP_FACTOR: dict[str, float] = {"none": 1.0, "int8": 1.0, "nf4": 1.0}
 SCHEME_CPU_STEP_FACTOR.update(BNB_CPU_STEP_FACTOR)
+RECOMPUTE_DISPATCH_SHARE = 1.0 / 3.0
+"""Per-layer framework cost gradient checkpointing adds, as a share of forward + backward
+(assumed: the recomputed forward dispatches the forward's kernels again)."""
 DEFAULT_MEMORY_MARGIN = 0.15
 """A plan fits when peak x (1 + margin) <= RAM - OS reserve: the OS, page cache and other
 processes move by more than a few percent during a round."""
@@ -101,6 +104,21 @@ class StepCounts:
     family: str
     cpu_step_factor: float = 1.0
     """Multiplies the whole CPU step: SCHEME_CPU_STEP_FACTOR of the plan's scheme."""
+    passes: int = 1
+    """Forward/backward passes per optimizer step (`TrainingPlan.passes_per_step`): each
+    pass pays the fixed per-pass cost and dispatches every layer again."""
+    recomputes_forward: bool = False
+    """Gradient checkpointing: every block runs its forward a second time in backward."""
+
+    @property
+    def layer_executions(self) -> float:
+        """What the per-layer cost multiplies: layers x passes, and a third more with
+        gradient checkpointing (ASSUMED: one extra forward dispatch per layer, a forward
+        being about a third of forward + backward's kernels; not measured)."""
+        if self.passes == 1 and not self.recomputes_forward:
+            return self.layers
+        share = RECOMPUTE_DISPATCH_SHARE if self.recomputes_forward else 0.0
+        return self.layers * self.passes * (1.0 + share)
 
 
 def adapter_parameter_count(
@@ -150,8 +168,19 @@ def _activation_elements_per_token(model_shape: ModelShape, plan: TrainingPlan) 
 
 @functools.lru_cache(maxsize=65536)
 def count_step(model_shape: ModelShape, plan: TrainingPlan) -> StepCounts:
-    """FLOP and byte counts of one LoRA training step of `plan` on `model_shape`."""
+    """FLOP and byte counts of one LoRA training step of `plan` on `model_shape`.
+
+    The plan's memory levers change the counts as the trainer contract runs them: gradient
+    checkpointing recomputes every block's forward in backward (one more forward of the
+    blocks: half again a frozen linear's FLOPs, which need no weight gradient, a third
+    again of attention's and LoRA's; one more touch of the blocks' activations, one more
+    pass over their weights and their dequantization; the LM head is not recomputed)
+    and keeps only each block's input hidden states plus one block's activations; micro-
+    batches keep the FLOPs, size activations by the micro-batch and stream (and dequantize)
+    the weights once per pass."""
     tokens = plan.batch_size * plan.seq_len
+    pass_tokens = plan.examples_per_pass * plan.seq_len
+    passes = plan.passes_per_step
     layers = model_shape.layers
     shapes = model_shape.linear_shapes()
     block_params = model_shape.block_linear_parameters()
@@ -165,13 +194,22 @@ def count_step(model_shape: ModelShape, plan: TrainingPlan) -> StepCounts:
         (shapes[r][0] + shapes[r][1]) * plan.rank for r in plan.target_modules if r in shapes
     )
     flops += 6.0 * lora_params * layers * tokens
-    elementwise = _activation_elements_per_token(model_shape, plan) * layers * tokens
+    per_token = _activation_elements_per_token(model_shape, plan)
+    block_elementwise = per_token * layers * tokens
+    elementwise = block_elementwise
     head_activation = 0.0
     if model_shape.family == "decoder":
         # LM head forward + input gradient; logits, log-softmax and its gradient in fp32.
         flops += 4.0 * model_shape.hidden * model_shape.vocab * tokens
-        head_activation = 3.0 * model_shape.vocab * tokens
-        elementwise += head_activation
+        head_activation = 3.0 * model_shape.vocab * pass_tokens
+        elementwise += 3.0 * model_shape.vocab * tokens
+    if plan.gradient_checkpointing:
+        # The recomputed forward of every block: frozen linears, attention, LoRA A and B.
+        flops += (
+            2.0 * block_params * tokens
+            + 4.0 * plan.batch_size * plan.seq_len**2 * model_shape.hidden * layers
+            + 2.0 * lora_params * layers * tokens
+        )
 
     storage = SCHEME_STORAGE[plan.scheme]
     quantized_weight_bytes = sum(storage.weight_bytes(i, o) for i, o in shapes.values()) * layers
@@ -179,21 +217,31 @@ def count_step(model_shape: ModelShape, plan: TrainingPlan) -> StepCounts:
     streamed_weight_bytes = quantized_weight_bytes
     if model_shape.family == "decoder":
         streamed_weight_bytes += BYTES_FP32 * model_shape.hidden * model_shape.vocab
-    # Dequantizing kernels materialize each weight in fp32 in forward and again in backward.
+    # Dequantizing kernels materialize each weight in fp32 in forward and again in backward,
+    # once per pass, and once more per pass for a recomputed forward.
     dequant = 2.0 * BYTES_FP32 * block_params if storage.dequantizes else 0.0
+    if plan.gradient_checkpointing:
+        dequant *= 1.5
+    dequant *= passes
     is_nf4 = plan.scheme in ("nf4", "bnb-nf4")
     transient = BYTES_FP32 * model_shape.largest_linear_parameters() if storage.dequantizes else 0
 
     adapter_params = adapter_parameter_count(model_shape, plan.rank, plan.target_modules)
     trainable_state = BYTES_FP32 * adapter_params * (2 + plan.optimizer_states)
-    saved = BYTES_FP32 * (
-        _activation_elements_per_token(model_shape, plan) * layers * tokens + head_activation
-    )
+    saved_per_token = per_token * layers
+    if plan.gradient_checkpointing:
+        # Each block's input hidden state, plus the block being recomputed in backward.
+        saved_per_token = model_shape.hidden * layers + per_token
+    saved = BYTES_FP32 * (saved_per_token * pass_tokens + head_activation)
+    # Activations touched ~3 times (forward, backward, gradient), a 4th for a recomputed
+    # forward, plus the stored weights streamed from memory in forward and in backward of
+    # every pass (what bounds small-batch steps); the LM head's weight is not recomputed.
+    elementwise_bytes = BYTES_FP32 * 3.0 * elementwise + 2.0 * streamed_weight_bytes * passes
+    if plan.gradient_checkpointing:
+        elementwise_bytes += BYTES_FP32 * block_elementwise + passes * quantized_weight_bytes
     return StepCounts(
         matmul_flops=flops,
-        # Activations touched ~3 times (forward, backward, gradient) plus the stored weights
-        # streamed from memory in forward and in backward (what bounds small-batch steps).
-        elementwise_bytes=BYTES_FP32 * 3.0 * elementwise + 2.0 * streamed_weight_bytes,
+        elementwise_bytes=elementwise_bytes,
         dequant_bytes_int8=0.0 if is_nf4 else dequant,
         dequant_bytes_nf4=dequant if is_nf4 else 0.0,
         layers=layers,
@@ -204,6 +252,8 @@ def count_step(model_shape: ModelShape, plan: TrainingPlan) -> StepCounts:
         dequant_workspace_bytes=BYTES_FP32 * block_params if storage.dequantizes else 0.0,
         family=model_shape.family,
         cpu_step_factor=SCHEME_CPU_STEP_FACTOR[plan.scheme],
+        passes=passes,
+        recomputes_forward=plan.gradient_checkpointing,
     )
 
 
@@ -261,8 +311,8 @@ def step_seconds_for(profile: DeviceProfile, counts: StepCounts) -> float:
         + counts.elementwise_bytes / (bandwidth * calibration.memory_efficiency)
         + counts.dequant_bytes_int8 * calibration.dequant_int8 / bandwidth
         + counts.dequant_bytes_nf4 * calibration.dequant_nf4 / bandwidth
-        + calibration.per_layer_seconds * counts.layers
-        + calibration.fixed_seconds
+        + calibration.per_layer_seconds * counts.layer_executions
+        + calibration.fixed_seconds * counts.passes
     )
 
 

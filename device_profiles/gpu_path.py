@@ -94,7 +94,8 @@ def dequantized_width(profile: DeviceProfile) -> float:
 def gpu_time_features(profile: DeviceProfile, counts: StepCounts) -> tuple[float, ...]:
     """The GPU step's terms at unit coefficients, in the calibration's column order: matmul
     FLOPs / rate, elementwise bytes / bandwidth, int8 and NF4 dequantized bytes / bandwidth,
-    layers, 1. `gpu_step_seconds` and the calibration fit both use them, so they agree."""
+    layer executions (layers, or more with micro-batches or recompute), passes.
+    `gpu_step_seconds` and the calibration fit both use them, so they agree."""
     rate = gpu_matmul_gflops(profile) * 1e9
     bandwidth = gpu_bandwidth_gbps(profile) * 1e9
     width = dequantized_width(profile)
@@ -103,8 +104,8 @@ def gpu_time_features(profile: DeviceProfile, counts: StepCounts) -> tuple[float
         counts.elementwise_bytes / bandwidth,
         width * counts.dequant_bytes_int8 / bandwidth,
         width * counts.dequant_bytes_nf4 / bandwidth,
-        float(counts.layers),
-        1.0,
+        float(counts.layer_executions),
+        float(counts.passes),
     )
 
 

@@ -70,6 +70,11 @@ PLAN_INTEGER_LIMITS: dict[str, int] = {
 WIRE_REQUIRED = {"wire_required": True}
 """Field metadata: the wire's decoder refuses a plan that leaves this field out, although
 Python code may rely on its default (see `edge_runtime.wire.schema.from_json_fields`)."""
+OMIT_IF_DEFAULT = {"omit_if_default": True}
+"""Field metadata: the wire's encoder leaves this field out while it holds its default, so a
+plan that does not use a newer field encodes as it did before the field existed and an older
+agent still accepts it; a plan that uses it is refused by that agent's decoder as an unknown
+field ("newer peer?"), never silently run without it."""
 
 
 def check_scheme(value: object, where: str) -> str:
@@ -106,6 +111,17 @@ class TrainingPlan:
     learning_rate: float = 2e-3
     """The device's AdamW learning rate, in (0, 10]; 2e-3 suits LoRA on small models (the
     coordinator sends its task's `learning_rate`)."""
+    gradient_checkpointing: bool = field(default=False, metadata=OMIT_IF_DEFAULT)
+    """Recompute each block's activations in backward instead of keeping them: the first
+    memory lever the plan fitter pulls (saved activations shrink to one block's plus the
+    per-block hidden states; the step costs about one more forward). False by default: the
+    plan of a device with room keeps every activation and trains fastest."""
+    micro_batch_size: int = field(default=0, metadata=OMIT_IF_DEFAULT)
+    """Examples per forward/backward pass when the batch is split and gradients accumulated
+    over `batch_size // micro_batch_size` passes before one optimizer step (the second
+    lever: activations scale with this instead of `batch_size`). 0 by default: the whole
+    batch in one pass. Otherwise 1..batch_size and a divisor of `batch_size`, so every pass
+    has the same size and the accumulated gradient is the full batch's mean."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scheme", check_scheme(self.scheme, "TrainingPlan.scheme"))
@@ -129,6 +145,12 @@ class TrainingPlan:
             raise ProfileError(
                 f"TrainingPlan.learning_rate is {rate!r}; expected a number in (0, 10]"
             )
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ProfileError(
+                f"TrainingPlan.gradient_checkpointing is {self.gradient_checkpointing!r:.80}; "
+                "expected true or false"
+            )
+        self._check_micro_batch_size()
         targets = tuple(self.target_modules)
         unknown = [role for role in targets if role not in LINEAR_ROLES]
         if not targets or unknown or len(set(targets)) != len(targets):
@@ -138,6 +160,31 @@ class TrainingPlan:
             )
         object.__setattr__(self, "target_modules", targets)
 
+    def _check_micro_batch_size(self) -> None:
+        micro = self.micro_batch_size
+        is_integer = isinstance(micro, int) and not isinstance(micro, bool)
+        if not is_integer or not 0 <= micro <= self.batch_size:
+            raise ProfileError(
+                f"TrainingPlan.micro_batch_size is {micro!r:.80}; expected 0 (the whole batch "
+                f"at once) or an integer in 1..batch_size ({self.batch_size})"
+            )
+        if micro and self.batch_size % micro:
+            raise ProfileError(
+                f"TrainingPlan.micro_batch_size is {micro}, which does not divide "
+                f"TrainingPlan.batch_size {self.batch_size}; expected a divisor of the batch "
+                "(every pass the same size), or 0 for no gradient accumulation"
+            )
+
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len
+
+    @property
+    def examples_per_pass(self) -> int:
+        """Examples in one forward/backward pass: the micro-batch, or the whole batch."""
+        return self.micro_batch_size or self.batch_size
+
+    @property
+    def passes_per_step(self) -> int:
+        """Forward/backward passes per optimizer step (gradient accumulation when > 1)."""
+        return self.batch_size // self.examples_per_pass

@@ -239,7 +239,9 @@ def test_plan_fitter_uses_the_memory_the_cost_model_checked() -> None:
     fitted = fitter.fit(laptop)
     assert not isinstance(fitted, str), fitted
     shrunk, prediction = fitted
-    assert shrunk.seq_len < plan.seq_len and prediction.fits
+    # The memory levers come first (gradient checkpointing, micro-batches), then the
+    # shorter sequence of the ladder.
+    assert shrunk.gradient_checkpointing and prediction.fits
     assert prediction == predict(laptop, SMOLLM, shrunk, download_bytes=fitter.download_bytes)
     # A device's free-memory reading is compared with its GPU peak, not its host RSS.
     gpu_peak = prediction.gpu_peak_bytes

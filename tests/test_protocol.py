@@ -373,5 +373,13 @@ def test_assignment_plan_fields_are_required_and_terms_checked(
 def test_assignment_plan_json_uses_the_plan_field_names() -> None:
     frame = decode_frame(encode_frame(example(TaskAssignment), sender="c", signing_key=KEY))  # type: ignore[arg-type]
     message = json.loads(frame.signed_bytes)["msg"]
-    assert set(message["plan"]) == {field.name for field in dataclasses.fields(TrainingPlan)}
+    # The memory levers are left out at their defaults, so an agent that predates them
+    # still accepts a plan that does not use them.
+    always = {
+        f.name for f in dataclasses.fields(TrainingPlan) if not f.metadata.get("omit_if_default")
+    }
+    assert set(message["plan"]) == always
+    assert always | {"gradient_checkpointing", "micro_batch_size"} == {
+        field.name for field in dataclasses.fields(TrainingPlan)
+    }
     assert message["update_encoding"] == "int8" and message["predicted_round_seconds"] == 42.5

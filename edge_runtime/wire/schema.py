@@ -60,12 +60,21 @@ def to_json_fields(message: Any) -> dict[str, Any]:
 
     A field declared with `metadata={"omit_if_none": True}` is left out while it is None:
     that is how an optional field is added without breaking peers that predate it (they
-    refuse unknown fields)."""
+    refuse unknown fields). A field declared with `metadata={"omit_if_default": True}` is
+    left out while it equals its default, for the same reason (a plan's memory levers: see
+    `device_profiles.plan.OMIT_IF_DEFAULT`)."""
     return {
         f.name: _to_json(getattr(message, f.name))
         for f in dataclasses.fields(message)
-        if not (f.metadata.get("omit_if_none") and getattr(message, f.name) is None)
+        if not _omitted(f, getattr(message, f.name))
     }
+
+
+def _omitted(spec: dataclasses.Field[Any], value: object) -> bool:
+    """Whether the encoder leaves this field out (see `to_json_fields`)."""
+    if spec.metadata.get("omit_if_none") and value is None:
+        return True
+    return bool(spec.metadata.get("omit_if_default")) and value == spec.default
 
 
 def _to_json(value: Any) -> Any:
