@@ -23,6 +23,7 @@ import torch
 from device_profiles.plan import TrainingPlan
 from durable.crash_points import crash_point
 from quantization.adapters import get_adapter_state, set_adapter_state
+from quantization.causal_lm_loss import chunked_causal_lm_loss
 from quantization.compute_device import CPU, ComputeDevice
 from quantization.task_data import LabelledText
 from quantization.task_model import (
@@ -73,6 +74,7 @@ class LocalTrainer:
         )
         self.clock = clock
         self._seed = seed
+        self._gradient_checkpointing = False
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         return get_adapter_state(self.model)
@@ -122,6 +124,7 @@ class LocalTrainer:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=plan.learning_rate, weight_decay=0.0)
         scaler = self.device.grad_scaler()  # fp16 only
+        self._set_gradient_checkpointing(plan.gradient_checkpointing)
         self.model.train()
         losses: list[float] = []
         slowest_step = 0.0
@@ -132,23 +135,15 @@ class LocalTrainer:
             if deadline is not None and step_start + slowest_step > deadline:
                 stopped_early = True
                 break
-            batch = self._batch(indices, plan.seq_len)
-            with self.device.autocast():
-                loss = self.model(**batch).loss.float()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"training loss became {loss.item()} at step {len(losses)}"
-                )
             optimizer.zero_grad(set_to_none=True)
+            loss = self._accumulate_gradients(indices, plan, scaler, len(losses))
             if scaler is None:
-                loss.backward()
                 optimizer.step()
             else:
-                scaler.scale(loss).backward()
                 scaler.step(optimizer)  # skips the step when fp16 gradients overflowed
                 scaler.update()
             crash_point("training-step")
-            losses.append(float(loss.detach()))
+            losses.append(loss)
             slowest_step = max(slowest_step, self.clock() - step_start)
         self.model.eval()
         trained = get_adapter_state(self.model)
@@ -168,6 +163,55 @@ class LocalTrainer:
             stopped_early=stopped_early,
         )
 
+    def _set_gradient_checkpointing(self, enabled: bool) -> None:
+        """The plan's first memory lever: recompute each block's activations in backward
+        (non-reentrant, so frozen embeddings need no `requires_grad` trick)."""
+        if enabled == self._gradient_checkpointing:
+            return
+        if enabled:
+            self.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        else:
+            self.model.gradient_checkpointing_disable()
+        self._gradient_checkpointing = enabled
+
+    def _loss(self, batch: dict[str, torch.Tensor], share: float, tokens: int) -> torch.Tensor:
+        """One pass's loss, scaled so the passes of a step sum to the whole batch's mean:
+        classification weighs each pass by its share of the examples, causal-LM divides
+        by the whole batch's labelled tokens. The causal-LM head runs in chunks of positions
+        (quantization/causal_lm_loss.py): never the full batch x sequence x vocab logits."""
+        with self.device.autocast():
+            if self.spec.kind == "classification":
+                return self.model(**batch).loss.float() * share
+            return chunked_causal_lm_loss(self.model, **batch, num_items_in_batch=tokens)
+
+    def _accumulate_gradients(
+        self,
+        indices: Sequence[int],
+        plan: TrainingPlan,
+        scaler: torch.amp.GradScaler | None,
+        step: int,
+    ) -> float:
+        """Forward and backward over one step's batch in `plan.passes_per_step` passes (the
+        plan's second memory lever: activations scale with the micro-batch); returns the
+        batch's loss. The summed gradient equals one full-batch pass's."""
+        size = plan.examples_per_pass
+        passes = [
+            self._batch(indices[i : i + size], plan.seq_len) for i in range(0, len(indices), size)
+        ]
+        tokens = sum(_labelled_tokens(batch) for batch in passes)
+        total = 0.0
+        for batch in passes:
+            if self.spec.kind != "classification" and _labelled_tokens(batch) == 0:
+                continue  # nothing to predict in this pass (one-token texts)
+            loss = self._loss(batch, len(batch["labels"]) / len(indices), tokens)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {loss.item()} at step {step}")
+            (loss if scaler is None else scaler.scale(loss)).backward()
+            total += float(loss.detach())
+        return total
+
     @torch.no_grad()
     def accuracy(
         self, examples: Sequence[LabelledText], seq_len: int = 64, batch_size: int = 32
@@ -178,3 +222,8 @@ class LocalTrainer:
         return classification_accuracy(
             self.model, self.tokenizer, examples, self.spec.labels, seq_len, batch_size
         )
+
+
+def _labelled_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Positions with a next-token label (causal-LM; HF shifts labels by one)."""
+    return int((batch["labels"][:, 1:] != -100).sum()) if batch["labels"].dim() == 2 else 0
