@@ -52,6 +52,7 @@ def wire_task_spec(task: TaskConfig) -> TaskSpec:
         base_model=task.base_model,
         labels=task.labels,
         adapter_alpha=task.alpha,
+        quantize_embeddings=task.quantize_embeddings,
         privacy=None if policy is None else policy.device_instructions(),
         secure_aggregation=(
             SecureAggregationSpec(clip_bound=task.secure_aggregation.clip_bound)
@@ -101,6 +102,7 @@ class TaskModel:
             scheme=task.scheme,
             adapter=AdapterConfig(rank=task.rank, alpha=task.alpha),
             labels=task.labels,
+            quantize_embeddings=task.quantize_embeddings,
         )
         self.model, self.tokenizer = build_task_model(self.spec, seed=task.seed)
         self._initial_state = get_adapter_state(self.model)

@@ -37,6 +37,7 @@ def task_model_spec(
         scheme=scheme,
         adapter=AdapterConfig(rank=rank, alpha=alpha),
         labels=tuple(spec.labels),
+        quantize_embeddings=spec.quantize_embeddings,
     )
 
 

@@ -80,6 +80,8 @@ class TaskSpec:
     labels: tuple[str, ...] = ()
     """Class names in head order (classification only)."""
     adapter_alpha: float = 16.0
+    quantize_embeddings: bool = field(default=True, metadata={"omit_if_default": True})
+    """int8 frozen embeddings (quantization/embeddings.py); sent only when false."""
     privacy: DevicePrivacy | None = field(default=None, metadata={"omit_if_none": True})
     """Client-level DP instructions; None (and then absent from the JSON, so agents that
     predate it still parse assignments of non-private tasks) when the task has DP off. An
