@@ -31,13 +31,16 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-CONFIGS: tuple[tuple[str, bool, int], ...] = (
-    ("plain", False, 0),
-    ("gc", True, 0),
-    ("gc+micro2", True, 2),
-    ("gc+micro1", True, 1),
-)
-"""(label, gradient_checkpointing, micro_batch_size), in the fitter's order of levers."""
+CONFIGS: dict[str, tuple[bool, int]] = {
+    "plain": (False, 0),
+    "gc": (True, 0),
+    "gc+micro2": (True, 2),
+    "gc+micro1": (True, 1),
+    "micro2": (False, 2),
+    "micro1": (False, 1),
+}
+"""label -> (gradient_checkpointing, micro_batch_size); the first four are the fitter's order
+of levers, the last two micro-batches alone (to compare their cost with checkpointing's)."""
 
 
 def _child(request: dict) -> dict:
@@ -129,6 +132,11 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument(
+        "--configs",
+        default="plain,gc,gc+micro2,gc+micro1",
+        help=f"comma-separated, first is the reference for ratios; of {', '.join(CONFIGS)}",
+    )
     args = parser.parse_args()
     if args.child:
         request = json.loads(args.child)
@@ -157,7 +165,8 @@ def main() -> None:
         f"rank {args.rank}, batch {args.batch} x {args.seq}, 1 thread)"
     )
     rows = []
-    for label, checkpointing, micro in CONFIGS:
+    for label in args.configs.split(","):
+        checkpointing, micro = CONFIGS[label]
         if micro and args.batch % micro:
             continue
         request = {
