@@ -17,10 +17,11 @@
 # Run time on a 2-core x86 host (shared), measured 2026-12-02: debootstrap 280 s the first
 # time (the root is reused afterwards); a fresh install 250 s (SCHOOLFL_REINSTALL=1, pip
 # cache warm), 40 s when the venv is already there; --checks ~1 min; --round ~2 min.
-# The whole `--checks --round` run on an existing root: ~4.5 min. --memory: 542 s (9 min:
-# three baseline imports, the bench worker's imports, 6 points of 23-114 s; 2026-12-02, one
-# torch thread); the whole `--memory` run on an existing root and venv: ~11 min. A second
-# fresh root that day: debootstrap ~5 min (apt-get of qemu included), fresh install 339 s.
+# The whole `--checks --round` run on an existing root: ~4.5 min. --memory: 9-15 min (542 s
+# and 908 s on 2026-12-02 at load average ~3 and ~5.5: three baseline imports, the bench
+# worker's imports, 6 points of 23-177 s, one torch thread); the whole `--memory` run on an
+# existing root and venv: 11-22 min. A second fresh root that day: debootstrap ~5 min
+# (apt-get of qemu included), fresh install 339 s.
 #
 # Environment:
 #   SCHOOLFL_ARM64_ROOT  where the root lives (default /var/tmp/schoolfl-arm64/root); keep it
