@@ -224,7 +224,7 @@ def run_check(threads: int, points: tuple[GridPoint, ...]) -> tuple[CheckSummary
 
 
 def _torch_version() -> str:
-    """Asked in a child: this process must not import torch (the worker forks cleanly)."""
+    """Asked in a child: this driver never imports torch itself (torch lives in the worker)."""
     return subprocess.run(
         [sys.executable, "-c", "import torch; print(torch.__version__)"],
         check=True,
