@@ -10,12 +10,18 @@
 #     sudo deploy/arm64/build-and-test.sh              # build/reuse the root, install, check
 #     sudo deploy/arm64/build-and-test.sh --checks     # also: quantization checks
 #     sudo deploy/arm64/build-and-test.sh --bench      # also: schoolfl profile bench --quick
+#     sudo deploy/arm64/build-and-test.sh --memory     # also: peak RSS of 6 training points vs
+#                                                      # the cost model (memory_check.py)
 #     sudo deploy/arm64/build-and-test.sh --round      # also: a federated round with an x86
 #                                                      # agent (deploy/arm64/round.sh)
 # Run time on a 2-core x86 host (shared), measured 2026-12-02: debootstrap 280 s the first
 # time (the root is reused afterwards); a fresh install 250 s (SCHOOLFL_REINSTALL=1, pip
 # cache warm), 40 s when the venv is already there; --checks ~1 min; --round ~2 min.
-# The whole `--checks --round` run on an existing root: ~4.5 min.
+# The whole `--checks --round` run on an existing root: ~4.5 min. --memory: 9-15 min (542 s
+# and 908 s on 2026-12-02 at load average ~3 and ~5.5: three baseline imports, the bench
+# worker's imports, 6 points of 23-177 s, one torch thread); the whole `--memory` run on an
+# existing root and venv: 11-22 min. A second fresh root that day: debootstrap ~5 min
+# (apt-get of qemu included), fresh install 339 s.
 #
 # Environment:
 #   SCHOOLFL_ARM64_ROOT  where the root lives (default /var/tmp/schoolfl-arm64/root); keep it
@@ -40,12 +46,14 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 RUN_CHECKS=0
 RUN_ROUND=0
 RUN_BENCH=0
+RUN_MEMORY=0
 for arg in "$@"; do
     case "$arg" in
         --checks) RUN_CHECKS=1 ;;
         --round) RUN_ROUND=1 ;;
         --bench) RUN_BENCH=1 ;;
-        *) echo "usage: $0 [--checks] [--round] [--bench]" >&2; exit 2 ;;
+        --memory) RUN_MEMORY=1 ;;
+        *) echo "usage: $0 [--checks] [--round] [--bench] [--memory]" >&2; exit 2 ;;
     esac
 done
 
@@ -170,6 +178,18 @@ if [[ $RUN_CHECKS == 1 ]]; then
     cp "$REPO/deploy/arm64/quant_check.py" "$ROOT/tmp/quant_check.py"
     in_root "$VENV/bin/python" /tmp/quant_check.py compare /tmp/quant-x86.safetensors
 fi
+memory_result="not run (--memory)"
+if [[ $RUN_MEMORY == 1 ]]; then
+    step "peak RSS of 6 training points vs the cost model inside the root (memory_check.py)"
+    # One torch thread: two would spin against each other and the host's other work.
+    cp "$REPO/deploy/arm64/memory_check.py" "$ROOT/tmp/memory_check.py"
+    if in_root OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 "$VENV/bin/python" /tmp/memory_check.py \
+            --threads 1 --json /tmp/arm64-memory.json; then
+        memory_result="within 20 % ($ROOT/tmp/arm64-memory.json)"
+    else
+        memory_result="NOT within 20 %, or a point failed ($ROOT/tmp/arm64-memory.json)"
+    fi
+fi
 if [[ $RUN_BENCH == 1 ]]; then
     step "schoolfl profile bench --quick inside the root (long under emulation)"
     in_root "$VENV/bin/schoolfl" profile bench --quick --out /tmp/arm64-profile.toml
@@ -186,4 +206,6 @@ printf '    torch source        %s (torch %s)\n' "$TORCH_MODE" "$torch_installed
 printf '    install time        %s s (fresh venv: %s; network + emulated pip; not a Pi figure)\n' "$elapsed" "$fresh"
 printf '    venv size           %s MB (torch alone %s MB)\n' "$venv_mb" "$torch_mb"
 printf '    nvidia-* packages   %s\n' "$nvidia"
+printf '    memory check        %s\n' "$memory_result"
 printf '    root                %s\n' "$ROOT"
+[[ $memory_result != NOT* ]] || die "memory check: a point is off by more than 20 % or failed"
