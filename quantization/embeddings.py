@@ -89,9 +89,10 @@ class Int8Embedding(nn.Module):
         return self.int8_weight.to(dtype).mul_(self.int8_scales.to(dtype).unsqueeze(1))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        rows = F.embedding(input_ids, self.int8_weight)  # (..., dim) int8
-        scales = F.embedding(input_ids, self.int8_scales.unsqueeze(1))  # (..., 1)
-        return rows.to(torch.float32).mul_(scales)  # (..., dim)
+        flat = input_ids.reshape(-1)  # (n,)
+        rows = self.int8_weight.index_select(0, flat).to(torch.float32)  # (n, dim)
+        rows.mul_(self.int8_scales.index_select(0, flat).unsqueeze(1))  # (n, dim)
+        return rows.view(*input_ids.shape, self.embedding_dim)  # (..., dim)
 
     def quantized_nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.buffers(recurse=False))
