@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -223,49 +220,51 @@ def test_no_tensor_is_as_large_as_the_full_logits() -> None:
             assert tracker.largest >= full_logits, tracker.largest
 
 
-PEAK_SCRIPT = """
-import json, resource, sys, torch
-from transformers import LlamaForCausalLM
-from quantization.adapters import AdapterConfig, attach_adapter
-from quantization.causal_lm_loss import chunked_causal_lm_loss
-from quantization.models import tiny_llama_config
-torch.manual_seed(0)
-config = tiny_llama_config(vocab_size=32000, hidden_size=64, intermediate_size=128,
-                           num_hidden_layers=1)
-base = LlamaForCausalLM(config).eval()
-for p in base.parameters():
-    p.requires_grad_(False)
-model = attach_adapter(base, AdapterConfig(rank=4)).train()
-ids = torch.randint(0, 32000, (8, 128))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-if sys.argv[1] == "chunked":
-    loss = chunked_causal_lm_loss(model, ids, labels=ids)
-else:
-    loss = model(input_ids=ids, labels=ids).loss
-loss.backward()
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"growth_kb": after - before}))
-"""
+def _peak_live_step_bytes(model: nn.Module, ids: torch.Tensor, chunked: bool) -> int:
+    """High-water mark of tensors alive during forward + backward, from the CPU allocator's
+    own events (torch.profiler): exact and repeatable, unlike peak RSS, which also counts
+    whatever glibc keeps after a free (benchmarks/bench_loss_live_memory.py does the same)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        if chunked:
+            loss = chunked_causal_lm_loss(model, ids, labels=ids)
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]"
+    )
+    live = peak = 0
+    for _, delta in events:
+        live += delta
+        peak = max(peak, live)
+    return peak
 
 
 @pytest.mark.slow
-def test_peak_rss_of_a_training_step_drops() -> None:
-    """The same step in fresh processes: 8 x 128 positions x 32,000 vocabulary make 131 MB
-    per fp32 logits tensor; the plain loss's peak grows by several of them, the chunked one
-    by a few MB."""
-    root = Path(__file__).resolve().parents[1]
-    growth = {}
-    for mode in ("plain", "chunked"):
-        result = subprocess.run(
-            [sys.executable, "-c", PEAK_SCRIPT, mode],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=root,
-            env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},
-            timeout=300,
-        )
-        growth[mode] = json.loads(result.stdout.strip().splitlines()[-1])["growth_kb"] * 1024
+def test_peak_live_memory_of_a_training_step_drops() -> None:
+    """8 x 128 positions x 32,000 vocabulary make 131 MB per fp32 logits tensor: the plain
+    loss holds several of them at once (logits, log-softmax, their gradient), the chunked one
+    at most one 128-position chunk's (16 MB) plus the rest of the step."""
+    from transformers import LlamaForCausalLM
+
+    from quantization.models import tiny_llama_config
+
+    config = tiny_llama_config(
+        vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=1
+    )
+    ids = torch.randint(0, 32000, (8, 128), generator=torch.Generator().manual_seed(0))
+    peaks = {}
+    for chunked in (False, True):
+        torch.manual_seed(0)
+        base = LlamaForCausalLM(config).eval()
+        for parameter in base.parameters():
+            parameter.requires_grad_(False)
+        model = attach_adapter(base, AdapterConfig(rank=4)).train()
+        peaks[chunked] = _peak_live_step_bytes(model, ids, chunked)
     logits = 8 * 128 * 32000 * 4
-    assert growth["plain"] > 2 * logits, growth
-    assert growth["chunked"] < 0.5 * logits, growth
+    assert peaks[False] > 2 * logits, peaks
+    assert peaks[True] < 0.5 * logits, peaks
