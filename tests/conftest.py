@@ -38,22 +38,76 @@ def mosquitto(tmp_path: Path) -> Iterator[MosquittoProcess]:
         broker.stop()
 
 
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "special_tokens_map.json",
+)
+
+
+def _with_minilm_tokenizer(folder: Path) -> Path:
+    """Copy the real MiniLM tokenizer next to a saved tiny model (its vocabulary: 30522)."""
+    import shutil
+
+    from quantization.models import minilm_path
+
+    for name in TOKENIZER_FILES:
+        source = minilm_path() / name
+        if source.exists():
+            shutil.copy(source, folder / name)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_bert_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer BERT with random weights, saved as config.json + safetensors, with the
     real MiniLM tokenizer next to it: loads in milliseconds, for daemon tests whose subject
     is the protocol and the round lifecycle, not model quality."""
-    import shutil
-
     from transformers import BertModel
 
-    from quantization.models import minilm_path, save_checkpoint, tiny_bert_config
+    from quantization.models import save_checkpoint, tiny_bert_config
 
     folder = tmp_path_factory.mktemp("tiny-bert")
     model = BertModel(tiny_bert_config(vocab_size=30522, max_position_embeddings=128))
     save_checkpoint(model, folder)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        source = minilm_path() / name
-        if source.exists():
-            shutil.copy(source, folder / name)
-    return folder
+    return _with_minilm_tokenizer(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_with_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny LLaMA (tied embeddings, as SmolLM2) with MiniLM's tokenizer, for causal-LM
+    training through `LocalTrainer` in milliseconds per step."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from quantization.models import save_checkpoint, tiny_llama_config
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size=30522))
+    folder = save_checkpoint(model, tmp_path_factory.mktemp("tiny-llama-tokenizer"))
+    return _with_minilm_tokenizer(folder)
+
+
+def _tiny_llama_checkpoint(folder: Path, seed: int, **overrides: object) -> Path:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from quantization.models import save_checkpoint, tiny_llama_config
+
+    torch.manual_seed(seed)
+    return save_checkpoint(LlamaForCausalLM(tiny_llama_config(**overrides)).eval(), folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny LLaMA with tied embeddings, random weights (seed 0), no tokenizer."""
+    return _tiny_llama_checkpoint(tmp_path_factory.mktemp("llama"), 0)
+
+
+@pytest.fixture(scope="session")
+def untied_llama_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny LLaMA with an untied LM head, random weights (seed 1), no tokenizer."""
+    return _tiny_llama_checkpoint(
+        tmp_path_factory.mktemp("llama-untied"), 1, tie_word_embeddings=False
+    )

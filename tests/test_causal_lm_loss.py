@@ -14,30 +14,12 @@ from quantization.adapters import AdapterConfig, attach_adapter
 from quantization.causal_lm_loss import ChunkedLossError, chunked_causal_lm_loss
 from quantization.embeddings import quantize_embeddings
 from quantization.loader import load_quantized
-from quantization.models import save_checkpoint, tiny_llama_config
+from quantization.models import tiny_llama_config
 
 pytestmark = pytest.mark.quantization
 
 # LoRA B starts at zero by default, which would make every gradient but B's trivially equal.
 RANDOM_LORA = {"init_lora_weights": False}
-
-
-@pytest.fixture(scope="module")
-def tiny_llama_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_llama_config()).eval()
-    return save_checkpoint(model, tmp_path_factory.mktemp("llama"))
-
-
-@pytest.fixture(scope="module")
-def untied_llama_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(1)
-    model = LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=False)).eval()
-    return save_checkpoint(model, tmp_path_factory.mktemp("llama-untied"))
 
 
 def _padded_batch(padding_side: str = "right") -> dict[str, torch.Tensor]:
@@ -91,41 +73,41 @@ def _assert_same(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: i
     ("scheme", "embeddings"), [("none", False), ("nf4", False), ("nf4", True), ("int8", True)]
 )
 def test_loss_and_lora_gradients_equal_hf_loss(
-    tiny_llama_folder: Path, scheme: str, embeddings: bool, padding_side: str
+    tiny_llama_checkpoint: Path, scheme: str, embeddings: bool, padding_side: str
 ) -> None:
-    model = _model(tiny_llama_folder, scheme, embeddings)
+    model = _model(tiny_llama_checkpoint, scheme, embeddings)
     _assert_same(model, _padded_batch(padding_side), chunk_size=5)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 36, 4096])
-def test_any_chunk_size_gives_the_same_loss(tiny_llama_folder: Path, chunk_size: int) -> None:
-    _assert_same(_model(tiny_llama_folder, "nf4", True), _padded_batch(), chunk_size)
+def test_any_chunk_size_gives_the_same_loss(tiny_llama_checkpoint: Path, chunk_size: int) -> None:
+    _assert_same(_model(tiny_llama_checkpoint, "nf4", True), _padded_batch(), chunk_size)
 
 
 @pytest.mark.parametrize(
     ("untied", "embeddings"), [(False, False), (False, True), (True, False), (True, True)]
 )
 def test_lora_on_the_lm_head_trains_the_same(
-    tiny_llama_folder: Path, untied_llama_folder: Path, untied: bool, embeddings: bool
+    tiny_llama_checkpoint: Path, untied_llama_checkpoint: Path, untied: bool, embeddings: bool
 ) -> None:
-    folder = untied_llama_folder if untied else tiny_llama_folder
+    folder = untied_llama_checkpoint if untied else tiny_llama_checkpoint
     targets = ("q_proj", "v_proj", "lm_head")
     model = _model(folder, "int8", embeddings, target_modules=targets)
     assert any("lm_head" in n for n, p in model.named_parameters() if p.requires_grad)
     _assert_same(model, _padded_batch(), chunk_size=4)
 
 
-def test_with_gradient_checkpointing_of_the_decoder(tiny_llama_folder: Path) -> None:
+def test_with_gradient_checkpointing_of_the_decoder(tiny_llama_checkpoint: Path) -> None:
     """The other memory lever: the body's layers recompute in backward, the head chunks."""
-    model = _model(tiny_llama_folder, "nf4", True)
+    model = _model(tiny_llama_checkpoint, "nf4", True)
     model.get_base_model().gradient_checkpointing_enable(
         gradient_checkpointing_kwargs={"use_reentrant": False}
     )
     _assert_same(model, _padded_batch(), chunk_size=6)
 
 
-def test_labels_default_to_input_ids_and_eval_needs_no_graph(tiny_llama_folder: Path) -> None:
-    model = _model(tiny_llama_folder, "nf4", True).eval()
+def test_labels_default_to_input_ids_and_eval_needs_no_graph(tiny_llama_checkpoint: Path) -> None:
+    model = _model(tiny_llama_checkpoint, "nf4", True).eval()
     ids = _padded_batch()["input_ids"]
     with torch.no_grad():
         want = model(input_ids=ids, labels=ids).loss
@@ -134,8 +116,10 @@ def test_labels_default_to_input_ids_and_eval_needs_no_graph(tiny_llama_folder: 
     assert abs(got.item() - want.item()) < 1e-5
 
 
-def test_micro_batches_with_num_items_add_up_to_the_whole_batch(tiny_llama_folder: Path) -> None:
-    model = _model(tiny_llama_folder, "nf4", True)
+def test_micro_batches_with_num_items_add_up_to_the_whole_batch(
+    tiny_llama_checkpoint: Path,
+) -> None:
+    model = _model(tiny_llama_checkpoint, "nf4", True)
     batch = _padded_batch()
     _, whole = _loss_and_grads(model, lambda b: chunked_causal_lm_loss(model, **b), batch)
     count = int((batch["labels"][:, 1:] != -100).sum())
@@ -148,8 +132,8 @@ def test_micro_batches_with_num_items_add_up_to_the_whole_batch(tiny_llama_folde
             torch.testing.assert_close(param.grad, whole[name], rtol=1e-4, atol=1e-6)
 
 
-def test_under_bf16_autocast_matches_hf_loss(tiny_llama_folder: Path) -> None:
-    model = _model(tiny_llama_folder, "nf4", True)
+def test_under_bf16_autocast_matches_hf_loss(tiny_llama_checkpoint: Path) -> None:
+    model = _model(tiny_llama_checkpoint, "nf4", True)
     batch = _padded_batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want, want_grads = _loss_and_grads(model, lambda b: model(**b).loss, batch)
@@ -164,8 +148,8 @@ def test_under_bf16_autocast_matches_hf_loss(tiny_llama_folder: Path) -> None:
         assert cosine > 0.99, (name, cosine)
 
 
-def test_a_batch_without_labels_is_a_clear_error(tiny_llama_folder: Path) -> None:
-    model = _model(tiny_llama_folder, "nf4", False)
+def test_a_batch_without_labels_is_a_clear_error(tiny_llama_checkpoint: Path) -> None:
+    model = _model(tiny_llama_checkpoint, "nf4", False)
     ids = torch.tensor([[5, 6, 7]])
     with pytest.raises(ChunkedLossError, match="no position"):
         chunked_causal_lm_loss(model, ids, labels=torch.full_like(ids, -100))

@@ -9,7 +9,6 @@ Tests marked `gpu` run the real CUDA path and are skipped where torch has no CUD
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -30,7 +29,6 @@ from quantization.compute_device import (
     gpu_temperature,
     resolve_compute_device,
 )
-from quantization.models import minilm_path
 from quantization.qlinear import Int8Linear, NF4Linear
 from quantization.task_data import LabelledText
 from quantization.task_model import TaskModelSpec
@@ -96,27 +94,6 @@ def test_quantized_linear_computes_in_the_autocast_dtype(layer_class: type) -> N
 # -- the trainer on a device ------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_bert_with_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer BERT with random weights and MiniLM's real tokenizer (fast to train)."""
-    from transformers import BertConfig, BertModel
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(minilm_path() / name, folder / name)
-    return folder
-
-
 EXAMPLES = [
     LabelledText(f"question about {w} number {i}", w) for i in range(12) for w in ("maths", "art")
 ]
@@ -162,16 +139,16 @@ def _assert_trains_like_a_cpu(folder: Path, device: ComputeDevice) -> None:
     assert all(torch.equal(after[name], frozen[name]) for name in frozen)
 
 
-def test_trainer_on_the_autocast_path_matches_the_cpu(tiny_bert_with_tokenizer: Path) -> None:
-    _assert_trains_like_a_cpu(tiny_bert_with_tokenizer, CPU_BF16)
+def test_trainer_on_the_autocast_path_matches_the_cpu(tiny_bert_folder: Path) -> None:
+    _assert_trains_like_a_cpu(tiny_bert_folder, CPU_BF16)
 
 
 @has_cuda
 @pytest.mark.gpu
-def test_trainer_on_cuda_matches_the_cpu(tiny_bert_with_tokenizer: Path) -> None:
+def test_trainer_on_cuda_matches_the_cpu(tiny_bert_folder: Path) -> None:
     from quantization.compute_device import cuda_compute_device
 
-    _assert_trains_like_a_cpu(tiny_bert_with_tokenizer, cuda_compute_device())
+    _assert_trains_like_a_cpu(tiny_bert_folder, cuda_compute_device())
 
 
 # -- eligibility on a GPU ---------------------------------------------------------------------

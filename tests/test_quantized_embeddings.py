@@ -27,24 +27,6 @@ pytestmark = pytest.mark.quantization
 
 
 @pytest.fixture(scope="module")
-def tiny_llama_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_llama_config()).eval()
-    return save_checkpoint(model, tmp_path_factory.mktemp("llama"))
-
-
-@pytest.fixture(scope="module")
-def untied_llama_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(1)
-    model = LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=False)).eval()
-    return save_checkpoint(model, tmp_path_factory.mktemp("llama-untied"))
-
-
-@pytest.fixture(scope="module")
 def tokenized_llama_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama with MiniLM's tokenizer next to it (vocabulary sized to fit it)."""
     from transformers import LlamaForCausalLM
@@ -95,9 +77,9 @@ def test_row_blocks_give_exactly_int8_linear_codes() -> None:
 
 
 @pytest.mark.parametrize("scheme", ["nf4", "int8"])
-def test_tied_logits_close_and_one_int8_storage(tiny_llama_folder: Path, scheme: str) -> None:
-    fp32_embeddings = load_quantized(tiny_llama_folder, scheme)
-    model = quantize_embeddings(load_quantized(tiny_llama_folder, scheme))
+def test_tied_logits_close_and_one_int8_storage(tiny_llama_checkpoint: Path, scheme: str) -> None:
+    fp32_embeddings = load_quantized(tiny_llama_checkpoint, scheme)
+    model = quantize_embeddings(load_quantized(tiny_llama_checkpoint, scheme))
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     assert isinstance(embedding, Int8Embedding) and isinstance(head, Int8LMHead)
     assert head.is_tied and head._codes()[0].data_ptr() == embedding.int8_weight.data_ptr()
@@ -117,8 +99,8 @@ def test_tied_logits_close_and_one_int8_storage(tiny_llama_folder: Path, scheme:
     assert head.quantized_nbytes() == 0  # reads the embedding's rows
 
 
-def test_tying_survives_deepcopy_and_moves(tiny_llama_folder: Path) -> None:
-    model = quantize_embeddings(load_quantized(tiny_llama_folder, "nf4"))
+def test_tying_survives_deepcopy_and_moves(tiny_llama_checkpoint: Path) -> None:
+    model = quantize_embeddings(load_quantized(tiny_llama_checkpoint, "nf4"))
     copied = copy.deepcopy(model)
     assert copied.lm_head._tied_to is copied.model.embed_tokens
     assert "lm_head._tied_to" not in dict(copied.named_modules())
@@ -126,9 +108,9 @@ def test_tying_survives_deepcopy_and_moves(tiny_llama_folder: Path) -> None:
     torch.testing.assert_close(_logits(copied), _logits(model))
 
 
-def test_untied_frozen_head_gets_its_own_int8_rows(untied_llama_folder: Path) -> None:
-    reference = load_quantized(untied_llama_folder, "int8")
-    model = quantize_embeddings(load_quantized(untied_llama_folder, "int8"))
+def test_untied_frozen_head_gets_its_own_int8_rows(untied_llama_checkpoint: Path) -> None:
+    reference = load_quantized(untied_llama_checkpoint, "int8")
+    model = quantize_embeddings(load_quantized(untied_llama_checkpoint, "int8"))
     head = model.get_output_embeddings()
     assert isinstance(head, Int8LMHead) and not head.is_tied
     assert head.int8_weight.data_ptr() != model.model.embed_tokens.int8_weight.data_ptr()
@@ -161,10 +143,10 @@ def test_classification_head_stays_fp32_and_trains(tmp_path: Path) -> None:
     assert any("classifier" in n for n, p in peft_model.named_parameters() if p.requires_grad)
 
 
-def test_adapter_names_unchanged_and_loss_goes_down(tiny_llama_folder: Path) -> None:
+def test_adapter_names_unchanged_and_loss_goes_down(tiny_llama_checkpoint: Path) -> None:
     def adapter(embeddings: bool) -> nn.Module:
         torch.manual_seed(0)
-        base = load_quantized(tiny_llama_folder, "nf4")
+        base = load_quantized(tiny_llama_checkpoint, "nf4")
         return attach_adapter(quantize_embeddings(base) if embeddings else base, AdapterConfig())
 
     plain, model = adapter(False), adapter(True)
@@ -184,8 +166,8 @@ def test_adapter_names_unchanged_and_loss_goes_down(tiny_llama_folder: Path) -> 
     assert isinstance(model.get_base_model().model.embed_tokens, Int8Embedding)
 
 
-def test_trained_or_vocab_modules_are_never_quantized(tiny_llama_folder: Path) -> None:
-    base = load_quantized(tiny_llama_folder, "none")
+def test_trained_or_vocab_modules_are_never_quantized(tiny_llama_checkpoint: Path) -> None:
+    base = load_quantized(tiny_llama_checkpoint, "none")
     base.lm_head.weight.requires_grad_(True)  # e.g. a fully trained tied head
     assert type(quantize_embeddings(base).model.embed_tokens) is nn.Embedding
 
