@@ -19,25 +19,13 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from quantization.adapters import AdapterConfig, attach_adapter
+from quantization.bench_worker import peak_live_tensor_bytes
 from quantization.causal_lm_loss import chunked_causal_lm_loss
 from quantization.embeddings import quantize_embeddings
 from quantization.models import tiny_llama_config
 from quantization.schemes import quantize_model
 
 logger = logging.getLogger(__name__)
-
-
-def _peak_live_bytes(prof: profile) -> int:
-    events = sorted(
-        (e.start_ns(), e.nbytes())
-        for e in prof.profiler.kineto_results.events()
-        if e.name() == "[memory]"
-    )
-    live = peak = 0
-    for _, delta in events:
-        live += delta
-        peak = max(peak, live)
-    return peak
 
 
 def main() -> None:
@@ -78,7 +66,7 @@ def main() -> None:
             variant,
             layers,
             ", gradient checkpointing" if checkpointing else "",
-            _peak_live_bytes(prof) / 2**20,
+            peak_live_tensor_bytes(prof) / 2**20,
             weights / 2**20,
         )
         del model, base, prof

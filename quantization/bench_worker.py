@@ -72,6 +72,22 @@ def _release_free_heap() -> None:
         pass  # not glibc: RSS may stay higher, which the measurement then shows
 
 
+def peak_live_tensor_bytes(prof: Any) -> int:
+    """High-water mark of tensors alive inside a `torch.profiler.profile(profile_memory=True)`
+    block, from the CPU allocator's own alloc/free events in time order: exact and
+    repeatable, unlike peak RSS, which also counts what glibc keeps after a free."""
+    events = sorted(
+        (event.start_ns(), event.nbytes())
+        for event in prof.profiler.kineto_results.events()
+        if event.name() == "[memory]"
+    )
+    live = peak = 0
+    for _, delta in events:
+        live += delta
+        peak = max(peak, live)
+    return peak
+
+
 def _set_malloc_thresholds(mmap_bytes: int, trim_bytes: int | None = None) -> None:
     """Tune glibc malloc (no-op elsewhere).
 

@@ -210,22 +210,15 @@ def _peak_live_step_bytes(model: nn.Module, ids: torch.Tensor, chunked: bool) ->
     whatever glibc keeps after a free (benchmarks/bench_loss_live_memory.py does the same)."""
     from torch.profiler import ProfilerActivity, profile
 
+    from quantization.bench_worker import peak_live_tensor_bytes
+
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         if chunked:
             loss = chunked_causal_lm_loss(model, ids, labels=ids)
         else:
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
-    events = sorted(
-        (e.start_ns(), e.nbytes())
-        for e in prof.profiler.kineto_results.events()
-        if e.name() == "[memory]"
-    )
-    live = peak = 0
-    for _, delta in events:
-        live += delta
-        peak = max(peak, live)
-    return peak
+    return peak_live_tensor_bytes(prof)
 
 
 @pytest.mark.slow
