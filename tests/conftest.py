@@ -74,21 +74,6 @@ def tiny_bert_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _with_minilm_tokenizer(folder)
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_with_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny LLaMA (tied embeddings, as SmolLM2) with MiniLM's tokenizer, for causal-LM
-    training through `LocalTrainer` in milliseconds per step."""
-    import torch
-    from transformers import LlamaForCausalLM
-
-    from quantization.models import save_checkpoint, tiny_llama_config
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_llama_config(vocab_size=30522))
-    folder = save_checkpoint(model, tmp_path_factory.mktemp("tiny-llama-tokenizer"))
-    return _with_minilm_tokenizer(folder)
-
-
 def _tiny_llama_checkpoint(folder: Path, seed: int, **overrides: object) -> Path:
     import torch
     from transformers import LlamaForCausalLM

@@ -9,6 +9,7 @@ of positions). Tiny random-weight models with MiniLM's real tokenizer keep this 
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,15 +18,61 @@ import torch
 from device_profiles.plan import TrainingPlan
 from edge_runtime.trainer import LocalTrainer
 from quantization.adapters import AdapterConfig
+from quantization.models import minilm_path
 from quantization.task_data import LabelledText
 from quantization.task_model import TaskModelSpec
 
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "special_tokens_map.json",
+)
+
+
+def _save_with_tokenizer(model: torch.nn.Module, folder: Path) -> Path:
+    model.save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        shutil.copy(minilm_path() / name, folder / name)
+    return folder
+
 
 @pytest.fixture(scope="module")
-def tiny_models(tiny_bert_folder: Path, tiny_llama_with_tokenizer: Path) -> dict[str, Path]:
-    """The shared tiny models (tests/conftest.py): no dropout in the BERT, whose draws
-    would depend on tensor shapes and make split batches differ by chance alone."""
-    return {"classification": tiny_bert_folder, "causal-lm": tiny_llama_with_tokenizer}
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    bert = BertModel(
+        BertConfig(
+            vocab_size=30522,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=128,
+            max_position_embeddings=64,
+            # Dropout draws depend on tensor shapes, so split batches would differ by chance
+            # alone; the levers are compared on a deterministic forward.
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+    )
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=30522,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=True,
+        )
+    )
+    root = tmp_path_factory.mktemp("levers")
+    return {
+        "classification": _save_with_tokenizer(bert, root / "bert"),
+        "causal-lm": _save_with_tokenizer(llama, root / "llama"),
+    }
 
 
 TEXTS = [f"the {w} lesson number {i} is about {w}" for i in range(8) for w in ("maths", "art")]
