@@ -7,12 +7,21 @@ Raspberry Pi's peak, for a tensor that is reduced to one number.
 
 Here the decoder body runs once to give hidden states (B, T, H); the positions that have a
 label are gathered (padding costs no head compute), and the head + cross-entropy run on
-chunks of `chunk_size` positions under `torch.utils.checkpoint`: forward keeps only each
-chunk's summed loss, backward recomputes that chunk's logits, turns them into the gradient
-of its hidden states and frees them before the next chunk. At most one chunk's logits (and
-their gradient) exist at any time. The recomputation costs one extra head forward per step
-(~7% of SmolLM2's step FLOPs); the result is HF's loss (same next-token shift, same
-`ignore_index`, mean over labelled tokens), up to float summation order.
+chunks of `chunk_size` positions, so at most one chunk's logits (and their gradient) exist
+at any time. How a chunk reaches backward depends on the head:
+
+- a frozen head (the agent's case: LoRA on the decoder's projections, the head quantized
+  or not) has no weight gradient, so each chunk's hidden-state gradient is computed right
+  away in forward (`_FrozenHeadChunk`) and kept, (c, H) per chunk; backward only scales it.
+  The head runs forward and input-gradient once per chunk, as in HF's loss: no extra head
+  work, which an int8 head would also pay in dequantization;
+- a head with trainable parameters (LoRA on `lm_head`, or a head in `modules_to_save`) runs
+  each chunk under `torch.utils.checkpoint`: forward keeps the chunk's summed loss only,
+  backward recomputes the chunk's logits for the weight gradient. That costs one more head
+  forward per step (~7% of SmolLM2's step FLOPs).
+
+Either way the result is HF's loss (same next-token shift, same `ignore_index`, mean over
+labelled tokens), up to float summation order.
 
 Works with LoRA anywhere in the model (the decoder's projections, or `lm_head` itself, whose
 wrapper is called like the plain head) and under `torch.autocast` (checkpoint replays the
@@ -22,6 +31,7 @@ autocast state; logits are upcast to fp32 before the softmax, as HF does).
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +81,28 @@ def _chunk_loss_sum(head: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> 
     """Summed cross-entropy of one chunk: h (c, H), targets (c,) -> scalar fp32."""
     logits = head(h).float()  # (c, V)
     return F.cross_entropy(logits, targets, reduction="sum")
+
+
+class _FrozenHeadChunk(torch.autograd.Function):
+    """Summed cross-entropy of one chunk through a frozen head, with the chunk's hidden-state
+    gradient computed in forward: the logits and their gradient live only inside this call,
+    and backward scales the stored (c, H) gradient instead of recomputing the head."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, h: torch.Tensor, targets: torch.Tensor, head: nn.Module
+    ) -> torch.Tensor:
+        with torch.enable_grad():
+            x = h.detach().requires_grad_(True)
+            loss = _chunk_loss_sum(head, x, targets)
+            (grad,) = torch.autograd.grad(loss, x)
+        ctx.save_for_backward(grad)
+        return loss.detach()
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss.to(grad.dtype), None, None
 
 
 def chunked_causal_lm_loss(
@@ -124,15 +156,16 @@ def chunked_causal_lm_loss(
         )
     h = hidden.reshape(B * T, H).index_select(0, positions)  # (N, H)
     targets = shifted.index_select(0, positions)  # (N,)
-    recompute = torch.is_grad_enabled() and (
-        h.requires_grad or any(p.requires_grad for p in head.parameters())
-    )
+    head_trains = any(p.requires_grad for p in head.parameters())
+    grad_needed = torch.is_grad_enabled() and (h.requires_grad or head_trains)
     total = h.new_zeros((), dtype=torch.float32)
     for start in range(0, h.shape[0], chunk_size):
         h_chunk = h[start : start + chunk_size]  # (c, H)
         t_chunk = targets[start : start + chunk_size]  # (c,)
-        if recompute:
+        if grad_needed and head_trains:
             part = checkpoint(_chunk_loss_sum, head, h_chunk, t_chunk, use_reentrant=False)
+        elif grad_needed:
+            part = _FrozenHeadChunk.apply(h_chunk, t_chunk, head)
         else:
             part = _chunk_loss_sum(head, h_chunk, t_chunk)
         total = total + part

@@ -97,6 +97,23 @@ def test_lora_on_the_lm_head_trains_the_same(
     _assert_same(model, _padded_batch(), chunk_size=4)
 
 
+@pytest.mark.parametrize("embeddings", [False, True])
+def test_a_frozen_head_runs_once_per_chunk(tiny_llama_checkpoint: Path, embeddings: bool) -> None:
+    """A frozen head (the agent's case) is not recomputed in backward: one head call per chunk
+    for forward and backward together, as HF's loss makes one for the whole batch. A head
+    that trains keeps the recompute (two calls per chunk), which its weight gradient needs."""
+    batch, chunk_size = _padded_batch(), 4
+    chunks = -(-int((batch["labels"][:, 1:] != -100).sum()) // chunk_size)
+    for targets, calls_per_chunk in ((("q_proj", "v_proj"), 1), (("q_proj", "lm_head"), 2)):
+        model = _model(tiny_llama_checkpoint, "int8", embeddings, target_modules=targets)
+        calls = []
+        head = model.get_base_model().get_output_embeddings()
+        handle = head.register_forward_hook(lambda *_, seen=calls: seen.append(1))
+        chunked_causal_lm_loss(model, **batch, chunk_size=chunk_size).backward()
+        handle.remove()
+        assert len(calls) == calls_per_chunk * chunks, (targets, len(calls), chunks)
+
+
 def test_with_gradient_checkpointing_of_the_decoder(tiny_llama_checkpoint: Path) -> None:
     """The other memory lever: the body's layers recompute in backward, the head chunks."""
     model = _model(tiny_llama_checkpoint, "nf4", True)
