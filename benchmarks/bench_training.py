@@ -7,6 +7,16 @@ single run of this script.
     python benchmarks/bench_training.py --threads 2 --output bench-out/training.md
     python benchmarks/bench_training.py --only smollm2      # one model family
     python benchmarks/bench_training.py --skip-1b           # without the 1.1B checkpoint
+    python benchmarks/bench_training.py --only smollm2 --modes full-fp32,lora-fp32,agent,agent-gc \
+        --targets qv,all                                     # issue 19: the agent vs plain PEFT
+
+The `agent*` modes run what `schoolfl agent run` runs: the allocator set as the agent sets it,
+bitsandbytes kept out as on a profile without bnb schemes, the task model built by
+`build_task_model` from the task's base model name (the shipped GGUF for SmolLM2, int8
+embeddings by default) and steps taken by the agent's `LocalTrainer.train_round` with a
+`TrainingPlan` (chunked causal-LM loss, the plan's levers). The other modes are plain
+transformers + PEFT processes with glibc's default allocator unless --malloc-mmap-threshold
+is given.
 """
 
 from __future__ import annotations
@@ -33,9 +43,130 @@ MODES = [
     "lora-bnb-nf4",
     "lora-bnb-int8",
     "lora-nf4-gc",
+    "agent",
+    "agent-gc",
+    "agent-pi4",
 ]
 """`-gc` = with gradient checkpointing (recompute each layer in backward): the setting for
-devices where activations, not weights, are the memory limit."""
+devices where activations, not weights, are the memory limit. `agent*` = the agent's own
+path (module docstring); `agent-pi4` runs the plan the coordinator's plan fitter gives the
+raspberry-pi-4-4gb reference profile for this batch and sequence."""
+TARGETS = {"qv": ("q", "v"), "all": ("q", "k", "v", "o", "gate", "up", "down")}
+"""LoRA target sets by name (--targets), as plan roles; `_peft_targets` maps them to modules."""
+AGENT_BASE_MODELS = {"smollm2": "smollm2-135m", "minilm": "minilm-l6"}
+"""The task config's base_model names the agent modes use (the shipped model files)."""
+
+
+def _peft_targets(model_name: str, roles: tuple[str, ...]) -> tuple[str, ...]:
+    if model_name == "minilm":
+        names = {"q": "query", "k": "key", "v": "value"}
+        return tuple(names[r] for r in roles if r in names)
+    return tuple(f"{role}_proj" for role in roles)
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _agent_plan(mode: str, model_name: str, roles: tuple[str, ...], steps: int):  # noqa: ANN202
+    """The TrainingPlan an agent mode trains with (see MODES)."""
+    from dataclasses import replace
+
+    from device_profiles.plan import TrainingPlan
+
+    plan = TrainingPlan(
+        scheme="nf4",
+        rank=8,
+        batch_size=BATCH,
+        seq_len=SEQUENCE,
+        local_steps=steps,
+        target_modules=roles,
+        learning_rate=1e-4,
+    )
+    if mode == "agent-gc":
+        return replace(plan, gradient_checkpointing=True)
+    if mode == "agent-pi4":
+        from coordinator.plan_fitting import LadderLimits, PlanFitter
+        from device_profiles.profile import find_profile
+        from device_profiles.shapes import resolve_shape
+
+        fitter = PlanFitter(
+            resolve_shape(AGENT_BASE_MODELS[model_name]),
+            plan,
+            LadderLimits.steps_only(plan),
+            deadline_seconds=1e9,
+        )
+        fitted = fitter.fit_memory(find_profile("raspberry-pi-4-4gb"), plan)
+        if isinstance(fitted, str):
+            raise SystemExit(f"the plan fitter finds no plan for a Pi 4 4 GB: {fitted}")
+        return fitted
+    return plan
+
+
+def _agent_worker(
+    model_name: str, mode: str, roles: tuple[str, ...], steps: int, warmup: int
+) -> dict:
+    """Train as the agent does (module docstring); step time from CPU and wall clocks."""
+    from quantization.allocator import configure_training_allocator
+    from quantization.bnb_backend import keep_bitsandbytes_out
+
+    keep_bitsandbytes_out()
+    configure_training_allocator()
+    from edge_runtime.trainer import LocalTrainer
+    from quantization.adapters import AdapterConfig
+    from quantization.task_model import TaskModelSpec
+
+    kind = "classification" if model_name == "minilm" else "causal-lm"
+    spec = TaskModelSpec(
+        task_id="bench",
+        kind=kind,
+        base_model=AGENT_BASE_MODELS[model_name],
+        scheme="nf4",
+        adapter=AdapterConfig(rank=8, alpha=16, target_modules=_peft_targets(model_name, roles)),
+        labels=("no", "yes") if kind == "classification" else (),
+    )
+    examples = _agent_examples(kind)
+    t0 = time.perf_counter()
+    trainer = LocalTrainer(spec, examples)
+    load_s = time.perf_counter() - t0
+    rss_after_load = _peak_rss_mb()
+    start = trainer.adapter_state()
+    plan = _agent_plan(mode, model_name, roles, steps)
+    if warmup:
+        from dataclasses import replace
+
+        trainer.train_round(start, replace(plan, local_steps=warmup))
+    cpu0, wall0 = _cpu_seconds(), time.perf_counter()
+    result = trainer.train_round(start, plan, round_seed=1)
+    return {
+        "model": model_name,
+        "mode": mode,
+        "targets": ",".join(roles),
+        "step_s": (time.perf_counter() - wall0) / result.num_steps,
+        "step_cpu_s": (_cpu_seconds() - cpu0) / result.num_steps,
+        "peak_rss_mb": _peak_rss_mb(),
+        "rss_after_load_mb": rss_after_load,
+        "load_s": load_s,
+        "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "loss": result.last_loss,
+        "gradient_checkpointing": plan.gradient_checkpointing,
+        "micro_batch_size": plan.micro_batch_size,
+    }
+
+
+def _agent_examples(kind: str) -> list:
+    """Texts long enough that every example fills the 128-token sequence (no padding)."""
+    import random
+
+    from quantization.task_data import LabelledText
+
+    words = "the a school student learns reads writes counts river tree lesson map".split()
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(words) for _ in range(4 * SEQUENCE)) for _ in range(32)]
+    if kind == "classification":
+        return [LabelledText(text, ("no", "yes")[i % 2]) for i, text in enumerate(texts)]
+    return texts
 
 
 def _peak_rss_mb() -> float:
@@ -49,8 +180,11 @@ def _worker(
     steps: int,
     warmup: int,
     gradient_checkpointing: bool = False,
+    roles: tuple[str, ...] = TARGETS["all"],
 ) -> dict:
     """Load, train `warmup + steps` steps, report median step time and peak RSS."""
+    if mode.startswith("agent"):
+        return _agent_worker(model_name, mode, roles, steps, warmup)
     import torch
 
     from quantization.adapters import AdapterConfig, attach_adapter
@@ -72,7 +206,8 @@ def _worker(
         for param in model.parameters():
             param.requires_grad_(True)
     else:
-        model = attach_adapter(model, AdapterConfig(rank=8, alpha=16))
+        targets = _peft_targets(model_name, roles)
+        model = attach_adapter(model, AdapterConfig(rank=8, alpha=16, target_modules=targets))
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
@@ -80,19 +215,22 @@ def _worker(
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(5, vocab, (BATCH, SEQUENCE), generator=generator)
     labels = ids if task == "causal-lm" else torch.tensor([0, 1, 0, 1])
-    times = []
+    times, cpu_times = [], []
     for step in range(warmup + steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), _cpu_seconds()
         loss = model(input_ids=ids, labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if step >= warmup:
             times.append(time.perf_counter() - start)
+            cpu_times.append(_cpu_seconds() - cpu_start)
     return {
         "model": model_name,
         "mode": mode,
+        "targets": ",".join(roles),
         "step_s": statistics.median(times),
+        "step_cpu_s": statistics.median(cpu_times),
         "peak_rss_mb": _peak_rss_mb(),
         "rss_after_load_mb": rss_after_load,
         "load_s": load_s,
@@ -103,7 +241,13 @@ def _worker(
 
 
 def _run_worker(
-    args: argparse.Namespace, model: str, mode: str, source: Path, steps: int, warmup: int
+    args: argparse.Namespace,
+    model: str,
+    mode: str,
+    source: Path,
+    steps: int,
+    warmup: int,
+    targets: str = "all",
 ) -> dict | None:
     command = [
         sys.executable,
@@ -118,13 +262,16 @@ def _run_worker(
         str(steps),
         "--warmup",
         str(warmup),
+        "--targets",
+        targets,
     ] + (["--gradient-checkpointing"] if model == "llama-1.1b" else [])
-    print(f"  running {model} {mode} ...", file=sys.stderr, flush=True)
+    print(f"  running {model} {mode} ({targets}) ...", file=sys.stderr, flush=True)
     env = dict(os.environ)
-    if args.malloc_mmap_threshold:
+    if args.malloc_mmap_threshold and not mode.startswith("agent"):
         # glibc otherwise raises its mmap threshold up to 32 MiB as tensors are freed, and
         # activations then fragment the heap: RSS stays at the high-water mark of every
-        # step. A fixed threshold returns freed tensors >= 1 MiB to the OS. Same for all modes.
+        # step. A fixed threshold returns freed tensors >= 1 MiB to the OS. The agent modes
+        # set it themselves, as the agent does.
         env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -161,13 +308,17 @@ def _prepare_1b(workdir: Path) -> Path:
 
 def _table(results: list[dict]) -> str:
     rows = [
-        "| model | mode | step time (s) | peak RSS (MB) | RSS after load (MB) | load (s) "
-        "| trainable params |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| model | mode | LoRA on | step time (s) | step CPU (s) | peak RSS (MB) "
+        "| RSS after load (MB) | load (s) | trainable params |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
+        mode = r["mode"] + (" + gc" if r.get("gradient_checkpointing") else "")
+        if r.get("micro_batch_size"):
+            mode += f" + micro {r['micro_batch_size']}"
         rows.append(
-            f"| {r['model']} | {r['mode']} | {r['step_s']:.3f} | {r['peak_rss_mb']:.0f} "
+            f"| {r['model']} | {mode} | {r.get('targets', 'all')} | {r['step_s']:.3f} "
+            f"| {r.get('step_cpu_s', float('nan')):.3f} | {r['peak_rss_mb']:.0f} "
             f"| {r['rss_after_load_mb']:.0f} | {r['load_s']:.1f} | {r['trainable_params']:,} |"
         )
     return "\n".join(rows)
@@ -210,11 +361,44 @@ def _ratios(results: list[dict]) -> list[str]:
                 f"- {model}: LoRA int8 step time / LoRA fp32 = "
                 f"{int8['step_s'] / lora['step_s']:.2f}"
             )
+    lines += _agent_ratios(results)
     for r in results:
         if r["model"] == "llama-1.1b":
             lines.append(
                 f"- llama-1.1b (gradient checkpointing): load nf4 + one LoRA step peak RSS = "
                 f"{r['peak_rss_mb'] / 1024:.2f} GB (target < 2.5 GB)"
+            )
+    return lines
+
+
+def _agent_ratios(results: list[dict]) -> list[str]:
+    """Issue 19's targets: each agent row against plain PEFT LoRA fp32 and full fine-tuning
+    of the same model in this run (LoRA fp32 with the same targets)."""
+    lines = []
+    for r in results:
+        if not r["mode"].startswith("agent"):
+            continue
+        same = {
+            x["mode"]: x
+            for x in results
+            if x["model"] == r["model"] and x.get("targets") in (r["targets"], None)
+        }
+        full = next(
+            (x for x in results if x["model"] == r["model"] and x["mode"] == "full-fp32"), None
+        )
+        lora = same.get("lora-fp32")
+        label = f"- {r['model']} {r['mode']} (LoRA on {r['targets']})"
+        if lora:
+            lines.append(
+                f"{label}: peak RSS / LoRA fp32 = {r['peak_rss_mb'] / lora['peak_rss_mb']:.2f} "
+                f"(target <= 0.5, moonshot 0.4); step CPU / LoRA fp32 = "
+                f"{r['step_cpu_s'] / lora['step_cpu_s']:.2f}, wall "
+                f"{r['step_s'] / lora['step_s']:.2f} (target <= 1.15)"
+            )
+        if full:
+            lines.append(
+                f"{label}: peak RSS / full fp32 = {r['peak_rss_mb'] / full['peak_rss_mb']:.2f} "
+                "(target <= 0.35)"
             )
     return lines
 
@@ -229,10 +413,16 @@ def main() -> None:
     parser.add_argument("--skip-1b", action="store_true")
     parser.add_argument("--modes", help="comma-separated subset of " + ",".join(MODES))
     parser.add_argument(
+        "--targets",
+        default="all",
+        help="comma-separated LoRA target sets to run each LoRA mode with: qv, all",
+    )
+    parser.add_argument(
         "--malloc-mmap-threshold",
         type=int,
-        default=2**20,
-        help="MALLOC_MMAP_THRESHOLD_ for workers (bytes; 0 = glibc default)",
+        default=0,
+        help="MALLOC_MMAP_THRESHOLD_ for the plain workers (bytes; 0 = glibc's default, what "
+        "a plain transformers process gets); the agent modes set their own",
     )
     parser.add_argument("--gradient-checkpointing", action="store_true", help="worker only")
     parser.add_argument(
@@ -250,6 +440,7 @@ def main() -> None:
             steps=args.steps,
             warmup=args.warmup,
             gradient_checkpointing=args.gradient_checkpointing,
+            roles=TARGETS[args.targets],
         )
         print(json.dumps(result))
         return
@@ -263,17 +454,31 @@ def main() -> None:
         m
         for m in MODES
         if m.endswith("fp32")
+        or m.startswith("agent")
         or available[Scheme(m.removeprefix("lora-").removesuffix("-gc"))] is None
     ]
     if args.modes:
         modes = [m for m in modes if m in args.modes.split(",")]
+    target_sets = args.targets.split(",")
+    unknown = sorted(set(target_sets) - set(TARGETS))
+    if unknown:
+        parser.error(f"--targets: unknown set(s) {unknown}; choose from {sorted(TARGETS)}")
+
+    def runs(model: str, source: Path) -> list[tuple[str, str, Path, int, int, str]]:
+        """Full fine-tuning once; every LoRA mode once per target set."""
+        return [
+            (model, mode, source, args.steps, args.warmup, targets)
+            for mode in modes
+            for targets in (["all"] if mode == "full-fp32" else target_sets)
+        ]
+
     args.workdir.mkdir(parents=True, exist_ok=True)
-    plan: list[tuple[str, str, Path, int, int]] = []
+    plan: list[tuple] = []
     if args.only in (None, "minilm"):
-        plan += [("minilm", mode, minilm_path(), args.steps, args.warmup) for mode in modes]
+        plan += runs("minilm", minilm_path())
     if args.only in (None, "smollm2"):
         smollm2 = _prepare_smollm2(args.workdir)
-        plan += [("smollm2", mode, smollm2, args.steps, args.warmup) for mode in modes]
+        plan += runs("smollm2", smollm2)
     if args.only == "llama-1.1b" or (args.only is None and not args.skip_1b):
         plan.append(("llama-1.1b", "lora-nf4", _prepare_1b(args.workdir), 1, 0))
     results = [r for r in (_run_worker(args, *item) for item in plan) if r is not None]
