@@ -37,7 +37,7 @@ from edge_runtime.outbox import Outbox, RoundHistory
 from edge_runtime.personal_copy import save_personal_copy
 from edge_runtime.privacy_policy import privacy_refusals
 from edge_runtime.secagg import SecAggError
-from edge_runtime.secagg_session import SecureSessions
+from edge_runtime.secagg_session import SecureSession, SecureSessions
 from edge_runtime.trainer import LocalTrainer, TrainingResult
 from edge_runtime.update_frames import (
     OutgoingUpdate,
@@ -78,16 +78,11 @@ from edge_runtime.wire import (
 from quantization.allocator import configure_training_allocator
 from quantization.bnb_backend import keep_bitsandbytes_out
 from quantization.compute_device import ComputeDevice, resolve_compute_device
-from quantization.errors import QuantizationError
 from quantization.task_data import read_labelled_texts, read_lm_texts
 
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 10.0
-TRAINING_FAILURES = (OSError, ValueError, RuntimeError, ImportError, QuantizationError)
-"""What loading the task's data or model, or training it, may raise on a device (a data
-file missing or malformed, a model file unreadable, out of memory): each becomes a decline
-with the reason instead of a silence that makes the round wait out its deadline."""
 UPLOAD_MARGIN_SECONDS = 2.0
 """Training stops this long before the deadline to leave time for the upload."""
 
@@ -555,7 +550,15 @@ class AgentDaemon:
         try:
             trainer = self._trainer(assignment, start.global_rank)
             result = self._train_locally(assignment, trainer, start)
-        except TRAINING_FAILURES as error:  # answered at once, so the round need not wait
+            session = self.secure_sessions.session(assignment.task, assignment.server_round)
+            if assignment.spec.secure_aggregation is not None and session is None:
+                self._decline(assignment, ["the round's secure-aggregation keys are gone"])
+                return  # never send a secure task's delta in the clear
+            outgoing = self._update_frame(assignment, result, session)
+        except Exception as error:  # every failure to train is answered at once
+            # A data file missing or malformed, a model file unreadable, out of memory, a
+            # loss that diverged, a delta that will not encode: each becomes a decline with
+            # the reason, so the round need not wait out its deadline for a silent device.
             logger.warning(
                 "task %s round %d: could not train: %s",
                 assignment.task,
@@ -563,23 +566,25 @@ class AgentDaemon:
                 error,
                 exc_info=True,
             )
-            self._decline(assignment, [f"could not train: {str(error)[:500]}"])
+            reason = str(error) or type(error).__name__
+            self._decline(assignment, [f"could not train: {reason[:500]}"])
             return
+        self._keep_and_send(assignment, trainer, start, result, outgoing, session is not None)
+
+    def _update_frame(
+        self, assignment: TaskAssignment, result: TrainingResult, session: SecureSession | None
+    ) -> OutgoingUpdate:
+        """The update as it leaves the device: clipped (and noised under local DP) first, then
+        masked in a secure round or signed in the clear."""
         delta = result.delta
-        if assignment.spec.privacy is not None:  # clip (and under local DP, noise) on device
+        if assignment.spec.privacy is not None:
             delta = privatize_update(delta, assignment.spec.privacy)
         metrics = round_metrics(result)
-        session = self.secure_sessions.session(assignment.task, assignment.server_round)
-        if assignment.spec.secure_aggregation is not None and session is None:
-            self._decline(assignment, ["the round's secure-aggregation keys are gone"])
-            return  # never send a secure task's delta in the clear
         if session is not None:  # secure round: only the masked delta leaves the device
-            outgoing = masked_update_frame(session, result, delta, metrics)
-        else:
-            outgoing = plain_update_frame(
-                assignment, self.fleet, self.device_id, self.key, result, delta, metrics
-            )
-        self._keep_and_send(assignment, trainer, start, result, outgoing, session is not None)
+            return masked_update_frame(session, result, delta, metrics)
+        return plain_update_frame(
+            assignment, self.fleet, self.device_id, self.key, result, delta, metrics
+        )
 
     def _wait_out_emulated_time(self, predicted: float, started: float, limit: float) -> None:
         """Demo emulation: a fast machine waits until the emulated device would be done."""
