@@ -11,7 +11,9 @@ import logging
 import os
 import queue
 import socket
+import struct
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -523,5 +525,52 @@ def test_a_broker_restart_is_not_logged_as_an_error(mosquitto: MosquittoProcess)
         assert max(watcher.levels) <= logging.INFO
     finally:
         transport.stop()
+        paho_logger.removeHandler(watcher)
+        paho_logger.setLevel(old_level)
+
+
+def _broker_that_resets_once() -> tuple[socket.socket, threading.Thread]:
+    """A TCP listener that answers one MQTT CONNECT with a CONNACK and then resets the
+    connection (SO_LINGER 0 makes close() send RST), as a broker killed under load does."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        connection, _ = listener.accept()
+        connection.recv(1024)  # CONNECT
+        connection.sendall(b"\x20\x02\x00\x00")  # CONNACK, accepted
+        time.sleep(0.5)
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        connection.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return listener, thread
+
+
+def test_a_connection_reset_by_the_broker_is_not_logged_as_an_error() -> None:
+    """paho logs "failed to receive on socket: [Errno 104] Connection reset by peer" at ERROR
+    when a broker dies with the connection open (seen in the chaos run's logs)."""
+    paho_logger = logging.getLogger("edge_runtime.wire.transport.paho")
+    watcher = _LineSeen("failed to receive on socket")
+    paho_logger.addHandler(watcher)
+    old_level = paho_logger.level
+    paho_logger.setLevel(logging.DEBUG)
+    listener, server = _broker_that_resets_once()
+    transport = MqttTransport(
+        TransportConfig(
+            host="127.0.0.1",
+            port=listener.getsockname()[1],
+            client_id="dev-reset",
+            reconnect=ReconnectConfig(min_delay_seconds=5, max_delay_seconds=5),
+        )
+    )
+    transport.start()
+    try:
+        assert watcher.seen.wait(WAIT_SECONDS), "paho logged no 'failed to receive' line"
+        assert max(watcher.levels) == logging.INFO
+    finally:
+        transport.stop()
+        listener.close()
+        server.join(timeout=5)
         paho_logger.removeHandler(watcher)
         paho_logger.setLevel(old_level)

@@ -171,19 +171,29 @@ class TokenBucket:
 
 
 class _PahoLogAdapter(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """Routes paho's log lines into ours, downgrading the one error paho logs while the
-    broker is away ("Client is not connected"): to DEBUG during a clean shutdown (its loop
-    winding down), to INFO otherwise (a routine reconnect, which the transport retries by
-    itself). At ERROR it would alarm operators on every stop and every broker restart."""
+    """Routes paho's log lines into ours, downgrading the errors paho logs when the broker
+    goes away: "Client is not connected" (on every loop pass while it is away) and "failed to
+    receive on socket" / "timeout on socket" with a connection error (a reset when the broker
+    restarts). They go to DEBUG during a clean shutdown (the loop winding down) and to INFO
+    otherwise: a routine reconnect, which the transport retries by itself. At ERROR they would
+    alarm operators on every stop and every broker restart. Other socket errors (TLS, say)
+    keep paho's level."""
 
     def __init__(self, logger: logging.Logger, transport: MqttTransport) -> None:
         super().__init__(logger, {})
         self._transport = transport
 
     def log(self, level: int, msg: object, *args: object, **kwargs: object) -> None:
-        if str(msg).startswith("Client is not connected"):
+        if _is_routine_disconnect(str(msg), args):
             level = logging.DEBUG if self._transport.stopping else min(level, logging.INFO)
         super().log(level, msg, *args, **kwargs)  # type: ignore[arg-type]
+
+
+def _is_routine_disconnect(message: str, args: tuple[object, ...]) -> bool:
+    if message.startswith("Client is not connected"):
+        return True
+    socket_error = message.startswith(("failed to receive on socket", "timeout on socket"))
+    return socket_error and bool(args) and isinstance(args[0], (ConnectionError, TimeoutError))
 
 
 class MqttTransport:
