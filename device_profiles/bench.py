@@ -28,6 +28,7 @@ from typing import IO, Any
 
 import psutil
 
+from device_profiles.battery import read_battery
 from device_profiles.broker_probe import measure_broker
 from device_profiles.calibration import Observation, fit_calibration
 from device_profiles.errors import BenchError, ProfileError
@@ -371,7 +372,7 @@ def _uncalibrated_profile(
     """The measured profile with default coefficients: the fit needs its rates to start from."""
     now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
     measured = f"measured by schoolfl profile bench at {now}"
-    battery = psutil.sensors_battery() if hasattr(psutil, "sensors_battery") else None
+    battery, unreadable = read_battery()
     return DeviceProfile(
         name=config.name,
         kind="measured",
@@ -381,8 +382,8 @@ def _uncalibrated_profile(
         throughput=_throughput(machine, usable, baseline, config.threads, measured),
         network=network,
         power=Power(
-            source="battery+mains" if battery else "mains",
-            sources={"source": "measured: psutil.sensors_battery"},
+            source="unknown" if unreadable else "battery+mains" if battery else "mains",
+            sources={"source": unreadable or "measured: psutil.sensors_battery"},
         ),
         calibration=Calibration(),
         measurements=tuple(_measurement(r) for r in good),

@@ -43,7 +43,7 @@ def device_state_frame(
     if readings is not None:
         verdict = check_eligibility(eligibility, readings)
         eligible, reasons = verdict.eligible, verdict.reasons
-    if readings is None:
+    if readings is None or readings.power_unknown_reason:
         power = PowerSource.UNKNOWN
     else:
         power = PowerSource.MAINS if readings.on_mains else PowerSource.BATTERY

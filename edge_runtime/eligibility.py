@@ -18,6 +18,7 @@ from typing import Any
 
 import psutil
 
+from device_profiles.battery import read_battery
 from quantization.compute_device import CPU, ComputeDevice, free_memory_bytes, gpu_temperature
 
 logger = logging.getLogger(__name__)
@@ -121,6 +122,9 @@ class DeviceReadings:
     gpu_temperature_celsius: float | None = None
     gpu_temperature_source: str = ""
     """Where the GPU reading came from, or why there is none (only when training on a GPU)."""
+    power_unknown_reason: str = ""
+    """Why the power source is unknown (the battery sensor could not be read); empty when it
+    was read. Eligibility then treats the device as on mains: nothing says it is on battery."""
 
 
 @dataclass(frozen=True)
@@ -130,24 +134,10 @@ class Eligibility:
     """Why not, one phrase per failed check; empty when eligible."""
 
 
-def _read_battery() -> Any:
-    """psutil's battery reading, or None (no battery: mains) when there is none or it cannot
-    be read. Where /sys/class/power_supply is missing (containers, chroots, some kernels)
-    psutil raises FileNotFoundError instead of returning None (giampaolo/psutil#2067); an
-    unreadable sensor must not stop the agent, which under systemd would be a restart loop."""
-    if not hasattr(psutil, "sensors_battery"):
-        return None
-    try:
-        return psutil.sensors_battery()
-    except OSError as error:
-        logger.debug("battery unreadable (treated as no battery, on mains): %s", error)
-        return None
-
-
 def read_device(cpu_sample_seconds: float = 0.5, compute: ComputeDevice = CPU) -> DeviceReadings:
     """Take readings with psutil (and, when `compute` is a GPU, its memory and temperature).
     CPU load is sampled over `cpu_sample_seconds`."""
-    battery = _read_battery()
+    battery, power_unknown_reason = read_battery()
     temperatures: list[float] = []
     if hasattr(psutil, "sensors_temperatures"):
         try:
@@ -162,6 +152,7 @@ def read_device(cpu_sample_seconds: float = 0.5, compute: ComputeDevice = CPU) -
         available_memory_bytes=int(psutil.virtual_memory().available),
         temperature_celsius=max(temperatures) if temperatures else None,
         local_time=dt.datetime.now(),
+        power_unknown_reason=power_unknown_reason,
         **_gpu_readings(compute),
     )
 

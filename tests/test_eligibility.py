@@ -4,9 +4,11 @@ given time of day cannot be produced on a CI machine, so these stand in for psut
 from __future__ import annotations
 
 import datetime as dt
+import logging
 
 import pytest
 
+from edge_runtime.device_state import device_state_frame
 from edge_runtime.eligibility import (
     DeviceReadings,
     EligibilityPolicy,
@@ -14,6 +16,7 @@ from edge_runtime.eligibility import (
     check_eligibility,
     read_device,
 )
+from edge_runtime.wire import PowerSource, decode_frame, generate_private_key
 
 GIB = 2**30
 WEDNESDAY_EVENING = dt.datetime(2026, 11, 25, 18, 30)
@@ -112,13 +115,34 @@ def test_real_readings_from_this_machine() -> None:
     assert 0.0 <= readings.cpu_percent <= 100.0
 
 
-def test_an_unreadable_battery_is_no_battery_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_unreadable_battery_is_unknown_with_its_reason_not_a_crash(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """psutil raises FileNotFoundError where /sys/class/power_supply does not exist
     (giampaolo/psutil#2067). Mocked: no battery sensor exists on a CI machine."""
 
     def missing() -> None:
         raise FileNotFoundError(2, "No such file or directory", "/sys/class/power_supply")
 
-    monkeypatch.setattr("edge_runtime.eligibility.psutil.sensors_battery", missing)
-    readings = read_device(cpu_sample_seconds=0.01)
-    assert readings.on_mains is True and readings.battery_percent is None
+    monkeypatch.setattr("device_profiles.battery.psutil.sensors_battery", missing)
+    monkeypatch.setattr("device_profiles.battery._warned", set())
+    with caplog.at_level(logging.WARNING, logger="device_profiles.battery"):
+        readings = read_device(cpu_sample_seconds=0.01)
+        read_device(cpu_sample_seconds=0.01)  # a second heartbeat warns no more
+    assert readings.battery_percent is None
+    assert "battery sensor unreadable" in readings.power_unknown_reason
+    assert "/sys/class/power_supply" in readings.power_unknown_reason
+    assert [r.getMessage() for r in caplog.records].count(
+        f"{readings.power_unknown_reason}; power source reported as unknown"
+    ) == 1
+    assert check_eligibility(EligibilityPolicy(require_mains=True), readings).eligible
+    frame = device_state_frame(
+        "f",
+        "pi-1",
+        generate_private_key(),
+        online=True,
+        sequence=1,
+        profile_digest="00" * 32,
+        eligibility=EligibilityPolicy(),
+    )
+    assert decode_frame(frame).message.power_source is PowerSource.UNKNOWN
