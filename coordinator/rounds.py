@@ -45,7 +45,12 @@ from coordinator.scheduler import DeviceCandidate, DevicePlan, Scheduler
 from coordinator.school_policy import schools_below_minimum
 from coordinator.secure.rounds import SecureRounds
 from coordinator.secure.store import SecureRoundStore
-from coordinator.secure.unmasking import RejectHook, SecureOutcome, secure_mean
+from coordinator.secure.unmasking import (
+    RejectHook,
+    SecureOutcome,
+    secure_mean,
+    store_rejections,
+)
 from coordinator.store import (
     AdapterVersion,
     CoordinatorStore,
@@ -83,8 +88,10 @@ class RoundManager:
         reject: RejectHook | None = None,
     ) -> None:
         """`reject`: records a device caught misbehaving outside a message of its own (a
-        secure round's unmasking finds who revealed wrong shares); the daemon passes its
-        `reject`, the default logs and stores the rejection."""
+        secure round's unmasking finds who revealed wrong shares, aggregation refuses an
+        update its screening finds wrong); the daemon passes its `reject`, the default logs
+        and stores the rejection."""
+        self.reject = reject or store_rejections(store)
         self.config = config
         self.fleet = config.coordinator.fleet
         self.store = store
@@ -104,7 +111,7 @@ class RoundManager:
             signing_key,
             self.versions.layout,
             now=now,
-            reject=reject,
+            reject=self.reject,
         )
 
     def start(self) -> list[Outgoing]:
@@ -412,6 +419,8 @@ class RoundManager:
             )
         updates = self._respect_minimum_sizes(task.id, record.round_number, updates)
         result = make_aggregator(task).aggregate(updates, reference)
+        for device_id, why in result.rejected_devices.items():  # acknowledged, then screened
+            self.reject(device_id, "update-refused-at-aggregation", why)
         if result.is_empty:
             why = (
                 f"every update refused: {result.rejected_devices}"

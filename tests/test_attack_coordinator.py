@@ -219,6 +219,11 @@ def test_in_reject_mode_the_aggregate_is_exactly_the_honest_fedavg(
             round_.send("hostile", _filled(round_.reference, 50.0), 32).status is AckStatus.ACCEPTED
         )
         delta = round_.new_delta()
+        wait_until(  # acknowledged on arrival, refused by the screening: counted, not only logged
+            lambda: [(r.device_id, r.category) for r in round_.operator.refusals(10)]
+            == [("hostile", "update-refused-at-aggregation")],
+            what="the aggregation's refusal to be counted",
+        )
     finally:
         round_.close()
     assert _close(delta, _filled(round_.reference, (0.01 + 0.03) / 2))
