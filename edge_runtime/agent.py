@@ -37,7 +37,7 @@ from edge_runtime.outbox import Outbox, RoundHistory
 from edge_runtime.personal_copy import save_personal_copy
 from edge_runtime.privacy_policy import privacy_refusals
 from edge_runtime.secagg import SecAggError
-from edge_runtime.secagg_session import SecureSessions
+from edge_runtime.secagg_session import KEYS_LOST_ON_RESTART, SecureSessions
 from edge_runtime.trainer import LocalTrainer, TrainingResult
 from edge_runtime.update_frames import (
     OutgoingUpdate,
@@ -151,7 +151,7 @@ class AgentDaemon:
         self.waiting: dict[str, TaskAssignment] = {}
         """Assignments waiting for their model version to download, or (secure rounds) for
         the peers' share boxes, by assignment id."""
-        self.secure_sessions = SecureSessions(self.device_id, self.key)
+        self.secure_sessions = SecureSessions(self.device_id, self.key, self.history)
         """This device's secure-aggregation state per round; memory only."""
         self.downloads = ChunkReassembler()
         self.uploads = Uploads(
@@ -311,8 +311,10 @@ class AgentDaemon:
         if refusals:  # before the model download: the school's policy rules the task out
             self._decline(assignment, refusals)
             return
-        if assignment.spec.secure_aggregation is not None:
-            self._join_secure_round(assignment)
+        if assignment.spec.secure_aggregation is not None and not self._join_secure_round(
+            assignment
+        ):
+            return
         self.waiting[assignment.message_id] = assignment
         if assignment.model_version in self.global_states:
             self._train_ready()
@@ -357,10 +359,17 @@ class AgentDaemon:
 
     # -- secure aggregation ------------------------------------------------------------
 
-    def _join_secure_round(self, assignment: TaskAssignment) -> None:
+    def _join_secure_round(self, assignment: TaskAssignment) -> bool:
         """Advertise this round's keys (again, for a repeated assignment), before the
-        model download: the key exchange runs while the model downloads."""
-        self._publish_secure(self.secure_sessions.join(assignment).advertise_frame())
+        model download: the key exchange runs while the model downloads. A round joined
+        before a restart is declined at once instead (False): its keys are gone, and
+        silence would hold the round until its deadline."""
+        session = self.secure_sessions.join(assignment)
+        if session is None:
+            self._decline(assignment, [KEYS_LOST_ON_RESTART])
+            return False
+        self._publish_secure(session.advertise_frame())
+        return True
 
     def _secure_step(self, envelope: SecAggEnvelope, body: bytes) -> None:
         if envelope.device_id != self.device_id or envelope.fleet != self.fleet:
