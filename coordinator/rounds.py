@@ -125,7 +125,9 @@ class RoundManager:
         (killed between storing the last update and aggregating) is aggregated now: its
         devices have nothing left to send, so waiting would only run out its deadline. A
         secure round opened in the main store but not yet in the secure one (killed
-        between the two writes, before any assignment went out) starts its key exchange."""
+        between the two writes, before any assignment went out) starts its key exchange.
+        A secure round whose phase has every answer in (killed between storing the last
+        one and moving on) goes on to its next phase now, for the same reason."""
         outgoing: list[Outgoing] = []
         for task in self.config.tasks:
             body = self.versions.load_or_create(task.id)
@@ -142,7 +144,8 @@ class RoundManager:
                 continue
             outgoing += self._assignment_messages(record)
         self.secure.forget_closed_rounds()
-        outgoing += self.secure.phase_messages()
+        secure_outgoing, outcomes = self.secure.resume()
+        outgoing += secure_outgoing + self._finish_secure(outcomes)
         return outgoing
 
     def _last_round(self, task_id: str) -> int:

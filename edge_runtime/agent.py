@@ -32,18 +32,15 @@ from edge_runtime.device_state import device_state_frame
 from edge_runtime.eligibility import check_eligibility, read_device
 from edge_runtime.enrollment import warn_if_architecture_mismatch
 from edge_runtime.enrollment_record import AgentError, Enrollment
-from edge_runtime.local_privacy import privatize_update
 from edge_runtime.outbox import Outbox, RoundHistory
 from edge_runtime.personal_copy import save_personal_copy
 from edge_runtime.privacy_policy import privacy_refusals
 from edge_runtime.secagg import SecAggError
-from edge_runtime.secagg_session import SecureSession, SecureSessions
+from edge_runtime.secagg_session import KEYS_LOST_ON_RESTART, SecureSessions
 from edge_runtime.trainer import LocalTrainer, TrainingResult
 from edge_runtime.update_frames import (
     OutgoingUpdate,
-    masked_update_frame,
-    plain_update_frame,
-    round_metrics,
+    update_frame,
 )
 from edge_runtime.uploads import Uploads
 from edge_runtime.wire import (
@@ -146,7 +143,7 @@ class AgentDaemon:
         self.waiting: dict[str, TaskAssignment] = {}
         """Assignments waiting for their model version to download, or (secure rounds) for
         the peers' share boxes, by assignment id."""
-        self.secure_sessions = SecureSessions(self.device_id, self.key)
+        self.secure_sessions = SecureSessions(self.device_id, self.key, self.history)
         """This device's secure-aggregation state per round; memory only."""
         self.downloads = ChunkReassembler()
         self.uploads = Uploads(
@@ -306,8 +303,10 @@ class AgentDaemon:
         if refusals:  # before the model download: the school's policy rules the task out
             self._decline(assignment, refusals)
             return
-        if assignment.spec.secure_aggregation is not None:
-            self._join_secure_round(assignment)
+        if assignment.spec.secure_aggregation is not None and not self._join_secure_round(
+            assignment
+        ):
+            return
         self.waiting[assignment.message_id] = assignment
         if assignment.model_version in self.global_states:
             self._train_ready()
@@ -352,10 +351,17 @@ class AgentDaemon:
 
     # -- secure aggregation ------------------------------------------------------------
 
-    def _join_secure_round(self, assignment: TaskAssignment) -> None:
+    def _join_secure_round(self, assignment: TaskAssignment) -> bool:
         """Advertise this round's keys (again, for a repeated assignment), before the
-        model download: the key exchange runs while the model downloads."""
-        self._publish_secure(self.secure_sessions.join(assignment).advertise_frame())
+        model download: the key exchange runs while the model downloads. A round joined
+        before a restart is declined at once instead (False): its keys are gone, and
+        silence would hold the round until its deadline."""
+        session = self.secure_sessions.join(assignment)
+        if session is None:
+            self._decline(assignment, [KEYS_LOST_ON_RESTART])
+            return False
+        self._publish_secure(session.advertise_frame())
+        return True
 
     def _secure_step(self, envelope: SecAggEnvelope, body: bytes) -> None:
         if envelope.device_id != self.device_id or envelope.fleet != self.fleet:
@@ -554,7 +560,9 @@ class AgentDaemon:
             if assignment.spec.secure_aggregation is not None and session is None:
                 self._decline(assignment, ["the round's secure-aggregation keys are gone"])
                 return  # never send a secure task's delta in the clear
-            outgoing = self._update_frame(assignment, result, session)
+            outgoing = update_frame(
+                assignment, self.fleet, self.device_id, self.key, result, session
+            )
         except Exception as error:  # every failure to train is answered at once
             # A data file missing or malformed, a model file unreadable, out of memory, a
             # loss that diverged, a delta that will not encode: each becomes a decline with
@@ -570,21 +578,6 @@ class AgentDaemon:
             self._decline(assignment, [f"could not train: {reason[:500]}"])
             return
         self._keep_and_send(assignment, trainer, start, result, outgoing, session is not None)
-
-    def _update_frame(
-        self, assignment: TaskAssignment, result: TrainingResult, session: SecureSession | None
-    ) -> OutgoingUpdate:
-        """The update as it leaves the device: clipped (and noised under local DP) first, then
-        masked in a secure round or signed in the clear."""
-        delta = result.delta
-        if assignment.spec.privacy is not None:
-            delta = privatize_update(delta, assignment.spec.privacy)
-        metrics = round_metrics(result)
-        if session is not None:  # secure round: only the masked delta leaves the device
-            return masked_update_frame(session, result, delta, metrics)
-        return plain_update_frame(
-            assignment, self.fleet, self.device_id, self.key, result, delta, metrics
-        )
 
     def _wait_out_emulated_time(self, predicted: float, started: float, limit: float) -> None:
         """Demo emulation: a fast machine waits until the emulated device would be done."""

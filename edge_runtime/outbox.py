@@ -108,12 +108,18 @@ CREATE TABLE IF NOT EXISTS round_history (
 """
 
 
+JOINED_SECURE_ROUND = "joined"
+"""The outcome of a secure round whose keys this agent advertised and that has no final
+outcome yet. The keys themselves stay in memory; this row is how a restarted agent knows
+it had joined the round and lost them (`edge_runtime.agent`)."""
+
+
 @dataclass(frozen=True)
 class RoundEntry:
     task_id: str
     round_number: int
     outcome: str
-    """trained, declined, failed."""
+    """trained, declined, failed; joined while a secure round is under way."""
     detail: str
     at: float
 
@@ -136,14 +142,18 @@ class RoundHistory:
             (task_id, round_number, outcome, detail, self._now()),
         )
 
+    def outcome(self, task_id: str, round_number: int) -> str | None:
+        """The outcome recorded for the round, None when it has none."""
+        row = self._db.execute(
+            "SELECT outcome FROM round_history WHERE task_id=? AND round_number=?",
+            (task_id, round_number),
+        ).fetchone()
+        return None if row is None else str(row[0])
+
     def seen(self, task_id: str, round_number: int) -> bool:
-        return (
-            self._db.execute(
-                "SELECT 1 FROM round_history WHERE task_id=? AND round_number=?",
-                (task_id, round_number),
-            ).fetchone()
-            is not None
-        )
+        """The round was handled (trained, declined or failed): a repeated assignment for
+        it is ignored. A secure round only joined is not handled yet."""
+        return self.outcome(task_id, round_number) not in (None, JOINED_SECURE_ROUND)
 
     def latest(self, limit: int = 10) -> list[RoundEntry]:
         rows = self._db.execute(

@@ -6,7 +6,9 @@ An agent that restarts mid-round has lost them, and the protocol treats it as a 
 dropped out: before its masked input arrived, its peers' shares let the coordinator cancel
 its pairwise masks; after, its input still counts, because its peers hold the shares of its
 self-mask. That is also why the rule "never reveal both shares of one device" needs no
-persistence: a restarted agent can reveal nothing at all.
+persistence: a restarted agent can reveal nothing at all. Only the fact that the agent
+joined a round goes to disk (its round history), so that, handed the round's assignment
+again after a restart, it declines at once instead of holding the round until its deadline.
 
 A repeated coordinator message (a restarted coordinator re-sends its last phase's messages)
 gets the answer given the first time; a different message for a step already answered is
@@ -20,6 +22,7 @@ from collections.abc import Mapping
 
 import torch
 
+from edge_runtime.outbox import JOINED_SECURE_ROUND, RoundHistory
 from edge_runtime.secagg import (
     SecAggClient,
     SecAggConfig,
@@ -43,6 +46,11 @@ from edge_runtime.wire import (
 
 PLACEHOLDER_THRESHOLD = 2
 """The client is made before the roster fixes t (`share_keys` replaces it)."""
+KEYS_LOST_ON_RESTART = (
+    "secure-aggregation keys lost on restart (they are kept in memory only); "
+    "this device cannot take part in the round any more"
+)
+"""The reason an agent declines a secure round it had joined before it restarted."""
 
 
 class SecureSession:
@@ -145,19 +153,32 @@ class SecureSessions:
     """An agent's secure rounds: one session per (task, round) it was assigned, kept until
     a newer round of the task starts or the coordinator aborts the round."""
 
-    def __init__(self, device_id: str, signing_key: Ed25519PrivateKey) -> None:
+    def __init__(
+        self, device_id: str, signing_key: Ed25519PrivateKey, history: RoundHistory
+    ) -> None:
+        """`history`: where joining a round is marked (never its secrets), so that a
+        restarted agent knows which rounds' keys it lost."""
         self.device_id = device_id
         self._key = signing_key
+        self._history = history
         self._sessions: dict[tuple[str, int], SecureSession] = {}
 
-    def join(self, assignment: TaskAssignment) -> SecureSession:
+    def join(self, assignment: TaskAssignment) -> SecureSession | None:
         """The round's session, made on its first assignment; older rounds of the same task
-        are forgotten (their secrets are of no use any more)."""
+        are forgotten (their secrets are of no use any more).
+
+        None when this agent joined the round before it restarted: new keys cannot replace
+        the lost ones (the coordinator keeps the first advert, and once the roster is out
+        refuses any), so the round must be declined. The mark is written before the first
+        advert can leave, so a kill at any point after it is caught."""
         for task, server_round in list(self._sessions):
             if task == assignment.task and server_round < assignment.server_round:
                 del self._sessions[(task, server_round)]
         key = (assignment.task, assignment.server_round)
         if key not in self._sessions:
+            if self._history.outcome(*key) == JOINED_SECURE_ROUND:
+                return None
+            self._history.record(*key, JOINED_SECURE_ROUND, "secure-aggregation keys advertised")
             self._sessions[key] = SecureSession(assignment, self.device_id, self._key)
         return self._sessions[key]
 

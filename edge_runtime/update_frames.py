@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from edge_runtime.local_privacy import privatize_update
 from edge_runtime.secagg_session import SecureSession
 from edge_runtime.trainer import TrainingResult
 from edge_runtime.wire import (
@@ -86,3 +87,22 @@ def plain_update_frame(
     )
     frame = encode_frame(update, sender=device_id, body=encoded.body, signing_key=signing_key)
     return OutgoingUpdate(update.message_id, frame, bytes_up)
+
+
+def update_frame(
+    assignment: TaskAssignment,
+    fleet: str,
+    device_id: str,
+    signing_key: Ed25519PrivateKey,
+    result: TrainingResult,
+    session: SecureSession | None,
+) -> OutgoingUpdate:
+    """The update as it leaves the device: clipped (and noised under local DP) first, then
+    masked in a secure round (`session`) or signed in the clear."""
+    delta = result.delta
+    if assignment.spec.privacy is not None:
+        delta = privatize_update(delta, assignment.spec.privacy)
+    metrics = round_metrics(result)
+    if session is not None:
+        return masked_update_frame(session, result, delta, metrics)
+    return plain_update_frame(assignment, fleet, device_id, signing_key, result, delta, metrics)

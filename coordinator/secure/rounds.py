@@ -16,8 +16,9 @@ revealing nothing, when fewer than t did. The coordinator keeps no in-memory pro
 state: every device message is stored as it arrives (`coordinator.secure.store`, masked
 inputs in the main store's updates table) and a `SecAggServer` is replayed from them at
 each phase change (`coordinator.secure.replay`), so a restarted coordinator resumes where
-it stopped and re-sends its last phase's messages (devices answer a repeated message with
-the answer they already gave). The last phase's unmasking, and the recording of devices
+it stopped: it moves on a phase whose answers were all stored before it stopped, and
+otherwise re-sends its last phase's messages (devices answer a repeated message with the
+answer they already gave). The last phase's unmasking, and the recording of devices
 caught revealing wrong shares, is `coordinator.secure.unmasking`.
 """
 
@@ -40,6 +41,7 @@ from coordinator.secure.unmasking import (
     unmask_round,
 )
 from coordinator.store import CoordinatorStore, RoundState, StoredUpdate, UpdateOutcome
+from durable.crash_points import crash_point
 from edge_runtime.secagg import (
     COMMITMENT_BYTES,
     AdvertiseKeys,
@@ -136,16 +138,34 @@ class SecureRounds:
         Returns the status a masked input is acknowledged with (the other steps are not
         acknowledged), the refusal reason, what to publish and any round that ended."""
         if self.already_kept(envelope, body):  # a re-sent message, in any later phase
-            return AckStatus.DUPLICATE, "already received", [], []
+            return self._duplicate(envelope)
         try:
             task, state = self._round_of(envelope)
             is_new = self._keep(task, state, envelope, body)
         except (SecureStepRefused, SchemaError) as error:
             return AckStatus.REJECTED, str(error), [], []
         if not is_new:
-            return AckStatus.DUPLICATE, "already received", [], []
+            return self._duplicate(envelope)
+        crash_point("secure-message-stored")  # stored; the phase not yet moved on
         outgoing, outcomes = self._advance(task, state, deadline_passed=False)
         return AckStatus.ACCEPTED, "", outgoing, outcomes
+
+    def _duplicate(
+        self, envelope: SecAggEnvelope
+    ) -> tuple[AckStatus, str, list[Outgoing], list[SecureOutcome]]:
+        """A re-sent message is not kept twice, but its phase is checked again: the first
+        copy was stored, and what should have followed it (the phase change) may not have
+        run if the coordinator failed right after the commit. Without this check such a
+        phase would wait out its deadline although nobody is left to answer."""
+        state = self.secure_store.state(envelope.task, envelope.server_round)
+        if (
+            state is None
+            or state.phase is not PHASE_OF_STEP.get(envelope.step)
+            or not self._round_is_open(state)
+        ):
+            return AckStatus.DUPLICATE, "already received", [], []
+        task = self.config.task(state.task_id)
+        return AckStatus.DUPLICATE, "already received", *self._advance(task, state, False)
 
     def already_kept(self, envelope: SecAggEnvelope, body: bytes) -> bool:
         """The same message was stored before: an outbox resend of a masked input, or keys
@@ -390,17 +410,31 @@ class SecureRounds:
         )
         return self._phase_messages(task, self.secure_store.state(task.id, state.round_number))  # type: ignore[arg-type]
 
-    def phase_messages(self) -> list[Outgoing]:
-        """What every active round's devices were last sent (a restarted coordinator
-        re-sends it: a device answers a repeated message with its earlier answer)."""
+    def resume(self) -> tuple[list[Outgoing], list[SecureOutcome]]:
+        """On start: move on every active round whose phase a previous run left complete,
+        and re-send the others' last phase messages.
+
+        A coordinator killed after storing the last message of a phase (the last masked
+        input, say) and before moving the round on would otherwise leave the phase waiting
+        for nobody until its deadline: the devices have answered, and what they re-send
+        is a duplicate. A round still waiting gets what its devices were last sent (a
+        device answers a repeated message with its earlier answer)."""
         outgoing: list[Outgoing] = []
+        outcomes: list[SecureOutcome] = []
         for state in self.secure_store.active():
-            if self._round_is_open(state):
-                try:
-                    outgoing += self._phase_messages(self.config.task(state.task_id), state)
-                except SecAggAbort:
-                    continue  # the deadline tick aborts it properly
-        return outgoing
+            if not self._round_is_open(state):
+                continue
+            task = self.config.task(state.task_id)
+            more, ended = self._advance(task, state, deadline_passed=False)
+            if more or ended:
+                outgoing += more
+                outcomes += ended
+                continue
+            try:
+                outgoing += self._phase_messages(task, state)
+            except SecAggAbort:
+                continue  # the deadline tick aborts it properly
+        return outgoing, outcomes
 
     def _phase_messages(self, task: TaskConfig, state: SecureRoundState) -> list[Outgoing]:
         """The coordinator's messages that opened the current phase, recomputed."""
