@@ -72,7 +72,6 @@ def _config(
                 labels=("a", "b"),
                 scheme="none",
                 rank=2,
-                rounds=1,
                 local_steps=LOCAL_STEPS,
                 batch_size=BATCH_SIZE,
                 update_encoding="fp32",
@@ -83,7 +82,7 @@ def _config(
                     gather_seconds=0.0,
                     round_deadline_seconds=600,
                 ),
-                **task,  # type: ignore[arg-type]
+                **{"rounds": 1, **task},  # type: ignore[arg-type]
             ),
         ),
     )
@@ -123,7 +122,7 @@ class Round:
         update = Update(
             fleet=FLEET,
             task="t",
-            server_round=1,
+            server_round=assignment.server_round,
             device_id=name,
             attempt=0,
             model_version=assignment.model_version,
@@ -135,16 +134,24 @@ class Round:
         device.publish(DeviceChannel.UPDATE, device.frame(update, body))
         return device.next_frame(Acknowledgement).message
 
-    def new_delta(self) -> dict[str, torch.Tensor]:
-        """The published version 1 minus version 0."""
+    def new_delta(self, server_round: int = 1) -> dict[str, torch.Tensor]:
+        """The version `server_round` published minus the one before it."""
         wait_until(
-            lambda: self.operator.round("t", 1).state is RoundState.COMPLETED,  # type: ignore[union-attr]
-            what="round 1 to complete",
+            lambda: self.operator.round("t", server_round).state is RoundState.COMPLETED,  # type: ignore[union-attr]
+            what=f"round {server_round} to complete",
         )
         version = self.operator.latest_adapter_version("t")
-        assert version is not None and version.version == 1
+        assert version is not None and version.version == server_round
         _, state = read_adapter_folder(version.folder)
-        return {name: state[name] - self.reference[name] for name in self.reference}
+        delta = {name: state[name] - self.reference[name] for name in self.reference}
+        self.reference = state
+        return delta
+
+    def next_assignments(self) -> None:
+        """Each device's assignment for the round the coordinator opened next."""
+        self.assignments = {
+            name: device.next_frame(TaskAssignment).message for name, device in self.devices.items()
+        }
 
     def close(self) -> None:
         for device in self.devices.values():
@@ -206,6 +213,34 @@ def test_one_huge_update_is_clipped_to_the_rounds_median_norm_by_default(
     assert update_l2_norm(delta) <= honest_norm * 5 / 3 + 1e-6
 
 
+def test_after_an_attacked_round_an_honest_round_is_exactly_fedavg(
+    tmp_path: Path, broker: ProductionBroker, tiny_bert_folder: Path
+) -> None:
+    """The default settings, two rounds: the first takes a huge update (clipped) and a lie
+    about the sample count; the second, with every device honest, publishes exactly the
+    FedAvg of its updates. Nothing of the attack outlives its round."""
+    round_ = Round(_config(tmp_path, broker, tiny_bert_folder, rounds=2), broker)
+    try:
+        for name in ("honest-1", "honest-2"):
+            assert (
+                round_.send(name, _filled(round_.reference, 0.01), 32).status is AckStatus.ACCEPTED
+            )
+        ack = round_.send("hostile", _filled(round_.reference, -10.0), 10**9)
+        assert ack.status is AckStatus.ACCEPTED
+        round_.new_delta(1)
+        round_.next_assignments()
+        assert {a.server_round for a in round_.assignments.values()} == {2}
+        sent = {"honest-1": (0.01, 32), "honest-2": (0.03, 16), "hostile": (0.02, 8)}
+        for name, (value, samples) in sent.items():
+            ack = round_.send(name, _filled(round_.reference, value), samples)
+            assert ack.status is AckStatus.ACCEPTED, ack.reason
+        delta = round_.new_delta(2)
+    finally:
+        round_.close()
+    expected = sum(value * samples for value, samples in sent.values()) / 56
+    assert _close(delta, _filled(round_.reference, expected))
+
+
 def test_in_reject_mode_the_aggregate_is_exactly_the_honest_fedavg(
     tmp_path: Path, broker: ProductionBroker, tiny_bert_folder: Path
 ) -> None:
@@ -220,8 +255,10 @@ def test_in_reject_mode_the_aggregate_is_exactly_the_honest_fedavg(
         )
         delta = round_.new_delta()
         wait_until(  # acknowledged on arrival, refused by the screening: counted, not only logged
-            lambda: [(r.device_id, r.category) for r in round_.operator.refusals(10)]
-            == [("hostile", "update-refused-at-aggregation")],
+            lambda: (
+                [(r.device_id, r.category) for r in round_.operator.refusals(10)]
+                == [("hostile", "update-refused-at-aggregation")]
+            ),
             what="the aggregation's refusal to be counted",
         )
     finally:
