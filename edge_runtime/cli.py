@@ -174,6 +174,7 @@ def enroll_command(config_path: Path, token: str, timeout: float) -> None:
 def run_command(config_path: Path) -> None:
     """Run the agent in the foreground until SIGTERM or Ctrl-C."""
     from durable.daemon_logging import use_info_logging
+    from durable.state_lock import StateLockedError
     from edge_runtime.agent import AgentDaemon
     from edge_runtime.enrollment_record import AgentError
     from edge_runtime.wire import TransportError
@@ -182,7 +183,7 @@ def run_command(config_path: Path) -> None:
     use_info_logging()
     try:
         daemon = AgentDaemon(config)
-    except (AgentError, ValueError) as error:
+    except (AgentError, ValueError, StateLockedError) as error:
         raise click.ClickException(str(error)) from None
 
     def request_stop(signum: int, frame: object) -> None:

@@ -7,11 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from coordinator.config import CoordinatorConfig, CoordinatorSettings, TaskConfig
 from coordinator.daemon import CoordinatorDaemon
 from durable.atomic_files import sweep_leftovers
 from durable.state_lock import StateLockedError, lock_state_folder
+from schoolfl.cli import cli
 
 
 def _config(tmp_path: Path, model: Path) -> CoordinatorConfig:
@@ -92,7 +94,9 @@ def test_a_starting_coordinator_sweeps_its_state_folder(
         daemon.stop()
 
 
-def test_one_agent_per_state_folder_and_a_kill_mid_save_is_swept(tmp_path: Path) -> None:
+def test_one_agent_per_state_folder_and_a_kill_mid_save_is_swept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """An agent killed while saving its personal copy leaves a half-written adapter folder
     (or the old copy moved aside); the next agent on that folder cleans it at start, and a
     second agent on the same folder is refused (both would answer the same assignments)."""
@@ -114,5 +118,12 @@ def test_one_agent_per_state_folder_and_a_kill_mid_save_is_swept(tmp_path: Path)
         assert (adapters / "alpha" / "adapter_model.safetensors").read_bytes() == b"kept copy"
         with pytest.raises(StateLockedError, match="in use by another agent"):
             AgentDaemon(config)
+        # `schoolfl agent run` says so in one line, not with a traceback (config loading is
+        # not under test here: the command gets the running agent's config)
+        monkeypatch.setattr("edge_runtime.cli._load", lambda path: config)
+        result = CliRunner().invoke(cli, ["agent", "run", "--config", str(tmp_path / "a.toml")])
+        assert result.exit_code == 1, result.output
+        assert "in use by another agent" in result.output
+        assert not isinstance(result.exception, StateLockedError)
     finally:
         agent.stop()
