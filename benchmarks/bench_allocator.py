@@ -8,7 +8,11 @@ allocator call replaced by the setting under test:
 - `default`: glibc untouched (dynamic threshold, up to 32 MiB);
 - `mmap-N`: a fixed mmap threshold of N MiB;
 - `agent-load-then-N`: the agent's 1 MiB while the model loads, then `malloc_trim(0)` and a
-  fixed N MiB threshold for training.
+  fixed N MiB threshold for training;
+- `agent-thp`: the agent's 1 MiB threshold with PyTorch's `THP_MEM_ALLOC_ENABLE=1` (tensors
+  of 2 MiB or more 2 MiB-aligned and `madvise(MADV_HUGEPAGE)`: one fault per 2 MiB, not 512);
+- `agent-hugetlb`: the agent's 1 MiB threshold with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`
+  (glibc asks for transparent huge pages on its own mappings).
 
     python benchmarks/bench_allocator.py                       # all settings
     python benchmarks/bench_allocator.py --settings agent,default
@@ -22,12 +26,27 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import resource
 import subprocess
 import sys
 from pathlib import Path
 
-SETTINGS = ("agent", "default", "mmap-2", "mmap-4", "agent-load-then-4", "agent-load-then-32")
+SETTINGS = (
+    "agent",
+    "default",
+    "mmap-2",
+    "mmap-4",
+    "agent-load-then-4",
+    "agent-load-then-32",
+    "agent-thp",
+    "agent-hugetlb",
+)
+ENVIRONMENT = {
+    "agent-thp": {"THP_MEM_ALLOC_ENABLE": "1"},
+    "agent-hugetlb": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
+}
+"""Set before the worker starts: both are read once, at the process's first allocation."""
 M_MMAP_THRESHOLD = -3
 """mallopt parameter number from glibc's malloc.h."""
 
@@ -41,7 +60,9 @@ def _worker(setting: str, steps: int) -> dict:
     mib = 1024 * 1024
 
     def allocator() -> str:
-        if setting == "agent" or setting.startswith("agent-load-then-"):
+        if setting in ("agent", "agent-thp", "agent-hugetlb") or setting.startswith(
+            "agent-load-then-"
+        ):
             libc.mallopt(M_MMAP_THRESHOLD, mib)
         elif setting.startswith("mmap-"):
             libc.mallopt(M_MMAP_THRESHOLD, int(float(setting.split("-")[1]) * mib))
@@ -94,7 +115,8 @@ def main() -> None:
     reference = None
     for setting in args.settings.split(","):
         command = [sys.executable, __file__, "--worker", setting, "--steps", str(args.steps)]
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        env = {**os.environ, **ENVIRONMENT.get(setting, {})}
+        done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
         if done.returncode != 0 or not lines:
             print(f"{setting} failed:\n{done.stderr[-2000:]}", file=sys.stderr)

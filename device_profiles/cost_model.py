@@ -76,6 +76,12 @@ SCHEME_CPU_STEP_FACTOR.update(BNB_CPU_STEP_FACTOR)
 RECOMPUTE_DISPATCH_SHARE = 1.0 / 3.0
 """Per-layer framework cost gradient checkpointing adds, as a share of forward + backward
 (assumed: the recomputed forward dispatches the forward's kernels again)."""
+LOSS_CHUNK_POSITIONS = 128
+"""Positions whose logits exist at once in the trainer's causal-LM loss: the value of
+`quantization.causal_lm_loss.DEFAULT_CHUNK_POSITIONS` (a test keeps them equal; this package
+does not import torch)."""
+INT8_ROW_SCALE_BYTES = 4
+"""fp32 scale per row of an int8 vocabulary matrix (`quantization.embeddings`)."""
 DEFAULT_MEMORY_MARGIN = 0.15
 """A plan fits when peak x (1 + margin) <= RAM - OS reserve: the OS, page cache and other
 processes move by more than a few percent during a round."""
@@ -199,9 +205,12 @@ def count_step(model_shape: ModelShape, plan: TrainingPlan) -> StepCounts:
     elementwise = block_elementwise
     head_activation = 0.0
     if model_shape.family == "decoder":
-        # LM head forward + input gradient; logits, log-softmax and its gradient in fp32.
+        # LM head forward + input gradient; logits, log-softmax and its gradient in fp32, for
+        # one chunk of positions at a time (the trainer's chunked loss), plus the gathered
+        # hidden states and their gradient for every position.
         flops += 4.0 * model_shape.hidden * model_shape.vocab * tokens
-        head_activation = 3.0 * model_shape.vocab * pass_tokens
+        chunk = min(pass_tokens, LOSS_CHUNK_POSITIONS)
+        head_activation = 3.0 * model_shape.vocab * chunk + 2.0 * model_shape.hidden * pass_tokens
         elementwise += 3.0 * model_shape.vocab * tokens
     if plan.gradient_checkpointing:
         # The recomputed forward of every block: frozen linears, attention, LoRA A and B.
@@ -214,6 +223,14 @@ def count_step(model_shape: ModelShape, plan: TrainingPlan) -> StepCounts:
     storage = SCHEME_STORAGE[plan.scheme]
     quantized_weight_bytes = sum(storage.weight_bytes(i, o) for i, o in shapes.values()) * layers
     weight_bytes = quantized_weight_bytes + BYTES_FP32 * model_shape.other_parameters()
+    if storage.dequantizes:
+        # A quantizing scheme stores the frozen vocabulary matrices (token embedding, an untied
+        # LM head) as int8 rows too: the task default (`quantize_embeddings`), assumed here
+        # because a plan does not say; a task that opts out is under-predicted by 3 bytes per
+        # vocabulary weight.
+        vocabulary_rows = model_shape.vocab * model_shape.vocabulary_matrices()
+        weight_bytes -= (BYTES_FP32 - 1) * vocabulary_rows * model_shape.hidden
+        weight_bytes += INT8_ROW_SCALE_BYTES * vocabulary_rows
     streamed_weight_bytes = quantized_weight_bytes
     if model_shape.family == "decoder":
         streamed_weight_bytes += BYTES_FP32 * model_shape.hidden * model_shape.vocab

@@ -103,6 +103,11 @@ class ModelShape:
             head = self.hidden + (0 if self.tied_embeddings else self.vocab * self.hidden)
         return embeddings + per_block * self.layers + head
 
+    def vocabulary_matrices(self) -> int:
+        """(vocab, hidden) matrices among `other_parameters`: the token embedding, and an
+        untied decoder's LM head."""
+        return 2 if self.family == "decoder" and not self.tied_embeddings else 1
+
     def total_parameters(self) -> int:
         return self.block_linear_parameters() + self.other_parameters()
 

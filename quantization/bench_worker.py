@@ -5,7 +5,8 @@ Raspberry Pi, so a fresh interpreter per grid point would make the bench unusabl
 module runs as a small server (`python -m quantization.bench_worker`): it imports the
 libraries once, then forks a fresh child for every request read from stdin (one JSON object
 per line) and answers one JSON line on stdout. Each child builds its model, quantizes it,
-attaches the adapter, resets the kernel's peak-RSS mark, trains, and exits; the server reads
+attaches the adapter, resets the kernel's peak-RSS mark, trains as the agent trains (its
+malloc threshold, int8 embeddings, the chunked causal-LM loss), and exits; the server reads
 the child's own `ru_maxrss` with `os.wait4`. So a point's peak is that of one process that
 did one thing, and it includes the imported libraries (the baseline the cost model adds).
 
@@ -31,7 +32,7 @@ from typing import Any
 
 import psutil
 
-from quantization.allocator import set_malloc_thresholds
+from quantization.allocator import TRAINING_MMAP_THRESHOLD_BYTES, set_malloc_thresholds
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +179,8 @@ def measure_train_point(request: dict[str, Any]) -> dict[str, Any]:
     """Build, quantize, adapt and train one grid point; return timings and memory marks."""
     import torch
 
+    from quantization.causal_lm_loss import chunked_causal_lm_loss
+
     torch.set_num_threads(int(request["threads"]))
     torch.manual_seed(0)
     shape = request["shape"]
@@ -185,12 +188,17 @@ def measure_train_point(request: dict[str, Any]) -> dict[str, Any]:
     _set_malloc_thresholds(64 * 1024)
     model = _build_model(shape)
     model = _quantize(model, request["scheme"])
+    if request["scheme"] != "none":
+        # As the agent builds a task model (TaskModelSpec.quantize_embeddings' default).
+        from quantization.embeddings import quantize_embeddings
+
+        quantize_embeddings(model)
     model = _attach_lora(model, shape, int(request["rank"]), list(request["target_modules"]))
     model.train()
     _release_free_heap()
-    # Training: the thresholds glibc's dynamic adjustment settles at in a long-running process
-    # (mmap threshold up to 32 MiB, trim threshold twice that).
-    _set_malloc_thresholds(32 << 20, 64 << 20)
+    # Training: the threshold the agent sets for itself (quantization/allocator.py), so a
+    # point's peak and step time are what the agent will see.
+    _set_malloc_thresholds(TRAINING_MMAP_THRESHOLD_BYTES)
     ready_rss = _rss_bytes()
     peak_was_reset = _reset_peak_rss()
 
@@ -205,7 +213,10 @@ def measure_train_point(request: dict[str, Any]) -> dict[str, Any]:
     durations, cpu_durations = [], []
     for step in range(int(request["warmup_steps"]) + int(request["steps"])):
         started, cpu_started = time.perf_counter(), time.process_time()
-        loss = model(input_ids=input_ids, labels=labels).loss
+        if shape["family"] == "encoder":
+            loss = model(input_ids=input_ids, labels=labels).loss
+        else:  # the agent's loss: one chunk of logits at a time
+            loss = chunked_causal_lm_loss(model, input_ids, labels=labels)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -94,9 +94,16 @@ def test_quantized_footprint_below_full_precision(pi4: DeviceProfile, shape: Mod
         for scheme in ("none", "int8", "nf4")
     }
     block = shape.block_linear_parameters()
-    # int8 saves ~3 bytes and nf4 ~3.44 bytes per block weight against fp32.
-    assert weights["none"] - weights["int8"] == pytest.approx(3 * block, rel=0.02)
-    assert weights["none"] - weights["nf4"] == pytest.approx((4 - 4.5 / 8) * block, rel=0.02)
+    # int8 saves ~3 bytes and nf4 ~3.44 bytes per block weight against fp32, and both store the
+    # frozen vocabulary matrices as int8 rows (3 bytes per weight saved, 4 per row spent).
+    vocabulary = shape.vocab * shape.vocabulary_matrices()
+    vocabulary_saved = 3 * vocabulary * shape.hidden - 4 * vocabulary
+    assert weights["none"] - weights["int8"] == pytest.approx(
+        3 * block + vocabulary_saved, rel=0.02
+    )
+    assert weights["none"] - weights["nf4"] == pytest.approx(
+        (4 - 4.5 / 8) * block + vocabulary_saved, rel=0.02
+    )
 
 
 def test_memory_fit_logic(pi4: DeviceProfile) -> None:
@@ -216,3 +223,25 @@ def test_known_schemes_match_quantization_package() -> None:
     from quantization.schemes import Scheme
 
     assert set(KNOWN_SCHEMES) == {scheme.value for scheme in Scheme}
+
+
+def test_the_head_transient_is_the_trainers_chunk_not_the_whole_batch() -> None:
+    """The trainer's causal-LM loss holds one chunk of logits at a time, so more examples add
+    their block activations and hidden states, never batch x sequence x vocab logits."""
+    from device_profiles.cost_model import (
+        BYTES_FP32,
+        LOSS_CHUNK_POSITIONS,
+        _activation_elements_per_token,
+    )
+    from quantization.causal_lm_loss import DEFAULT_CHUNK_POSITIONS
+
+    assert LOSS_CHUNK_POSITIONS == DEFAULT_CHUNK_POSITIONS
+    shape = KNOWN_SHAPES["smollm2-135m"]
+    one = TrainingPlan(scheme="nf4", batch_size=1, seq_len=LOSS_CHUNK_POSITIONS)
+    eight = dataclasses.replace(one, batch_size=8)
+    growth = count_step(shape, eight).activation_bytes - count_step(shape, one).activation_bytes
+    extra_tokens = 7 * LOSS_CHUNK_POSITIONS
+    per_token = _activation_elements_per_token(shape, one) * shape.layers + 2 * shape.hidden
+    assert growth == pytest.approx(BYTES_FP32 * per_token * extra_tokens)
+    # Full-size logits, log-softmax and gradient for those tokens would have been more again:
+    assert 3 * BYTES_FP32 * shape.vocab * extra_tokens > 0.5 * growth
