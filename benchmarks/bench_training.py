@@ -520,8 +520,12 @@ def main() -> None:
         plan += runs("smollm2", smollm2)
     if args.only == "llama-1.1b" or (args.only is None and not args.skip_1b):
         llama_1b = _prepare_1b(args.workdir)
-        plan.append(("llama-1.1b", "lora-nf4", llama_1b, 1, 0))
-        plan += [("llama-1.1b", mode, llama_1b, 1, 0) for mode in ("agent-gc", "agent-pi4")]
+        wanted = args.modes.split(",") if args.modes else ["lora-nf4", "agent-gc", "agent-pi4"]
+        plan += [
+            ("llama-1.1b", mode, llama_1b, 1, 0)
+            for mode in ("lora-nf4", "agent-gc", "agent-pi4")
+            if mode in wanted
+        ]
     results = [r for r in (_run_worker(args, *item) for item in plan) if r is not None]
     header = (
         f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; machine: "

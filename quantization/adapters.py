@@ -21,6 +21,7 @@ from torch import nn
 
 from durable.atomic_files import fsync_directory
 from quantization.errors import AdapterError, ModelFileError
+from quantization.qlinear import shape_only_weights
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,8 @@ def attach_adapter(model: nn.Module, config: AdapterConfig):  # noqa: ANN201 - P
         bias="none",
         **config.extra,
     )
-    peft_model = get_peft_model(model, lora, adapter_name=ADAPTER_NAME)
+    with shape_only_weights():  # PEFT reads each layer's weight only for shape/device/dtype
+        peft_model = get_peft_model(model, lora, adapter_name=ADAPTER_NAME)
     for name, param in peft_model.named_parameters():
         param.requires_grad_("lora_" in name or "modules_to_save" in name)
     return peft_model

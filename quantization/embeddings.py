@@ -12,8 +12,10 @@ its row's scale):
   head reads the embedding's buffers (one int8 storage, no fp32 copy, tying kept by
   construction); an untied frozen head owns its buffers.
 
-`quantize_embeddings(model)` swaps both into a loaded model in place; `build_task_model` calls
-it for quantizing schemes unless the task opts out (`TaskModelSpec.quantize_embeddings`).
+`quantize_embeddings(model)` swaps both into a loaded model in place. `build_task_model` gets
+the same modules from the loader instead (`load_quantized(..., int8_vocabulary=True)`, which
+quantizes each matrix as it streams in, so its full-precision copy is never resident), for
+quantizing schemes unless the task opts out (`TaskModelSpec.quantize_embeddings`).
 A trained head (classification `score` / `classifier`, or an `lm_head` a task lists in
 `modules_to_save`) is never touched: only frozen matrices are quantized.
 """
@@ -147,6 +149,9 @@ class Int8LMHead(QuantizedLinear):
     def _codes(self) -> tuple[torch.Tensor, torch.Tensor]:
         owner = self._tied_to if self._tied_to is not None else self
         return owner.int8_weight, owner.int8_scales
+
+    def _storage(self) -> torch.Tensor:
+        return self._codes()[0]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         codes, scales = self._codes()

@@ -13,13 +13,14 @@ import contextlib
 import functools
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from quantization.embeddings import Int8Embedding, Int8LMHead, int8_quantize_rows
 from quantization.errors import ModelFileError, ModelMismatchError, QuantizationError
 from quantization.schemes import (
     DEFAULT_SKIP_MODULES,
@@ -272,6 +273,35 @@ def _gguf_config_and_tensors(path: Path, task: str, num_labels: int | None):  # 
 # -- streaming assembly ---------------------------------------------------------------------
 
 
+def _vocabulary_modules(
+    model: nn.Module,
+) -> dict[str, Callable[[torch.Tensor], nn.Module] | None]:
+    """Module name -> how to build its int8 replacement from the streamed weight, for the
+    input embedding and a bias-free LM head. A tied head maps to None: a copy of it in the
+    checkpoint is dropped, and `finish` builds the head on the embedding's rows."""
+    builders: dict[str, Callable[[torch.Tensor], nn.Module] | None] = {}
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if type(embedding) is not nn.Embedding:
+        return builders
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    plain_head = type(head) is nn.Linear and head.bias is None
+    if tied and head is not None and not plain_head:
+        logger.info("embedding tied to a %s head: left in full precision", type(head).__name__)
+        return builders
+    padding_idx = embedding.padding_idx
+    for name, module in model.named_modules(remove_duplicate=False):
+        if module is embedding:
+            builders[name] = lambda weight: Int8Embedding(
+                *int8_quantize_rows(weight), padding_idx=padding_idx
+            )
+        elif module is head and plain_head:
+            builders[name] = (
+                None if tied else (lambda weight: Int8LMHead(*int8_quantize_rows(weight)))
+            )
+    return builders
+
+
 class _Assembler:
     """Puts streamed tensors into a meta skeleton, quantizing Linear weights on arrival."""
 
@@ -281,6 +311,7 @@ class _Assembler:
         scheme: Scheme,
         skip_modules: tuple[str, ...],
         device: torch.device | None = None,
+        int8_vocabulary: bool = False,
     ) -> None:
         self.model = model
         self.scheme = scheme
@@ -297,6 +328,7 @@ class _Assembler:
                     and can_quantize(tuple(module.weight.shape), scheme)
                 ):
                     self.to_quantize.add(name)
+        self.vocabulary = _vocabulary_modules(model) if int8_vocabulary else {}
         self.pending_bias: dict[str, torch.Tensor] = {}
         self.quantized: set[str] = set()
         self.loaded: set[str] = set()
@@ -327,9 +359,17 @@ class _Assembler:
                 f"({type(self.model).__name__}) expects {expected}; config.json and weights "
                 "do not belong together"
             )
+        module_name, _, attribute = name.rpartition(".")
+        if attribute == "weight" and module_name in self.vocabulary:
+            # Quantized from the streamed dtype a block of rows at a time: no fp32 copy of a
+            # (vocab, hidden) matrix ever exists (262 MB each for a 32k x 2048 vocabulary).
+            build = self.vocabulary[module_name]
+            if build is not None:
+                self._replace(module_name, build(tensor))
+            self.loaded.add(name)
+            return
         if tensor.is_floating_point():
             tensor = tensor.to(torch.float32)
-        module_name, _, attribute = name.rpartition(".")
         module = self.model.get_submodule(module_name)
         if module_name in self.to_quantize:
             self._add_quantized(module_name, module, attribute, tensor)
@@ -351,9 +391,12 @@ class _Assembler:
             bias = torch.zeros(module.out_features)  # placeholder until the bias streams in
         with torch.no_grad():
             quantized = quantize_linear_weight(tensor, bias, self.scheme, self.device)
-        parent_name, _, child_name = module_name.rpartition(".")
-        setattr(self.model.get_submodule(parent_name), child_name, quantized)
+        self._replace(module_name, quantized)
         self.quantized.add(module_name)
+
+    def _replace(self, module_name: str, module: nn.Module) -> None:
+        parent_name, _, child_name = module_name.rpartition(".")
+        setattr(self.model.get_submodule(parent_name), child_name, module)
 
     def finish(self, source: Path) -> nn.Module:
         model = self.model
@@ -364,7 +407,11 @@ class _Assembler:
             and isinstance(getattr(output, "weight", None), nn.Parameter)
             and output.weight.device.type == "meta"
         ):
-            output.weight = model.get_input_embeddings().weight
+            embedding = model.get_input_embeddings()
+            if isinstance(embedding, Int8Embedding):  # the head reads the embedding's rows
+                model.set_output_embeddings(Int8LMHead(tied_to=embedding))
+            else:
+                output.weight = embedding.weight
         missing = []
         for name, param in model.named_parameters():
             if param.device.type != "meta":
@@ -413,6 +460,7 @@ def load_quantized(
     num_labels: int | None = None,
     skip_modules: tuple[str, ...] = DEFAULT_SKIP_MODULES,
     device: torch.device | None = None,
+    int8_vocabulary: bool = False,
 ) -> nn.Module:
     """Load a Hugging Face model folder or a GGUF file with its Linear weights quantized.
 
@@ -429,6 +477,11 @@ def load_quantized(
         Where the model ends up (default: the CPU; a bitsandbytes scheme defaults to the
         GPU when there is one). Weights stream in and are quantized on the CPU, then move,
         so the GPU never holds a full-precision Linear weight.
+    int8_vocabulary:
+        Store the input embedding and a bias-free LM head (tied or not) as int8 rows
+        (`quantization/embeddings.py`), quantized as they stream in: the same modules and
+        codes as `quantize_embeddings` on the loaded model, without its full-precision
+        vocabulary matrices in memory first.
 
     All base parameters are frozen and the model is in eval mode; attach adapters next.
     Raises `ModelFileError` for missing/unreadable files and `ModelMismatchError` when the
@@ -455,7 +508,7 @@ def load_quantized(
         tensors = _iter_safetensors(files)
     else:
         raise ModelFileError(f"{source} is neither a model folder nor a .gguf file")
-    assembler = _Assembler(model, scheme, tuple(skip_modules), device)
+    assembler = _Assembler(model, scheme, tuple(skip_modules), device, int8_vocabulary)
     for key, tensor in tensors:
         assembler.add(key, tensor, source)
         del tensor

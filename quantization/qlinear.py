@@ -20,10 +20,13 @@ Both classes subclass `nn.Linear` so PEFT's default LoRA dispatch wraps them unc
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import logging
 import math
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -74,6 +77,29 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float32
 
 
+_SHAPE_ONLY_WEIGHTS: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "shape_only_weights", default=False
+)
+
+
+@contextlib.contextmanager
+def shape_only_weights() -> Iterator[None]:
+    """Inside the block a quantized layer's `.weight` has the right shape, dtype and device
+    but no values (an expanded zero, no memory).
+
+    PEFT reads `target.weight` about 22 times per layer while it wraps it in LoRA, only for
+    its shape, device and dtype. Each read of the real property dequantizes the whole layer:
+    wrapping SmolLM2's 210 layers cost 4,620 dequantizations, and most of the 1.1B
+    checkpoint's load time. Nothing inside the block may need the weight's values (LoRA's
+    default initialisation does not; PiSSA/OLoRA/LoftQ would, and we do not offer them).
+    """
+    token = _SHAPE_ONLY_WEIGHTS.set(True)
+    try:
+        yield
+    finally:
+        _SHAPE_ONLY_WEIGHTS.reset(token)
+
+
 class QuantizedLinear(nn.Linear):
     """Common part of the frozen quantized linears; subclasses say how to (de)quantize."""
 
@@ -105,8 +131,17 @@ class QuantizedLinear(nn.Linear):
     # -- nn.Module --------------------------------------------------------------------------
     @property  # type: ignore[override]
     def weight(self) -> torch.Tensor:
-        """Dequantized weight for inspection and merging; costs a full-precision copy."""
+        """Dequantized weight for inspection and merging; costs a full-precision copy.
+
+        Inside `shape_only_weights()` it is a zero-cost stand-in instead (see there)."""
+        if _SHAPE_ONLY_WEIGHTS.get():
+            device = self._storage().device
+            return torch.zeros((), device=device).expand(self.out_features, self.in_features)
         return self.dequantize()
+
+    def _storage(self) -> torch.Tensor:
+        """One tensor of the quantized storage (where the layer lives)."""
+        return next(self.buffers(recurse=False))
 
     def reset_parameters(self) -> None:
         """Nothing to reset: the weight is frozen data, not a trainable parameter."""

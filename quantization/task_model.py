@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from quantization.adapters import AdapterConfig, attach_adapter
-from quantization.embeddings import quantize_embeddings
 from quantization.loader import load_quantized, shared_gguf_reader
 from quantization.models import load_tokenizer, minilm_path, smollm2_gguf_path
 from quantization.schemes import Scheme, parse_scheme
@@ -116,6 +115,7 @@ def build_task_model(
 def _quantized_model_with_adapter(
     spec: TaskModelSpec, source: Path, device: torch.device | None
 ) -> nn.Module:
+    int8_vocabulary = _quantizes_embeddings(spec)
     if spec.kind == "classification":
         base = load_quantized(
             source,
@@ -123,11 +123,12 @@ def _quantized_model_with_adapter(
             task="classification",
             num_labels=len(spec.labels),
             device=device,
+            int8_vocabulary=int8_vocabulary,
         )
     else:
-        base = load_quantized(source, spec.scheme, task="causal-lm", device=device)
-    if _quantizes_embeddings(spec):
-        quantize_embeddings(base)
+        base = load_quantized(
+            source, spec.scheme, task="causal-lm", device=device, int8_vocabulary=int8_vocabulary
+        )
     model = attach_adapter(base, spec.adapter)
     if device is not None:  # the adapter (and a classification head) follow the base
         model.to(device)

@@ -302,6 +302,37 @@ def test_causal_lm_loss_goes_down_with_nf4(tiny_llama_folder) -> None:  # noqa: 
     assert losses[-1] < 0.8 * losses[0], losses
 
 
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_wrapping_in_lora_dequantizes_no_weight(
+    tiny_llama_folder,  # noqa: ANN001
+    scheme: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PEFT reads `.weight` ~22 times per layer while wrapping; each read used to dequantize."""
+    from quantization.qlinear import QuantizedLinear
+
+    base = load_quantized(tiny_llama_folder[0], scheme)
+    layer = base.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, QuantizedLinear)
+    real_weight = layer.dequantize()
+    dequantized: list[str] = []
+    original = type(layer).dequantize
+
+    def counted(self: QuantizedLinear, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        dequantized.append(type(self).__name__)
+        return original(self, dtype)
+
+    monkeypatch.setattr(type(layer), "dequantize", counted)
+    model = attach_adapter(base, AdapterConfig(rank=4))
+    assert dequantized == []
+    wrapped = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert wrapped.lora_A["default"].weight.device == real_weight.device
+    # outside the wrapping the property is the real weight again
+    assert torch.equal(wrapped.base_layer.weight, real_weight)
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
+    assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
+
+
 def test_adapter_state_names_do_not_depend_on_scheme(tiny_llama_folder) -> None:  # noqa: ANN001
     names = {
         scheme: sorted(

@@ -117,6 +117,53 @@ def test_untied_frozen_head_gets_its_own_int8_rows(untied_llama_checkpoint: Path
     assert _relative(_logits(model), _logits(reference)) < 1e-2
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_loader_quantizes_vocabulary_as_it_streams(
+    tiny_llama_checkpoint: Path, untied_llama_checkpoint: Path, tied: bool
+) -> None:
+    """Same modules and codes as quantize_embeddings after loading, tying kept."""
+    folder = tiny_llama_checkpoint if tied else untied_llama_checkpoint
+    after_load = quantize_embeddings(load_quantized(folder, "nf4"))
+    streamed = load_quantized(folder, "nf4", int8_vocabulary=True)
+    embedding, head = streamed.get_input_embeddings(), streamed.get_output_embeddings()
+    assert isinstance(embedding, Int8Embedding) and isinstance(head, Int8LMHead)
+    assert head.is_tied is tied
+    want, got = after_load.state_dict(), streamed.state_dict()
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    torch.testing.assert_close(_logits(streamed), _logits(after_load))
+
+
+def test_streamed_vocabulary_is_never_made_fp32(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """A bf16 checkpoint's vocabulary goes to int8 from bf16 (a block of rows at a time), and a
+    tied checkpoint that stores the head too gets the head on the embedding's rows."""
+    from safetensors.torch import save_file
+    from transformers import LlamaForCausalLM
+
+    from quantization import loader
+
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(tiny_llama_config()).to(torch.bfloat16).eval()
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    assert "lm_head.weight" in state  # the tied copy is written as well (some exports do)
+    model.config.save_pretrained(tmp_path)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    dtypes: list[torch.dtype] = []
+
+    def recorded(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dtypes.append(weight.dtype)
+        return int8_quantize_rows(weight)
+
+    monkeypatch.setattr(loader, "int8_quantize_rows", recorded)
+    streamed = load_quantized(tmp_path, "nf4", int8_vocabulary=True)
+    assert dtypes == [torch.bfloat16]  # the embedding once; the tied head's copy dropped
+    assert streamed.get_output_embeddings().is_tied
+    codes, scales = int8_quantize_rows(state["model.embed_tokens.weight"].float())
+    assert torch.equal(streamed.model.embed_tokens.int8_weight, codes)
+    assert torch.equal(streamed.model.embed_tokens.int8_scales, scales)
+
+
 def test_head_matmul_in_blocks_matches_one_matmul(monkeypatch: pytest.MonkeyPatch) -> None:
     import quantization.embeddings as embeddings
 
