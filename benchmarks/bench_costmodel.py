@@ -27,7 +27,14 @@ from device_profiles.bench import BenchConfig, WorkerServer, measure_points
 from device_profiles.calibration import Observation, fit_calibration
 from device_profiles.cost_model import predict
 from device_profiles.plan import TrainingPlan
-from device_profiles.profile import DeviceProfile, Hardware, Network, Power, Throughput
+from device_profiles.profile import (
+    Calibration,
+    DeviceProfile,
+    Hardware,
+    Network,
+    Power,
+    Throughput,
+)
 from device_profiles.shapes import KNOWN_SHAPES
 
 
@@ -138,6 +145,19 @@ def merge(raws: list[dict]) -> dict:
     return merged
 
 
+def _describe(calibration: Calibration) -> str:
+    return (
+        f"flop_efficiency {calibration.flop_efficiency:.3f}, memory_efficiency "
+        f"{calibration.memory_efficiency:.3f}, dequant int8 {calibration.dequant_int8:.2f}, nf4 "
+        f"{calibration.dequant_nf4:.2f}, per layer {calibration.per_layer_seconds * 1e3:.2f} ms, "
+        f"fixed {calibration.fixed_seconds * 1e3:.1f} ms, activation factor "
+        f"{calibration.activation_factor_encoder:.3f} (encoder) / "
+        f"{calibration.activation_factor_decoder:.3f} (decoder), dequant workspace "
+        f"{calibration.dequant_memory_fraction:.3f}, overhead "
+        f"{calibration.memory_overhead_bytes / 1e6:.1f} MB"
+    )
+
+
 def analyse(raw: dict, estimator: str = "median", timing: str = "wall") -> tuple[str, bool]:
     gflops = statistics.median(raw["gflops"])
     bandwidth = statistics.median(raw["bandwidth"])
@@ -217,15 +237,9 @@ def analyse(raw: dict, estimator: str = "median", timing: str = "wall") -> tuple
         f"(median of each pass's steps; {estimator} across passes; {timing} time)",
         f"- measured matmul {gflops:.1f} GFLOPS (runs: "
         f"{', '.join(f'{g:.1f}' for g in raw['gflops'])}), copy bandwidth {bandwidth:.1f} GB/s",
-        f"- calibrated on {len(train)} points, predicted {len(test)}: flop_efficiency "
-        f"{calibration.flop_efficiency:.3f}, memory_efficiency {calibration.memory_efficiency:.3f},"
-        f" dequant int8 {calibration.dequant_int8:.2f}, nf4 {calibration.dequant_nf4:.2f}, "
-        f"per layer {calibration.per_layer_seconds * 1e3:.2f} ms, fixed "
-        f"{calibration.fixed_seconds * 1e3:.1f} ms, activation factor "
-        f"{calibration.activation_factor_encoder:.2f} (encoder) / "
-        f"{calibration.activation_factor_decoder:.2f} (decoder), dequant workspace "
-        f"{calibration.dequant_memory_fraction:.2f}, overhead "
-        f"{calibration.memory_overhead_bytes / 1e6:.0f} MB",
+        f"- calibrated on {len(train)} points, predicted {len(test)}: " + _describe(calibration),
+        f"- fitted on all {len(observations)} points (what the reference profiles take): "
+        + _describe(fit_calibration(profile, observations)),
         f"- step time |error|: median {statistics.median(time_errors):.1%}, max "
         f"{max(time_errors):.1%} (targets 15 % / 35 %)",
         f"- peak memory |error|: median {statistics.median(memory_errors):.1%}, max "

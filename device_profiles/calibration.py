@@ -142,18 +142,24 @@ def _time_prior(defaults: Calibration, on_gpu: bool = False) -> np.ndarray:
     )
 
 
-def _memory_features(counts: Sequence[StepCounts], workspace_width: float = 1.0) -> np.ndarray:
+def _memory_features(profile: DeviceProfile, counts: Sequence[StepCounts]) -> np.ndarray:
     """Encoder and decoder activations get separate columns: the cost model has a factor each.
-    `workspace_width` is the dequantized weight's width relative to fp32 (half on the GPU
-    path under autocast)."""
+    The dequantize workspace is the CPU heap's share on the CPU path, and on a GPU all block
+    weights at the dequantized width (half under autocast), as `cost_model.memory_peaks`."""
+    on_cpu = memory_kind(profile) is MemoryKind.RAM
+    width = dequantized_width(profile)
     rows = []
     for step in counts:
         encoder = step.family == "encoder"
+        workspace = (
+            step.heap_dequant_workspace_bytes if on_cpu else width * step.dequant_workspace_bytes
+        )
+        activations = step.activation_bytes if on_cpu else step.all_activation_bytes
         rows.append(
             [
-                step.activation_bytes if encoder else 0.0,
-                0.0 if encoder else step.activation_bytes,
-                workspace_width * step.dequant_workspace_bytes,
+                activations if encoder else 0.0,
+                0.0 if encoder else activations,
+                workspace,
                 1.0,
             ]
         )
@@ -200,11 +206,14 @@ def _fit_memory(
     peaks = np.array([observation.peak_bytes for observation in observations])
     fixed_parts = np.array(
         [
-            _fixed_memory_base(profile) + step.weight_bytes + step.trainable_state_bytes
+            _fixed_memory_base(profile)
+            + step.weight_bytes
+            + step.trainable_state_bytes
+            + (step.mapped_activation_bytes if memory_kind(profile) is MemoryKind.RAM else 0.0)
             for step in counts
         ]
     )
-    memory_matrix = _memory_features(counts, dequantized_width(profile)) / peaks[:, None]
+    memory_matrix = _memory_features(profile, counts) / peaks[:, None]
     memory_goal = (peaks - fixed_parts) / peaks
     memory_prior = _memory_prior(defaults)
     memory_fit = memory_prior.copy()

@@ -82,6 +82,11 @@ LOSS_CHUNK_POSITIONS = 128
 does not import torch)."""
 INT8_ROW_SCALE_BYTES = 4
 """fp32 scale per row of an int8 vocabulary matrix (`quantization.embeddings`)."""
+AGENT_MMAP_THRESHOLD_BYTES = 1024 * 1024
+"""glibc's mmap threshold as the agent fixes it for training (quantization/allocator.py's
+`TRAINING_MMAP_THRESHOLD_BYTES`; a test keeps the two equal): what separates dequantized
+copies the heap keeps from those returned to the OS."""
+
 DEFAULT_MEMORY_MARGIN = 0.15
 """A plan fits when peak x (1 + margin) <= RAM - OS reserve: the OS, page cache and other
 processes move by more than a few percent during a round."""
@@ -103,11 +108,20 @@ class StepCounts:
     trainable_state_bytes: float
     """Adapter weights + gradients + optimizer state, fp32."""
     activation_bytes: float
-    """Tensors saved for backward plus the largest transient (logits, dequantized weight)."""
+    """Tensors saved for backward plus the largest transient (logits, dequantized weight),
+    when they are small enough to come from glibc's heap on the CPU (0 otherwise)."""
     dequant_workspace_bytes: float
-    """fp32 size of the block weights when the scheme dequantizes (0 otherwise): the
-    allocator keeps a share of the per-layer dequantized copies resident while training."""
+    """fp32 size of the block weights when the scheme dequantizes (0 otherwise): a GPU's
+    caching allocator keeps a share of the per-layer dequantized copies resident."""
     family: str
+    mapped_activation_bytes: float = 0.0
+    """The same activations when one pass's (tokens, hidden) fp32 tensor reaches the agent's
+    mmap threshold: each is then its own mapping and the CPU path counts them as they are
+    (no heap slack factor); a GPU applies its factor to both."""
+    heap_dequant_workspace_bytes: float = 0.0
+    """The CPU path's counterpart: only the block weights whose fp32 copy is below the
+    agent's mmap threshold (`AGENT_MMAP_THRESHOLD_BYTES`) come from glibc's heap, which keeps
+    a share of them resident; larger copies are mappings returned to the OS when freed."""
     cpu_step_factor: float = 1.0
     """Multiplies the whole CPU step: SCHEME_CPU_STEP_FACTOR of the plan's scheme."""
     passes: int = 1
@@ -125,6 +139,11 @@ class StepCounts:
             return self.layers
         share = RECOMPUTE_DISPATCH_SHARE if self.recomputes_forward else 0.0
         return self.layers * self.passes * (1.0 + share)
+
+    @property
+    def all_activation_bytes(self) -> float:
+        """Heap-served and mapped activations together (what a GPU allocator holds)."""
+        return self.activation_bytes + self.mapped_activation_bytes
 
 
 def adapter_parameter_count(
@@ -173,6 +192,23 @@ def _activation_elements_per_token(model_shape: ModelShape, plan: TrainingPlan) 
 
 
 @functools.lru_cache(maxsize=65536)
+def activations_are_mapped(model_shape: ModelShape, plan: TrainingPlan) -> bool:
+    """Whether the CPU path counts a decoder's activations as they are, without heap slack.
+
+    Under the agent's allocator a tensor of 1 MiB or more is its own mapping, returned to the
+    OS when freed: once one pass's (tokens, hidden) fp32 activation is that large, the block
+    activations are resident as counted (measured: SmolLM2 at 4 x 128, the 1.1B LLaMA shape).
+    Below it they come from glibc's heap, whose slack the fitted factor covers (every point
+    of the calibration grid is there). So the predicted peak drops where a pass crosses the
+    threshold, as the measured one does. Encoders keep the factor everywhere (the safe side):
+    no encoder point beyond the threshold has been measured.
+    """
+    if model_shape.family != "decoder":
+        return False
+    pass_tokens = plan.examples_per_pass * plan.seq_len
+    return BYTES_FP32 * pass_tokens * model_shape.hidden >= AGENT_MMAP_THRESHOLD_BYTES
+
+
 def count_step(model_shape: ModelShape, plan: TrainingPlan) -> StepCounts:
     """FLOP and byte counts of one LoRA training step of `plan` on `model_shape`.
 
@@ -220,6 +256,7 @@ def count_step(model_shape: ModelShape, plan: TrainingPlan) -> StepCounts:
             + 2.0 * lora_params * layers * tokens
         )
 
+    mapped = activations_are_mapped(model_shape, plan)
     storage = SCHEME_STORAGE[plan.scheme]
     quantized_weight_bytes = sum(storage.weight_bytes(i, o) for i, o in shapes.values()) * layers
     weight_bytes = quantized_weight_bytes + BYTES_FP32 * model_shape.other_parameters()
@@ -250,6 +287,18 @@ def count_step(model_shape: ModelShape, plan: TrainingPlan) -> StepCounts:
         # Each block's input hidden state, plus the block being recomputed in backward.
         saved_per_token = model_shape.hidden * layers + per_token
     saved = BYTES_FP32 * (saved_per_token * pass_tokens + head_activation)
+    mapped_bytes = 0.0
+    if model_shape.family == "decoder":
+        # What the agent's allocator serves as mappings (each tensor >= 1 MiB), resident as
+        # counted: one loss chunk's logits, the dequantized weight, and the block activations
+        # once a pass's (tokens, hidden) tensor is that large (`activations_are_mapped`).
+        logits = BYTES_FP32 * 3.0 * model_shape.vocab * min(pass_tokens, LOSS_CHUNK_POSITIONS)
+        if logits / 3.0 >= AGENT_MMAP_THRESHOLD_BYTES:
+            mapped_bytes += logits
+        if transient >= AGENT_MMAP_THRESHOLD_BYTES:
+            mapped_bytes += transient
+        if mapped:
+            mapped_bytes = saved + transient
     # Activations touched ~3 times (forward, backward, gradient), a 4th for a recomputed
     # forward, plus the stored weights streamed from memory in forward and in backward of
     # every pass (what bounds small-batch steps); the LM head's weight is not recomputed.
@@ -265,8 +314,14 @@ def count_step(model_shape: ModelShape, plan: TrainingPlan) -> StepCounts:
         weight_bytes=weight_bytes,
         adapter_parameters=adapter_params,
         trainable_state_bytes=trainable_state,
-        activation_bytes=saved + transient,
+        activation_bytes=saved + transient - mapped_bytes,
+        mapped_activation_bytes=mapped_bytes,
         dequant_workspace_bytes=BYTES_FP32 * block_params if storage.dequantizes else 0.0,
+        heap_dequant_workspace_bytes=(
+            BYTES_FP32 * model_shape.block_linear_parameters_below(AGENT_MMAP_THRESHOLD_BYTES)
+            if storage.dequantizes
+            else 0.0
+        ),
         family=model_shape.family,
         cpu_step_factor=SCHEME_CPU_STEP_FACTOR[plan.scheme],
         passes=passes,
@@ -348,7 +403,8 @@ def _cpu_peak_bytes(profile: DeviceProfile, counts: StepCounts) -> float:
         + counts.weight_bytes
         + counts.trainable_state_bytes
         + activation_factor(calibration, counts.family) * counts.activation_bytes
-        + calibration.dequant_memory_fraction * counts.dequant_workspace_bytes
+        + counts.mapped_activation_bytes
+        + calibration.dequant_memory_fraction * counts.heap_dequant_workspace_bytes
         + calibration.memory_overhead_bytes
     )
 
@@ -360,7 +416,7 @@ def _gpu_training_bytes(profile: DeviceProfile, counts: StepCounts) -> float:
     return (
         counts.weight_bytes
         + counts.trainable_state_bytes
-        + activation_factor(calibration, counts.family) * counts.activation_bytes
+        + activation_factor(calibration, counts.family) * counts.all_activation_bytes
         + calibration.dequant_memory_fraction
         * dequantized_width(profile)
         * counts.dequant_workspace_bytes

@@ -108,10 +108,12 @@ class Calibration:
     fixed_seconds: float = 0.0065
     dequant_int8: float = 2.3
     dequant_nf4: float = 9.0
-    activation_factor_encoder: float = 3.1
-    activation_factor_decoder: float = 1.67
-    dequant_memory_fraction: float = 0.64
-    memory_overhead_bytes: float = 34e6
+    activation_factor_encoder: float = 3.34
+    activation_factor_decoder: float = 2.01
+    dequant_memory_fraction: float = 1.12
+    """Share of the heap-served dequantized copies (CPU: layers below the agent's 1 MiB mmap
+    threshold) that stays resident; refit 2026-12-03 under the agent's allocator."""
+    memory_overhead_bytes: float = 28e6
     gpu_launch_seconds_per_layer: float = 0.001
     """GPU path only, in place of `per_layer_seconds`: the host's cost of dispatching one
     transformer layer's kernels per step (forward and backward, ~100 kernels at ~10 us of

@@ -88,6 +88,11 @@ class ModelShape:
         per_block = sum(i * o for i, o in self.linear_shapes().values())
         return per_block * self.layers
 
+    def block_linear_parameters_below(self, fp32_bytes: int) -> int:
+        """Weights of the block linears whose fp32 copy is smaller than `fp32_bytes`."""
+        small = sum(i * o for i, o in self.linear_shapes().values() if 4 * i * o < fp32_bytes)
+        return small * self.layers
+
     def other_parameters(self) -> int:
         """Everything kept in full precision: embeddings, norms, biases, heads."""
         embeddings = self.vocab * self.hidden

@@ -1,10 +1,12 @@
 """The plan fitter's memory levers on a 4 GB Raspberry Pi, priced by the cost model.
 
-SmolLM2-135M at batch 4 x 128 with LoRA on all seven projections: the fitter pulls gradient
+SmolLM2-135M at batch 4 x 64 with LoRA on all seven projections: the fitter pulls gradient
 checkpointing first, then micro-batches, then a shorter sequence, as the device's memory
 tightens; each lever lowers the predicted peak and raises the predicted step time; the
 plan carries the choice through the wire codec; a plan without levers prices and encodes
-exactly as before the levers existed. No models, no torch.
+exactly as before the levers existed. No models, no torch. (At 4 x 64 every pass stays
+below the agent's mmap threshold, where each lever lowers the peak; at 4 x 128 one does not:
+the last test.)
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ PLAN = TrainingPlan(
     scheme="nf4",
     rank=8,
     batch_size=4,
-    seq_len=128,
+    seq_len=64,
     local_steps=10,
     target_modules=DECODER_TARGET_ROLES,
 )
@@ -79,7 +81,7 @@ GC_MICRO1 = replace(GC, micro_batch_size=1)
 
 
 def test_each_lever_lowers_the_peak_and_costs_step_time(pi: DeviceProfile) -> None:
-    ladder = [PLAN, GC, GC_MICRO2, GC_MICRO1, replace(GC_MICRO1, seq_len=64)]
+    ladder = [PLAN, GC, GC_MICRO2, GC_MICRO1, replace(GC_MICRO1, seq_len=32)]
     predictions = [predict(pi, SMOLLM, plan) for plan in ladder]
     peaks = [p.peak_bytes for p in predictions]
     steps = [p.step_seconds for p in predictions[:4]]
@@ -101,14 +103,16 @@ def test_the_pi_gets_gradient_checkpointing_first(pi: DeviceProfile) -> None:
     free = _between(_peak(pi, GC), _peak(pi, PLAN))
     plan = _fit(pi, free)
     assert plan == replace(GC, local_steps=plan.local_steps)
-    assert plan.micro_batch_size == 0 and plan.seq_len == 128
+    assert plan.micro_batch_size == 0 and plan.seq_len == PLAN.seq_len
 
 
 def test_a_pi_with_less_free_memory_gets_micro_batches_too(pi: DeviceProfile) -> None:
     plan = _fit(pi, _between(_peak(pi, GC_MICRO2), _peak(pi, GC)))
-    assert plan.gradient_checkpointing and plan.micro_batch_size == 2 and plan.seq_len == 128
+    assert plan.gradient_checkpointing and plan.micro_batch_size == 2
+    assert plan.seq_len == PLAN.seq_len
     plan = _fit(pi, _between(_peak(pi, GC_MICRO1), _peak(pi, GC_MICRO2)))
-    assert plan.gradient_checkpointing and plan.micro_batch_size == 1 and plan.seq_len == 128
+    assert plan.gradient_checkpointing and plan.micro_batch_size == 1
+    assert plan.seq_len == PLAN.seq_len
 
 
 def test_the_tightest_pi_gets_a_shorter_sequence(pi: DeviceProfile) -> None:
@@ -235,3 +239,19 @@ def test_micro_batches_halve_through_divisors() -> None:
         (True, 1),
     ]
     assert lever_note(PLAN) == "" and lever_note(GC) == "gradient checkpointing"
+
+
+def test_across_the_mmap_threshold_a_lever_can_save_nothing(pi: DeviceProfile) -> None:
+    """At 4 x 128 with checkpointing a pass's (tokens, hidden) activation is 1.18 MB, its own
+    mapping; micro-batches of 2 bring it under 1 MiB, into glibc's heap and its slack, so they
+    save nothing, and a Pi that needs less gets micro-batches of 1 straight away."""
+    from device_profiles.cost_model import activations_are_mapped
+
+    wide = replace(GC, seq_len=128)
+    halves, singles = replace(wide, micro_batch_size=2), replace(wide, micro_batch_size=1)
+    assert activations_are_mapped(SMOLLM, wide) and not activations_are_mapped(SMOLLM, halves)
+    assert _peak(pi, halves) >= _peak(pi, wide) * 0.999
+    fitter = PlanFitter(SMOLLM, replace(PLAN, seq_len=128), LIMITS, DEADLINE_SECONDS)
+    fitted = fitter.fit(pi, free_memory_bytes=_between(_peak(pi, singles), _peak(pi, wide)))
+    assert not isinstance(fitted, str), fitted
+    assert fitted[0].micro_batch_size == 1 and fitted[0].seq_len == 128
