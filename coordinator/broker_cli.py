@@ -127,6 +127,7 @@ def broker_config_command(
         load_credentials,
         write_broker_config,
     )
+    from coordinator.broker_install import install_steps, own_in_place
 
     ids = list(device_ids)
     if devices_file is not None:
@@ -175,6 +176,18 @@ def broker_config_command(
     )
     if not ids:
         click.echo("no devices yet: add each with `schoolfl coordinator add-device DEVICE`")
+    if own_in_place(request, files):
+        click.echo(
+            f"gave {files.dynamic_security_path} to the mosquitto user (mode 0600): the "
+            "broker reads and rewrites it after dropping root"
+        )
+    click.echo(
+        "on the broker host (Debian/Ubuntu's mosquitto starts as root, then runs as user "
+        "mosquitto, which must read these files), as root:"
+    )
+    for step in install_steps(request, files):
+        click.echo(f"  {step.command()}")
+    click.echo("  systemctl restart mosquitto")
 
 
 def broker_admin_client(config: CoordinatorConfig) -> BrokerAdminClient:

@@ -9,7 +9,7 @@ import click
 
 if TYPE_CHECKING:
     from coordinator.config import TaskConfig
-    from coordinator.store import AdapterVersion, PrivacyStop
+    from coordinator.store import AdapterVersion
 
 
 @click.group("coordinator")
@@ -69,12 +69,16 @@ def serve_command(config_path: Path, exit_when_done: bool) -> None:
     """Run the coordinator daemon in the foreground until SIGTERM or Ctrl-C."""
     import signal
 
+    from coordinator.config import CoordinatorConfig, CoordinatorConfigError
     from coordinator.daemon import CoordinatorDaemon
     from durable.daemon_logging import use_info_logging
     from durable.state_lock import StateLockedError
     from edge_runtime.wire import TransportError
 
-    config = _load_config(config_path)
+    try:  # every key, file and password checked before anything is built or connected
+        config = CoordinatorConfig.load(config_path, serving=True)
+    except CoordinatorConfigError as error:
+        raise click.ClickException(str(error)) from None
     use_info_logging()
     try:
         daemon = CoordinatorDaemon(config)
@@ -132,146 +136,6 @@ def enroll_token_command(config_path: Path, school: str, valid_hours: float | No
     store.add_enrollment_token(token, school, seconds)
     store.close()
     click.echo(token)
-
-
-@coordinator_group.command("devices")
-@CONFIG_OPTION
-def devices_command(config_path: Path) -> None:
-    """List enrolled devices: school, profile, enrollment and revocation."""
-    from device_profiles.architecture import architectures_disagree
-    from device_profiles.profile import profile_from_toml_text
-
-    store = _open_store(config_path)
-    devices = store.devices()
-    if not devices:
-        click.echo(
-            "no devices enrolled yet; issue a token with `schoolfl coordinator enroll-token`"
-        )
-    for device in devices:
-        profile = profile_from_toml_text(device.profile_toml)
-        state = f"revoked {_when(device.revoked_at)}" if device.revoked else "active"
-        # The machine the agent reported; "?" for agents that predate the field.
-        machine = device.machine or "?"
-        if architectures_disagree(profile.hardware.architecture, device.machine):
-            machine += f" (profile says {profile.hardware.architecture}!)"
-        click.echo(
-            f"{device.device_id:24} {device.school:16} {profile.name:20} {machine:8} "
-            f"enrolled {_when(device.enrolled_at)}  {state}"
-        )
-    store.close()
-
-
-@coordinator_group.command("rounds")
-@CONFIG_OPTION
-@click.option("--task", "task_id", default=None, help="Only this task.")
-def rounds_command(config_path: Path, task_id: str | None) -> None:
-    """List rounds with their state, updates, reason and metrics."""
-    store = _open_store(config_path)
-    records = store.rounds(task_id)
-    if not records:
-        click.echo("no rounds yet")
-    for record in records:
-        updates = len(store.updates(record.task_id, record.round_number))
-        metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(record.metrics.items()))
-        click.echo(
-            f"{record.task_id} round {record.round_number}: {record.state.value:9} "
-            f"updates={updates} {record.reason or ''} {metrics}".rstrip()
-        )
-    for task in _load_config(config_path).tasks:
-        stop = store.privacy_stop(task.id)
-        if (task_id is None or task.id == task_id) and _stop_holds(task, stop):
-            click.echo(f"{task.id} stopped: {stop.reason}")  # type: ignore[union-attr]
-    store.close()
-
-
-def _stop_holds(task: TaskConfig, stop: PrivacyStop | None) -> bool:
-    from coordinator.privacy import stop_holds
-
-    return stop_holds(task, stop)
-
-
-@coordinator_group.command("status")
-@CONFIG_OPTION
-def status_command(config_path: Path) -> None:
-    """Tasks, their current versions and open rounds, and refused messages."""
-    from coordinator.store import RoundState
-
-    config = _load_config(config_path)
-    store = _open_store(config_path)
-    click.echo(
-        f"fleet {config.coordinator.fleet}, broker {config.broker.url}, "
-        f"{len(store.devices())} device(s) enrolled"
-    )
-    for task in config.tasks:
-        rounds = store.rounds(task.id)
-        completed = sum(1 for r in rounds if r.state is RoundState.COMPLETED)
-        latest = store.latest_adapter_version(task.id)
-        version = f"v{latest.version} {latest.sha256[:12]}" if latest else "none"
-        open_rounds = [r.round_number for r in rounds if r.state is RoundState.OPEN]
-        click.echo(
-            f"task {task.id}: {completed}/{task.rounds} rounds completed, adapter "
-            f"{version}, open rounds {open_rounds or 'none'}"
-        )
-        if task.privacy.mode != "off":
-            ledger = store.privacy_rounds(task.id)
-            spent = ledger[-1].epsilon if ledger else 0.0
-            click.echo(
-                f"  privacy ({task.privacy.mode} DP): epsilon {spent:.4g} of budget "
-                f"{task.privacy.epsilon_budget:g} at delta {task.privacy.delta:g}"
-            )
-            stop = store.privacy_stop(task.id)
-            if _stop_holds(task, stop):
-                click.echo(f"  stopped: {stop.reason}")  # type: ignore[union-attr]
-    counts = store.rejection_counts()
-    click.echo("refused messages: " + (", ".join(f"{k}={v}" for k, v in counts.items()) or "none"))
-    for refused in store.refusals(5):  # per device and category, latest first
-        click.echo(
-            f"  {_when(refused.last_at)} {refused.device_id or '?'} {refused.category} "
-            f"x{refused.count}: {refused.last_reason}"
-        )
-    store.close()
-
-
-@coordinator_group.command("privacy-report")
-@CONFIG_OPTION
-@click.argument("task_id")
-def privacy_report_command(config_path: Path, task_id: str) -> None:
-    """Per completed round of TASK_ID: participants, clipping bound, noise multiplier,
-    cumulative (epsilon, delta), secure aggregation on/off."""
-    config = _load_config(config_path)
-    try:
-        task = config.task(task_id)
-    except KeyError as error:
-        raise click.ClickException(str(error.args[0])) from None
-    if task.privacy.mode == "off":
-        raise click.ClickException(
-            f"task {task_id!r} has [tasks.privacy] mode = 'off': no privacy accounting; set "
-            "mode, clip_norm, noise_multiplier and epsilon_budget in its [tasks.privacy] table"
-        )
-    store = _open_store(config_path)
-    ledger = store.privacy_rounds(task_id)
-    stop = store.privacy_stop(task_id)
-    store.close()
-    click.echo(
-        f"task {task_id}: {task.privacy.mode} DP, budget epsilon "
-        f"{task.privacy.epsilon_budget:g} at delta {task.privacy.delta:g}"
-    )
-    if not ledger:
-        click.echo("no completed rounds yet: epsilon 0")
-    else:
-        click.echo(
-            f"{'round':>5} {'devices':>7} {'eligible':>8} {'q':>6} {'clip':>8} {'noise z':>7} "
-            f"{'epsilon':>9} {'delta':>8} secure-agg"
-        )
-    for entry in ledger:
-        click.echo(
-            f"{entry.round_number:>5} {entry.participants:>7} {entry.eligible_devices:>8} "
-            f"{entry.sampling_probability:>6.3f} {entry.clip_norm:>8.4g} "
-            f"{entry.noise_multiplier:>7.4g} {entry.epsilon:>9.4f} {entry.delta:>8.1e} "
-            f"{'on' if entry.secure_aggregation else 'off'}"
-        )
-    if _stop_holds(task, stop):
-        click.echo(f"stopped: {stop.reason}")  # type: ignore[union-attr]
 
 
 @coordinator_group.command("revoke")
@@ -439,6 +303,20 @@ def _register_simulate() -> None:
     coordinator_group.add_command(simulate_command)
 
 
+def _register_list_commands() -> None:
+    """`devices`, `rounds`, `status` and `privacy-report` (text or --json) live in
+    coordinator/list_commands.py."""
+    from coordinator.list_commands import (
+        devices_command,
+        privacy_report_command,
+        rounds_command,
+        status_command,
+    )
+
+    for command in (devices_command, rounds_command, status_command, privacy_report_command):
+        coordinator_group.add_command(command)
+
+
 def _register_broker_commands() -> None:
     """`broker-config` and `add-device` live in coordinator/broker_cli.py."""
     from coordinator.broker_cli import add_device_command, broker_config_command
@@ -448,4 +326,5 @@ def _register_broker_commands() -> None:
 
 
 _register_simulate()
+_register_list_commands()
 _register_broker_commands()

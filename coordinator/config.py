@@ -6,200 +6,48 @@ Every key is documented where it is declared and in docs/coordinator.md.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from coordinator.broker_admin import BrokerAdminConfig
+from coordinator.config_values import (
+    CoordinatorConfigError,
+    check_flag,
+    check_seconds,
+    check_text,
+    invalid,
+    is_finite_number,
+    is_whole_number,
+)
+from coordinator.task_tables import (
+    DP_MODES,
+    SCHEDULERS,
+    PrivacyConfig,
+    ScheduleConfig,
+    SecureAggregationConfig,
+)
 from durable.config_tables import build_dataclass, read_toml_file
 from edge_runtime.wire import BrokerSettings, UpdateEncoding, check_identifier
+from quantization.schemes import Scheme
 
-SCHEDULERS = ("equity", "oort", "random", "fit-first")
-DP_MODES = ("off", "central", "local")
+__all__ = [
+    "DP_MODES",
+    "MOVED_TASK_KEYS",
+    "SCHEDULERS",
+    "CoordinatorConfig",
+    "CoordinatorConfigError",
+    "CoordinatorSettings",
+    "PrivacyConfig",
+    "ScheduleConfig",
+    "SchoolConfig",
+    "SecureAggregationConfig",
+    "TaskConfig",
+]
 
-
-class CoordinatorConfigError(ValueError):
-    """coordinator.toml is missing or invalid; the message names file, table and key."""
-
-
-def _invalid(where: str, key: str, problem: str) -> CoordinatorConfigError:
-    return CoordinatorConfigError(f"{where}: {key} {problem}")
-
-
-def _finite_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _whole_number(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-@dataclass(frozen=True)
-class PrivacyConfig:
-    """`[tasks.privacy]`: client-level differential privacy (DP-FedAvg); see
-    docs/coordinator.md. All-or-nothing, so a half-configured private task cannot start."""
-
-    mode: str = "off"
-    """off, central (the coordinator noises the aggregate) or local (each device noises its
-    own update)."""
-    clip_norm: float = 0.0
-    """L2 bound every update is clipped to, on the device and again on the coordinator (the
-    sensitivity the accountant assumes); required (> 0) when mode is not off."""
-    noise_multiplier: float = 0.0
-    """Gaussian noise standard deviation as a multiple of clip_norm (z); > 0 when mode is
-    not off."""
-    epsilon_budget: float = 0.0
-    """The task's total epsilon; a round that would take the cumulative epsilon past it is
-    not opened. Required (> 0) when mode is not off."""
-    delta: float = 1e-5
-    """The delta at which epsilon is reported and budgeted; keep it well below
-    1 / number of devices."""
-
-    def __post_init__(self) -> None:
-        where = "[tasks.privacy]"
-        if self.mode not in DP_MODES:
-            raise _invalid(
-                where, "mode", f"must be one of {', '.join(DP_MODES)}, got {self.mode!r}"
-            )
-        for name in ("clip_norm", "noise_multiplier", "epsilon_budget", "delta"):
-            value = getattr(self, name)
-            if not _finite_number(value) or value < 0:
-                raise _invalid(where, name, f"must be a finite number >= 0, got {value!r}")
-        if not 0 < self.delta < 1:
-            raise _invalid(where, "delta", f"must be within (0, 1), got {self.delta!r}")
-        if self.mode == "off":
-            return
-        for name, why in (
-            ("clip_norm", "the L2 bound every update is clipped to"),
-            (
-                "noise_multiplier",
-                "without noise epsilon is infinite; for clipping alone use mode = 'off' "
-                "with the [[tasks]] key max_update_norm",
-            ),
-            ("epsilon_budget", "the total epsilon the task may spend"),
-        ):
-            if getattr(self, name) <= 0:
-                raise _invalid(
-                    where,
-                    name,
-                    f"must be > 0 when mode is {self.mode!r} ({why}), got {getattr(self, name)!r}",
-                )
-
-
-@dataclass(frozen=True)
-class SecureAggregationConfig:
-    """`[tasks.secure_aggregation]`: masked rounds (docs/secagg.md)."""
-
-    enabled: bool = False
-    """Run rounds with secure aggregation: devices send masked inputs and the coordinator
-    learns only their sum. Only devices whose agent can do it are chosen; every device
-    trains the task's full rank; the mean is unweighted (the coordinator sees no single
-    update to weigh)."""
-    clip_bound: float = 1.0
-    """Each coordinate of a delta is clipped to [-bound, bound] before it is encoded into
-    the ring; the resolution is about bound * 5e-7. Keep it above the largest coordinate a
-    delta can have (with DP, [tasks.privacy] clip_norm is such a bound)."""
-    step_seconds: float = 30.0
-    """The longest the coordinator waits for the devices' answers in each key-exchange step
-    and in the unmasking step; it goes on with those that answered (and aborts the round
-    when fewer than the threshold did)."""
-
-    def __post_init__(self) -> None:
-        where = "[tasks.secure_aggregation]"
-        if not isinstance(self.enabled, bool):
-            raise _invalid(where, "enabled", f"must be true or false, got {self.enabled!r}")
-        for name in ("clip_bound", "step_seconds"):
-            value = getattr(self, name)
-            if not _finite_number(value) or value <= 0:
-                raise _invalid(where, name, f"must be a positive number, got {value!r}")
-
-
-@dataclass(frozen=True)
-class ScheduleConfig:
-    """`[tasks.schedule]`: how many devices a round wants, how they are chosen, and how
-    far a slow device's plan may be shrunk."""
-
-    strategy: str = "equity"
-    """How devices are chosen: equity (utility with an equity floor, plans shrunk to fit),
-    oort (utility only, full plans), random (Flower's default: random, full plans) or
-    fit-first (random among devices whose plan fits)."""
-    devices_per_round: int = 3
-    """Updates wanted per round (the quota): the round aggregates as soon as it has them."""
-    min_updates: int = 2
-    """Quorum: at the deadline, fewer updates than this fail the round."""
-    gather_seconds: float = 30.0
-    """How long a task waits for devices_per_round eligible devices before it opens a round
-    with fewer (but never fewer than min_updates)."""
-    over_selection: float = 0.25
-    """Extra devices assigned, as a fraction of the quota, to absorb drop-outs."""
-    round_deadline_seconds: float = 300.0
-    """Seconds from assignment until the round closes."""
-    allowed_ranks: tuple[int, ...] = ()
-    """LoRA ranks a slow device may be given instead of the task's `rank` (each <= rank);
-    empty: only `rank`."""
-    min_local_steps: int = 0
-    """Steps below which a plan first tries a smaller rank or sequence; 0: local_steps / 4."""
-    min_seq_len: int = 0
-    """Shortest sequence a plan may be cut to; 0: seq_len / 2."""
-    equity_rounds: int = 3
-    """Equity floor: every school with an eligible device takes part at least once in this
-    many rounds."""
-    exploration: float = 0.2
-    """Share of a round's slots given to devices never tried before (Oort's exploration)."""
-
-    def __post_init__(self) -> None:
-        where = "[tasks.schedule]"
-        if self.strategy not in SCHEDULERS:
-            raise _invalid(
-                where,
-                "strategy",
-                f"must be one of {', '.join(SCHEDULERS)}, got {self.strategy!r}",
-            )
-        for name in ("devices_per_round", "min_updates"):
-            value = getattr(self, name)
-            if not _whole_number(value) or value < 1:
-                raise _invalid(where, name, f"must be a positive integer, got {value!r}")
-        if self.min_updates > self.devices_per_round:
-            raise _invalid(
-                where,
-                "min_updates",
-                f"({self.min_updates}) exceeds devices_per_round ({self.devices_per_round})",
-            )
-        value = self.round_deadline_seconds
-        if not _finite_number(value) or value <= 0:
-            raise _invalid(
-                where, "round_deadline_seconds", f"must be a positive number, got {value!r}"
-            )
-        if not _finite_number(self.gather_seconds) or self.gather_seconds < 0:
-            raise _invalid(where, "gather_seconds", f"must be >= 0, got {self.gather_seconds}")
-        if not _finite_number(self.over_selection) or not 0 <= self.over_selection <= 2:
-            raise _invalid(
-                where, "over_selection", f"must be within 0..2, got {self.over_selection}"
-            )
-        if not isinstance(self.allowed_ranks, tuple) or not all(
-            _whole_number(rank) and rank >= 1 for rank in self.allowed_ranks
-        ):
-            raise _invalid(
-                where,
-                "allowed_ranks",
-                f"must be a list of positive integers, got {self.allowed_ranks!r}",
-            )
-        for name in ("min_local_steps", "min_seq_len", "equity_rounds"):
-            value = getattr(self, name)
-            if not _whole_number(value) or value < 0:
-                raise _invalid(where, name, f"must be a non-negative integer, got {value!r}")
-        if self.equity_rounds < 1:
-            raise _invalid(where, "equity_rounds", f"must be >= 1, got {self.equity_rounds}")
-        if not _finite_number(self.exploration) or not 0 <= self.exploration <= 1:
-            raise _invalid(where, "exploration", f"must be within 0..1, got {self.exploration}")
-
-    @property
-    def devices_to_assign(self) -> int:
-        """The quota plus the over-selection: how many devices a round assigns at most."""
-        return math.ceil(self.devices_per_round * (1.0 + self.over_selection))
-
+SCHEME_NAMES = tuple(scheme.value for scheme in Scheme)
+"""The quantization schemes a task may name (quantization/schemes.py is the one list)."""
 
 MOVED_TASK_KEYS: dict[str, tuple[str, str]] = {
     "dp_mode": ("privacy", "mode"),
@@ -292,7 +140,7 @@ class TaskConfig:
 
     def __post_init__(self) -> None:
         def fail(key: str, problem: str) -> CoordinatorConfigError:
-            return _invalid(f"[[tasks]] {self.id!r}", key, problem)
+            return invalid(f"[[tasks]] {self.id!r}", key, problem)
 
         try:
             check_identifier("id", self.id)
@@ -300,22 +148,28 @@ class TaskConfig:
             raise CoordinatorConfigError(f"[[tasks]]: {error}") from None
         if self.kind not in ("classification", "causal-lm"):
             raise fail("kind", f"must be 'classification' or 'causal-lm', got {self.kind!r}")
-        if self.kind == "classification" and len(self.labels) < 2:
-            raise fail("labels", "needs at least two class names for a classification task")
+        self._check_labels(fail)
+        check_text(f"[[tasks]] {self.id!r}", "base_model", self.base_model)
+        if self.scheme not in SCHEME_NAMES:
+            raise fail("scheme", f"must be one of {', '.join(SCHEME_NAMES)}, got {self.scheme!r}")
+        check_flag(f"[[tasks]] {self.id!r}", "quantize_embeddings", self.quantize_embeddings)
+        check_text(f"[[tasks]] {self.id!r}", "eval_file", self.eval_file, allow_empty=True)
+        if not is_whole_number(self.seed) or self.seed < 0:
+            raise fail("seed", f"must be an integer >= 0, got {self.seed!r}")
         for name in ("rank", "rounds", "local_steps", "batch_size", "seq_len"):
             value = getattr(self, name)
-            if not _whole_number(value) or value < 1:
+            if not is_whole_number(value) or value < 1:
                 raise fail(name, f"must be a positive integer, got {value!r}")
         for name in ("alpha", "learning_rate"):
             value = getattr(self, name)
-            if not _finite_number(value) or value <= 0:
+            if not is_finite_number(value) or value <= 0:
                 raise fail(name, f"must be a positive number, got {value!r}")
         if self.update_encoding not in {e.value for e in UpdateEncoding}:
             raise fail("update_encoding", f"must be fp32 or int8, got {self.update_encoding!r}")
-        if self.max_update_norm < 0:
-            raise fail("max_update_norm", f"must be >= 0, got {self.max_update_norm}")
+        if not is_finite_number(self.max_update_norm) or self.max_update_norm < 0:
+            raise fail("max_update_norm", f"must be a number >= 0, got {self.max_update_norm!r}")
         multiple = self.median_norm_multiple
-        if multiple is not None and not (_finite_number(multiple) and multiple >= 0):
+        if multiple is not None and not (is_finite_number(multiple) and multiple >= 0):
             raise fail("median_norm_multiple", f"must be a number >= 0, got {multiple!r}")
         if self.norm_mode not in ("clip", "reject"):
             raise fail("norm_mode", f"must be clip or reject, got {self.norm_mode!r}")
@@ -333,6 +187,19 @@ class TaskConfig:
                     f"must hold integers in 1..rank ({self.rank}), got {rank!r}",
                 )
         self._check_across_tables(fail)
+
+    def _check_labels(self, fail: Callable[[str, str], CoordinatorConfigError]) -> None:
+        """Class names index the classification head, so they are distinct strings."""
+        labels = self.labels
+        if not isinstance(labels, tuple) or not all(
+            isinstance(label, str) and label.strip() for label in labels
+        ):
+            raise fail("labels", f"must be a list of class names (strings), got {labels!r}")
+        if len(set(labels)) != len(labels):
+            repeated = sorted({label for label in labels if labels.count(label) > 1})
+            raise fail("labels", f"must be distinct; repeated: {repeated}")
+        if self.kind == "classification" and len(labels) < 2:
+            raise fail("labels", "needs at least two class names for a classification task")
 
     def _check_across_tables(self, fail: Callable[[str, str], CoordinatorConfigError]) -> None:
         """Secure rounds need one tensor layout for every device and leave the coordinator
@@ -417,16 +284,15 @@ class CoordinatorSettings:
             check_identifier("fleet", self.fleet)
         except ValueError as error:
             raise CoordinatorConfigError(f"[coordinator] {error}") from None
-        if self.startup_grace_seconds < 0:
-            raise CoordinatorConfigError("[coordinator] startup_grace_seconds must be >= 0")
+        check_text("[coordinator]", "state_dir", self.state_dir)
+        check_seconds("[coordinator]", "startup_grace_seconds", self.startup_grace_seconds, True)
         for name in (
             "tick_seconds",
             "heartbeat_seconds",
             "device_timeout_seconds",
             "token_valid_seconds",
         ):
-            if getattr(self, name) <= 0:
-                raise CoordinatorConfigError(f"[coordinator] {name} must be > 0")
+            check_seconds("[coordinator]", name, getattr(self, name))
 
 
 @dataclass(frozen=True)
@@ -467,9 +333,9 @@ class SchoolConfig:
             raise CoordinatorConfigError(f"[[schools]]: {error}") from None
         for name in ("down_mbps", "up_mbps", "max_epsilon"):
             value = getattr(self, name)
-            if not _finite_number(value) or value < 0:
+            if not is_finite_number(value) or value < 0:
                 raise fail(name, f"must be a finite number >= 0 (0 = none), got {value!r}")
-        if not (_finite_number(self.max_delta) and 0 < self.max_delta < 1):
+        if not (is_finite_number(self.max_delta) and 0 < self.max_delta < 1):
             raise fail("max_delta", f"must be within (0, 1), got {self.max_delta!r}")
         if not isinstance(self.require_secure_aggregation, bool):
             raise fail(
@@ -542,16 +408,16 @@ class CoordinatorConfig:
                     "[coordinator]",
                     CoordinatorConfigError,
                 ),
-                broker=BrokerSettings.from_table(dict(data.get("broker", {}))),
+                broker=_broker_from_table(data.get("broker", {})),
                 tasks=tuple(
                     _task_from_table(index, table)
-                    for index, table in enumerate(data.get("tasks", []))
+                    for index, table in enumerate(_array_of_tables(data, "tasks"))
                 ),
                 schools=tuple(
                     build_dataclass(
                         SchoolConfig, table, f"[[schools]] #{index + 1}", CoordinatorConfigError
                     )
-                    for index, table in enumerate(data.get("schools", []))
+                    for index, table in enumerate(_array_of_tables(data, "schools"))
                 ),
                 broker_admin=(
                     build_dataclass(
@@ -568,8 +434,59 @@ class CoordinatorConfig:
             raise CoordinatorConfigError(f"{source}: {error}") from None
 
     @classmethod
-    def load(cls, path: Path) -> CoordinatorConfig:
-        return cls.from_dict(read_toml_file(path, CoordinatorConfigError), str(path))
+    def load(cls, path: Path, serving: bool = False) -> CoordinatorConfig:
+        """The validated file. With `serving`, also what only the daemon needs and would
+        otherwise fail on after it connected (coordinator/serving_checks.py): at least one
+        task, base models that resolve, eval files that parse, readable password files."""
+        config = cls.from_dict(read_toml_file(path, CoordinatorConfigError), str(path))
+        if serving:
+            from coordinator.serving_checks import check_ready_to_serve
+
+            try:
+                check_ready_to_serve(config)
+            except CoordinatorConfigError as error:
+                raise CoordinatorConfigError(f"{path}: {error}") from None
+        return config
+
+
+def _array_of_tables(data: dict[str, Any], name: str) -> list[object]:
+    """`[[name]]`: TOML gives a list of tables; `name = ...` or `[name]` gives something else."""
+    value = data.get(name, [])
+    if not isinstance(value, list):
+        raise CoordinatorConfigError(f"{name} must be written as [[{name}]] tables")
+    return value
+
+
+BROKER_TEXT_KEYS = ("url", "username", "password_file", "ca_file")
+BROKER_NUMBER_KEYS = (
+    "bandwidth_limit_bytes_per_second",
+    "receive_queue_max_messages",
+    "receive_queue_max_bytes",
+)
+
+
+def _broker_from_table(table: object) -> BrokerSettings:
+    """`[broker]`, with each key's type checked first: BrokerSettings (shared with the
+    agent) compares numbers, and a string there would surface as a TypeError naming no key."""
+    if not isinstance(table, dict):
+        raise CoordinatorConfigError("[broker] must be a table")
+    known = {f.name for f in fields(BrokerSettings)}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise CoordinatorConfigError(
+            f"[broker]: unknown keys {unknown}; known keys: {sorted(known)}"
+        )
+    for key, value in table.items():
+        if key in BROKER_TEXT_KEYS:
+            check_text("[broker]", key, value, allow_empty=key != "url")
+        elif key == "tls_insecure":
+            check_flag("[broker]", key, value)
+        elif key in BROKER_NUMBER_KEYS and not (is_finite_number(value) and value > 0):
+            raise invalid("[broker]", key, f"must be a number > 0, got {value!r}")
+    try:
+        return BrokerSettings.from_table(dict(table))
+    except ValueError as error:
+        raise CoordinatorConfigError(f"[broker]: {error}") from None
 
 
 def _task_from_table(index: int, table: object) -> TaskConfig:

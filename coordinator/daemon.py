@@ -22,6 +22,12 @@ from pathlib import Path
 from coordinator.broker_acl import RESPONSE_TOPIC
 from coordinator.broker_admin import BrokerRevocations
 from coordinator.config import CoordinatorConfig
+from coordinator.device_status import (
+    HeartbeatRecorder,
+    facts_from_state,
+    not_a_candidate_reason,
+    record_left_out,
+)
 from coordinator.outgoing import Outgoing
 from coordinator.refusals import RefusalLedger
 from coordinator.retained_guard import (
@@ -146,6 +152,10 @@ class CoordinatorDaemon:
         """One for every device; a device over its own quota is refused (`LimitExceededError`),
         and a transfer quiet for the longest round deadline is dropped (`transfer-expired`)."""
         self.liveness: dict[str, DeviceLiveness] = {}
+        self.heartbeats = HeartbeatRecorder(self.store.device_status)
+        """Writes the heartbeat facts operators see (`coordinator devices`), sparingly."""
+        self.not_candidates: dict[str, str] = {}
+        """Device id -> why the last `candidates` call dropped it (offline, not eligible...)."""
         self.stop_requested = threading.Event()
         self._status_sequence = int(now() * 1000)
         self._last_status_at = 0.0
@@ -255,7 +265,15 @@ class CoordinatorDaemon:
             settling = self.now() - self._started_at < self.config.coordinator.startup_grace_seconds
             if not settling:
                 candidates = self.candidates(devices)
+                open_before = {(r.task_id, r.round_number) for r in self.store.open_rounds()}
                 self._publish_all(self.rounds.open_rounds_if_possible(candidates))
+                record_left_out(
+                    self.store,
+                    [d.device_id for d in devices],
+                    open_before,
+                    self.not_candidates,
+                    self.rounds.selection.left_out,
+                )
             if self.now() - self._last_status_at >= self.config.coordinator.heartbeat_seconds:
                 self._publish_status()
             for expired in self.reassembler.expire():
@@ -297,17 +315,23 @@ class CoordinatorDaemon:
 
     def candidates(self, devices: list[DeviceRecord] | None = None) -> list[DeviceCandidate]:
         """Enrolled, not revoked, online and eligible devices with their profiles (of
-        `devices`, the store's enrolled devices when not given)."""
+        `devices`, the store's enrolled devices when not given); why each other one was
+        dropped is left in `not_candidates`."""
         timeout = self.config.coordinator.device_timeout_seconds
         result = []
+        self.not_candidates = {}
         for record in self.store.devices() if devices is None else devices:
             live = self.liveness.get(record.device_id)
-            if record.revoked or live is None:
+            reason = not_a_candidate_reason(
+                record.revoked,
+                None if live is None else live.state,
+                0.0 if live is None else self.now() - live.received_at,
+                timeout,
+            )
+            if reason is not None:
+                self.not_candidates[record.device_id] = reason
                 continue
-            if not (live.state.online and live.state.eligible):
-                continue
-            if self.now() - live.received_at > timeout:
-                continue
+            assert live is not None  # a device without a heartbeat has a reason above
             profile = self._profile(record.profile_toml)
             result.append(
                 DeviceCandidate(
@@ -441,6 +465,7 @@ class CoordinatorDaemon:
             previous = self.liveness.get(device_id)
             if previous is None or message.sequence > previous.state.sequence:
                 self.liveness[device_id] = DeviceLiveness(message, self.now())
+                self.heartbeats.note(facts_from_state(message, self.now()))  # never raises
         elif isinstance(message, Update):
             self._update(frame, message)
         elif isinstance(message, AssignmentDecline):

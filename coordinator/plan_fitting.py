@@ -20,7 +20,7 @@ Memory is the cost model's answer (`estimate_compute`): a CUDA profile is checke
 peak lives (RAM shared with a Jetson's GPU, or a discrete GPU's own memory), and a device's
 reported free memory is compared with the peak of the memory it describes. When a plan's
 predicted peak does not fit, the fitter pulls the memory levers before it shrinks anything
-the model learns from (`coordinator.memory_levers`): gradient checkpointing, then micro-
+the model learns from (`device_profiles.memory_levers`): gradient checkpointing, then micro-
 batches with gradient accumulation (halved down to one example), and only then the ladder's
 next rung (a shorter sequence, a smaller rank). The levers change step time, not the
 gradient, so the deadline fit that follows sees their cost.
@@ -33,21 +33,19 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from coordinator.memory_levers import lever_note, with_memory_levers
 from device_profiles.cost_model import (
-    UPLOAD_BYTES_PER_PARAM,
     ComputeEstimate,
     MemoryKind,
     Prediction,
-    adapter_bytes,
-    count_step,
     estimate_compute,
     prediction_from,
-    transfer_seconds,
 )
+from device_profiles.memory_levers import lever_note, with_memory_levers
 from device_profiles.plan import TrainingPlan
 from device_profiles.profile import DeviceProfile
 from device_profiles.shapes import ModelShape
+from device_profiles.step_counts import count_step
+from device_profiles.transfer import UPLOAD_BYTES_PER_PARAM, adapter_bytes, transfer_seconds
 
 logger = logging.getLogger(__name__)
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from coordinator.assignments import shape_of
 from coordinator.config import CoordinatorConfig, TaskConfig
+from coordinator.device_status import scheduler_reason
 from coordinator.fleet_history import FleetHistory, history_from_store
 from coordinator.plan_fitting import SchoolLink
 from coordinator.scheduler import DeviceCandidate, DevicePlan, RoundContext, Scheduler
@@ -54,6 +55,10 @@ class DeviceSelection:
         self._waiting_logged: set[str] = set()
         self._short_since: dict[str, float] = {}
         """Task id -> when it first could open a round, but with fewer than the quota."""
+        self.left_out: dict[str, dict[str, str]] = {}
+        """Task id -> device id -> why the last selection for the task left the device out
+        (school policy, secure aggregation, the scheduler): the daemon stores it with the
+        round when one opens (coordinator.device_status)."""
 
     def eligible(
         self, task: TaskConfig, candidates: list[DeviceCandidate]
@@ -62,8 +67,20 @@ class DeviceSelection:
         the task; None, logged once, while they are fewer than its quorum."""
         free, excluded = split_by_policy(self.schools, task, candidates)
         self.log_policy_exclusions(task.id, excluded)
+        left_out = self.left_out[task.id] = {
+            c.device_id: f"school policy: {excluded[c.school]}"
+            for c in candidates
+            if c.school in excluded
+        }
         if task.secure_aggregation.enabled:
-            free = self._secure_capable(task.id, free)
+            capable = self._secure_capable(task.id, free)
+            kept = {c.device_id for c in capable}
+            for candidate in free:
+                if candidate.device_id not in kept:
+                    left_out[candidate.device_id] = (
+                        "its agent cannot do secure aggregation (the task uses it)"
+                    )
+            free = capable
         if len(free) < task.schedule.min_updates:
             self._log_waiting(task.id, "%d eligible free devices, quorum is %d", len(free))
             return None
@@ -78,15 +95,22 @@ class DeviceSelection:
         scheduler = self.scheduler or scheduler_named(task.schedule.strategy)
         context = RoundContext(self.history(task.id), self.school_links)
         schedule = scheduler.configure_round(task, shape_of(task), free, round_number, context)
+        strategy = task.schedule.strategy if self.scheduler is None else type(scheduler).__name__
+        left_out = self.left_out.setdefault(task.id, {})
         for device_id, reason in schedule.skipped.items():
             logger.debug(
                 "task %s round %d: %s left out: %s", task.id, round_number, device_id, reason
             )
+            left_out[device_id] = scheduler_reason(strategy, reason)
         school_of = {c.device_id: c.school for c in free}
         too_small = schools_below_minimum(
             self.schools, [school_of[p.device_id] for p in schedule.plans]
         )
         self.log_policy_exclusions(task.id, too_small)
+        for plan in schedule.plans:
+            if school_of[plan.device_id] in too_small:
+                school = school_of[plan.device_id]
+                left_out[plan.device_id] = f"school policy: {school}: {too_small[school]}"
         chosen = [p for p in schedule.plans if school_of[p.device_id] not in too_small]
         if len(chosen) < task.schedule.min_updates:
             self._log_waiting(

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from coordinator.device_status import DeviceStatusTable
 from coordinator.refusals import UNKNOWN_SENDER, RefusalCount
 from coordinator.store_records import (
     AdapterVersion,
@@ -70,6 +71,8 @@ class CoordinatorStore:
             )
         self._add_missing_columns()
         self._fold_old_rejections()
+        self.device_status = DeviceStatusTable(self._db, self._transaction)
+        """Heartbeat facts and per-round left-out reasons (coordinator.device_status)."""
 
     def _add_missing_columns(self) -> None:
         """Bring a store written by an older coordinator up to the additive columns."""

@@ -4,7 +4,9 @@
 message that says what to do, never migrated silently. The DDL is idempotent
 (`CREATE ... IF NOT EXISTS`), so opening an existing store applies nothing but the
 tables added since (additions only; `refusals` replaced the one-row-per-refusal
-`rejections` table, whose rows a store folds into it once, at open).
+`rejections` table, whose rows a store folds into it once, at open). `device_heartbeats`
+and `round_left_out` (`coordinator.device_status`) came later the same way: a store written
+before them gets them, empty, at its next open, and keeps schema version 1.
 """
 
 from __future__ import annotations
@@ -100,6 +102,24 @@ CREATE TABLE IF NOT EXISTS privacy_stops (
     delta REAL NOT NULL,
     reason TEXT NOT NULL,
     at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS device_heartbeats (
+    device_id TEXT PRIMARY KEY,
+    online INTEGER NOT NULL,
+    eligible INTEGER NOT NULL,
+    ineligible_reasons_json TEXT NOT NULL DEFAULT '[]',
+    cpu_load REAL NOT NULL,
+    free_memory_bytes INTEGER NOT NULL,
+    power_source TEXT NOT NULL,
+    battery_percent REAL,
+    received_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS round_left_out (
+    task_id TEXT NOT NULL,
+    round_number INTEGER NOT NULL,
+    device_id TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    PRIMARY KEY (task_id, round_number, device_id)
 );
 """
 

@@ -4,7 +4,7 @@ The public names below are light (no torch, no numpy): the scheduler imports the
 `predict` for every device of every round.
 """
 
-from device_profiles.cost_model import Prediction, adapter_bytes, predict
+from device_profiles.cost_model import Prediction, predict
 from device_profiles.errors import BenchError, ProfileError, ProfileValidationError
 from device_profiles.plan import KNOWN_SCHEMES, TrainingPlan
 from device_profiles.profile import (
@@ -19,6 +19,7 @@ from device_profiles.profile import (
     load_reference_profiles,
 )
 from device_profiles.shapes import KNOWN_SHAPES, ModelShape, resolve_shape
+from device_profiles.transfer import adapter_bytes
 
 __all__ = [
     "KNOWN_SCHEMES",

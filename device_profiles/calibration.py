@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from device_profiles.cost_model import StepCounts, count_step
 from device_profiles.gpu_path import (
     MemoryKind,
     dequantized_width,
@@ -28,6 +27,7 @@ from device_profiles.gpu_path import (
 from device_profiles.plan import TrainingPlan
 from device_profiles.profile import Calibration, DeviceProfile
 from device_profiles.shapes import ModelShape
+from device_profiles.step_counts import StepCounts, count_step
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,8 @@
 
 Commands: `bench` (measure this machine), `plan` (which plans fit which devices), `show`,
 `list` and `validate` (inspect profile files). torch is imported only by `bench`'s worker
-process, so every other command stays fast on a Raspberry Pi.
+process, so every other command stays fast on a Raspberry Pi. `list`, `show` and `plan`
+print whole values when stdout is not a terminal and take `--json` (`cli_output`).
 """
 
 from __future__ import annotations
@@ -11,31 +12,37 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
-from rich.table import Table
 
+from device_profiles.cli_output import TextTable, echo_json, echo_note, echo_table, gib
+from device_profiles.cli_output import console as _console
 from device_profiles.errors import BenchError, ProfileError, ProfileValidationError
-from device_profiles.gpu_path import MemoryKind, memory_kind, usable_gpu_memory_bytes
-from device_profiles.plan import KNOWN_SCHEMES
+from device_profiles.plan import KNOWN_SCHEMES, TASK_TARGET_MODULES
 from device_profiles.profile import (
     SECTION_FIELDS,
     DeviceProfile,
     find_profile,
     load_reference_profiles,
     reference_profile_paths,
+    to_dict,
 )
-from device_profiles.shapes import format_count, resolve_shape
+from device_profiles.shapes import LINEAR_ROLES, format_count, resolve_shape
+from device_profiles.transfer import (
+    DEFAULT_DEVICES_SHARING,
+    DEFAULT_SCHOOL_DOWN_MBPS,
+    DEFAULT_SCHOOL_UP_MBPS,
+    SharedSchoolLink,
+)
 
 if TYPE_CHECKING:
     from device_profiles.bench import BenchConfig
 
-
-def _console() -> Console:
-    """Built per command so that it reads the terminal width (or $COLUMNS) of this call."""
-    return Console(highlight=False)
+JSON_OPTION = click.option(
+    "--json", "as_json", is_flag=True, help="Print JSON (keys: docs/profile.md)."
+)
 
 
 def _int_list(text: str) -> list[int]:
@@ -52,19 +59,32 @@ def _str_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
-def _memory_label(profile: DeviceProfile) -> str:
-    """Which memory the plans below were checked against (cost_model.memory_kind)."""
-    usable = _gb(profile.usable_ram_bytes)
-    kind = memory_kind(profile)
-    if kind is MemoryKind.UNIFIED:
-        return f"{usable} usable RAM shared with the GPU"
-    if kind is MemoryKind.GPU:
-        return f"{usable} usable RAM, {_gb(usable_gpu_memory_bytes(profile))} GPU memory"
-    return f"{usable} usable"
+def _link_mbps(text: str) -> tuple[float, float]:
+    """'DOWN/UP' or one figure for both, in Mbit/s."""
+    parts = text.split("/")
+    try:
+        values = [float(part) for part in parts]
+    except ValueError:
+        values = []
+    if (
+        len(values) not in (1, 2)
+        or min(values, default=0.0) <= 0
+        or any(value != value or value == float("inf") for value in values)
+    ):
+        raise click.BadParameter(f"{text!r}: expected DOWN/UP Mbit/s (e.g. 100/30) or one number")
+    return (values[0], values[-1])
 
 
-def _gb(value: float) -> str:
-    return f"{value / 1e9:.2f} GB"
+def _targets(text: str, family: str) -> tuple[str, ...]:
+    if text == "task":
+        return TASK_TARGET_MODULES[family]
+    roles = tuple(_str_list(text))
+    unknown = [role for role in roles if role not in LINEAR_ROLES]
+    if not roles or unknown:
+        raise click.BadParameter(
+            f"{text!r}: expected 'task' or a comma-separated subset of {', '.join(LINEAR_ROLES)}"
+        )
+    return roles
 
 
 @click.group("profile")
@@ -72,35 +92,65 @@ def profile_group() -> None:
     """Benchmark devices, inspect profiles and plan which models fit which hardware."""
 
 
+def _profile_summary(profile: DeviceProfile) -> dict[str, Any]:
+    """One `profile list --json` entry (keys: docs/profile.md)."""
+    hardware, throughput, network = profile.hardware, profile.throughput, profile.network
+    return {
+        "name": profile.name,
+        "kind": profile.kind,
+        "description": profile.description,
+        "support": profile.support,
+        "validated": profile.predictions_validated,
+        "architecture": hardware.architecture,
+        "cores": hardware.cores,
+        "ram_bytes": hardware.ram_bytes,
+        "usable_ram_bytes": profile.usable_ram_bytes,
+        "accelerator": hardware.accelerator,
+        "gpu_memory_bytes": hardware.gpu_memory_bytes or 0,
+        "cpu_fp32_gflops": throughput.cpu_fp32_gflops,
+        "gpu_fp32_gflops": throughput.gpu_fp32_gflops,
+        "memory_bandwidth_gbps": throughput.memory_bandwidth_gbps,
+        "quant_schemes": list(throughput.quant_schemes),
+        "down_mbps": network.down_mbps,
+        "up_mbps": network.up_mbps,
+        "rtt_ms": network.rtt_ms,
+        "power_source": profile.power.source,
+    }
+
+
 @profile_group.command("list")
-def list_command() -> None:
+@JSON_OPTION
+def list_command(as_json: bool) -> None:
     """List the reference profiles shipped with schoolfl."""
-    console = _console()
-    table = Table(title="reference profiles")
-    for column in (
+    try:
+        profiles = load_reference_profiles()
+    except ProfileError as error:
+        raise click.ClickException(str(error)) from error
+    if as_json:
+        echo_json([_profile_summary(profile) for profile in profiles])
+        return
+    columns = (
         "name",
         "kind",
         "cores",
         "RAM",
+        "usable RAM",
         "CPU GFLOPS",
         "GPU GFLOPS",
         "mem GB/s",
         "schemes",
         "down/up Mbit/s",
         "power",
-    ):
-        table.add_column(column)
-    try:
-        profiles = load_reference_profiles()
-    except ProfileError as error:
-        raise click.ClickException(str(error)) from error
+    )
+    table = TextTable("reference profiles", columns)
     for profile in profiles:
         throughput = profile.throughput
         table.add_row(
             profile.name,
             profile.kind,
             str(profile.hardware.cores),
-            _gb(profile.hardware.ram_bytes),
+            gib(profile.hardware.ram_bytes),
+            gib(profile.usable_ram_bytes),
             f"{throughput.cpu_fp32_gflops:g}",
             f"{throughput.gpu_fp32_gflops:g}",
             f"{throughput.memory_bandwidth_gbps:g}",
@@ -108,45 +158,50 @@ def list_command() -> None:
             f"{profile.network.down_mbps:g}/{profile.network.up_mbps:g}",
             profile.power.source,
         )
-    console.print(table)
-    console.print(f"files: {reference_profile_paths()[0].parent}" if profiles else "")
+    echo_table(table)
+    if profiles:
+        echo_note(f"files: {reference_profile_paths()[0].parent}")
 
 
 @profile_group.command("show")
 @click.argument("profile_ref", metavar="NAME_OR_FILE")
-def show_command(profile_ref: str) -> None:
+@JSON_OPTION
+def show_command(profile_ref: str, as_json: bool) -> None:
     """Show every field of a profile (file path or reference name) with its source."""
-    console = _console()
     try:
         profile = find_profile(profile_ref)
     except ProfileError as error:
         raise click.ClickException(str(error)) from error
-    console.print(f"[bold]{profile.name}[/bold] ({profile.kind}) {profile.description}")
+    if as_json:
+        document = to_dict(profile)
+        document["derived"] = {
+            "usable_ram_bytes": profile.usable_ram_bytes,
+            "validated": profile.predictions_validated,
+        }
+        echo_json(document)
+        return
+    echo_note(f"{profile.name} ({profile.kind}) {profile.description}", "bold")
     if profile.measured_at:
-        console.print(f"measured at {profile.measured_at}")
+        echo_note(f"measured at {profile.measured_at}")
     if profile.support == "unsupported":
-        console.print(f"[red]UNSUPPORTED[/red]: {profile.support_note}")
+        echo_note(f"UNSUPPORTED: {profile.support_note}", "red")
     if not profile.predictions_validated:
-        console.print(f"[yellow]unvalidated[/yellow]: {profile.validation_note}")
+        echo_note(f"unvalidated: {profile.validation_note}", "yellow")
     if profile.notes:
-        console.print(f"notes: {profile.notes}")
-    table = Table()
-    for column in ("field", "value", "source"):
-        table.add_column(column)
+        echo_note(f"notes: {profile.notes}")
+    table = TextTable("", ("field", "value", "source"))
     for section, specs in SECTION_FIELDS.items():
         part = getattr(profile, section)
         for spec in specs:
             value = getattr(part, spec.name)
             text = ", ".join(value) if isinstance(value, tuple) else str(value)
             if spec.name.endswith("_bytes") and isinstance(value, (int, float)):
-                text = f"{value} ({_gb(value)})"
+                text = f"{value} ({gib(value)})"
             table.add_row(f"{section}.{spec.name}", text, part.sources.get(spec.name, ""))
-    console.print(table)
+    echo_table(table)
     if profile.measurements:
-        grid = Table(title=f"{len(profile.measurements)} measured grid points")
         columns = ("model", "scheme", "rank", "batch", "seq", "step s", "cpu s", "spread", "peak")
-        for column in columns:
-            grid.add_column(column)
+        grid = TextTable(f"{len(profile.measurements)} measured grid points", columns)
         for row in profile.measurements:
             grid.add_row(
                 row.model,
@@ -157,9 +212,9 @@ def show_command(profile_ref: str) -> None:
                 f"{row.step_seconds:.3f}",
                 f"{row.step_cpu_seconds:.3f}",
                 f"{row.step_seconds_spread:.0%}",
-                _gb(row.peak_rss_bytes),
+                gib(row.peak_rss_bytes),
             )
-        console.print(grid)
+        echo_table(grid)
 
 
 @profile_group.command("validate")
@@ -211,7 +266,36 @@ def validate_command(files: tuple[Path, ...]) -> None:
 @click.option("--ranks", default="8", show_default=True, help="Comma-separated LoRA ranks.")
 @click.option("--batches", default="1,4,8", show_default=True)
 @click.option("--seqs", default="128,256", show_default=True, help="Sequence lengths.")
+@click.option(
+    "--targets",
+    default="task",
+    show_default=True,
+    help="LoRA target roles (q,k,v,o,gate,up,down); 'task': what a coordinator task "
+    "trains (encoder q,k,v; decoder all seven).",
+)
+@click.option(
+    "--levers/--no-levers",
+    default=True,
+    show_default=True,
+    help="Price a plan that does not fit with the memory levers the trainer pulls "
+    "(gradient checkpointing, then micro-batches).",
+)
+@click.option(
+    "--school-link-mbps",
+    default=f"{DEFAULT_SCHOOL_DOWN_MBPS:g}/{DEFAULT_SCHOOL_UP_MBPS:g}",
+    show_default=True,
+    metavar="DOWN/UP",
+    help="The school's whole link in Mbit/s (default: UK DfE primary-school minimum).",
+)
+@click.option(
+    "--devices-sharing",
+    default=DEFAULT_DEVICES_SHARING,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Devices of the school transferring in the same round (default: a class set).",
+)
 @click.option("--fits-only", is_flag=True, help="Hide plans that do not fit.")
+@JSON_OPTION
 def plan_command(
     model_ref: str,
     steps: int,
@@ -220,65 +304,65 @@ def plan_command(
     ranks: str,
     batches: str,
     seqs: str,
+    targets: str,
+    levers: bool,
+    school_link_mbps: str,
+    devices_sharing: int,
     fits_only: bool,
+    as_json: bool,
 ) -> None:
-    """For every profile: which (scheme, rank, batch, seq) fit and how long a round takes."""
-    console = _console()
+    """For every profile: which (scheme, rank, batch, seq) fit, with which memory levers,
+    how long a round takes and what it moves over the network."""
+    from device_profiles.plan_view import (
+        bandwidth_note,
+        plan_json,
+        plan_table,
+        unusable_lines,
+    )
     from device_profiles.planner import evaluate, plan_grid
 
+    down_mbps, up_mbps = _link_mbps(school_link_mbps)
+    school_link = SharedSchoolLink(down_mbps, up_mbps, devices_sharing)
     try:
         shape = resolve_shape(model_ref)
+        target_modules = _targets(targets, shape.family)
         profiles = (
             [find_profile(ref) for ref in profile_refs]
             if profile_refs
             else load_reference_profiles()
         )
         plans = plan_grid(
-            _str_list(schemes), _int_list(ranks), _int_list(batches), _int_list(seqs), steps
+            _str_list(schemes),
+            _int_list(ranks),
+            _int_list(batches),
+            _int_list(seqs),
+            steps,
+            target_modules,
         )
     except ProfileError as error:
         raise click.ClickException(str(error)) from error
-    console.print(
+    evaluated = evaluate(profiles, shape, plans, school_link, use_levers=levers)
+    if as_json:
+        echo_json(
+            plan_json(shape, steps, target_modules, school_link, evaluated, fits_only=fits_only)
+        )
+        return
+    echo_note(
         f"model {shape.name}: {shape.family}, {format_count(shape.total_parameters())} "
-        f"parameters; {steps} local steps per round"
+        f"parameters; {steps} local steps per round; LoRA on {', '.join(target_modules)}"
     )
-    rows = evaluate(profiles, shape, plans)
-    for profile in profiles:
-        status = "" if profile.predictions_validated else ", predictions unvalidated"
-        table = Table(title=f"{profile.name} ({profile.kind}, {_memory_label(profile)}{status})")
+    echo_note(bandwidth_note(school_link))
+    for result in evaluated:
+        profile = result.profile
         if profile.support == "unsupported":
-            console.print(f"[red]{profile.name} is UNSUPPORTED[/red]: {profile.support_note}")
+            echo_note(f"{profile.name} is UNSUPPORTED: {profile.support_note}", "red")
         if not profile.predictions_validated:
-            console.print(
-                f"[yellow]{profile.name}: unvalidated[/yellow]: {profile.validation_note}"
-            )
-        for column in ("scheme", "rank", "batch", "seq", "step s", "peak", "round s", "verdict"):
-            table.add_column(column)
-        mine = [row for row in rows if row.profile is profile]
-        for row in mine:
-            prediction = row.prediction
-            if fits_only and not prediction.fits:
-                continue
-            verdict = (
-                "[green]fits[/green]"
-                if prediction.fits
-                else (f"[red]does not fit[/red]: {prediction.reason}")
-            )
-            if not prediction.validated:
-                verdict += " (unvalidated)"
-            table.add_row(
-                row.plan.scheme,
-                str(row.plan.rank),
-                str(row.plan.batch_size),
-                str(row.plan.seq_len),
-                f"{prediction.step_seconds:.2f}",
-                _gb(prediction.peak_bytes),
-                f"{prediction.round_seconds:.1f}",
-                verdict,
-            )
-        console.print(table)
-        if not any(row.prediction.fits for row in mine):
-            console.print(f"[red]{profile.name}: no plan in the grid fits[/red]")
+            echo_note(f"{profile.name}: unvalidated: {profile.validation_note}", "yellow")
+        echo_table(plan_table(result, fits_only=fits_only))
+        for line in unusable_lines(result):
+            echo_note(line)
+        if not result.any_fits:
+            echo_note(f"{profile.name}: no plan in the grid fits", "red")
 
 
 def _default_threads() -> int:

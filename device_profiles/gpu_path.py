@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from device_profiles.profile import DeviceProfile
 
 if TYPE_CHECKING:
-    from device_profiles.cost_model import StepCounts
+    from device_profiles.step_counts import StepCounts
 
 BYTES_FP32 = 4
 BYTES_HALF = 2

@@ -57,6 +57,13 @@ KNOWN_SCHEMES: tuple[str, ...] = tuple(SCHEME_STORAGE)
 
 DEFAULT_TARGET_MODULES: tuple[str, ...] = ("q", "v")
 """LoRA on the query and value projections: the LoRA paper's default and PEFT's for BERT/Llama."""
+TASK_TARGET_MODULES: dict[str, tuple[str, ...]] = {
+    "encoder": ("q", "k", "v"),
+    "decoder": ("q", "k", "v", "o", "gate", "up", "down"),
+}
+"""The roles a task's adapter targets, per model family: what the coordinator's task plan
+gives every device (`coordinator.scheduler`'s ENCODER_/DECODER_TARGET_ROLES, which match
+`quantization.adapters`' defaults; a test keeps them equal), so what the planner prices."""
 
 
 PLAN_INTEGER_LIMITS: dict[str, int] = {

@@ -26,10 +26,11 @@ from device_profiles.shapes import resolve_shape
 from durable.atomic_files import sweep_leftovers
 from durable.crash_points import crash_point
 from durable.state_lock import lock_state_folder
+from edge_runtime.activity import HEARTBEAT_SECONDS, ActivityTracker, Phase
 from edge_runtime.agent_config import AgentConfig
 from edge_runtime.assignment_models import start_state_for_rank, task_model_spec
-from edge_runtime.device_state import device_state_frame
-from edge_runtime.eligibility import check_eligibility, read_device
+from edge_runtime.device_state import Heartbeat, signed_heartbeat
+from edge_runtime.eligibility import DeviceReadings, check_eligibility, read_device
 from edge_runtime.enrollment import warn_if_architecture_mismatch
 from edge_runtime.enrollment_record import AgentError, Enrollment
 from edge_runtime.outbox import Outbox, RoundHistory
@@ -79,7 +80,6 @@ from quantization.task_data import read_labelled_texts, read_lm_texts
 
 logger = logging.getLogger(__name__)
 
-HEARTBEAT_SECONDS = 10.0
 UPLOAD_MARGIN_SECONDS = 2.0
 """Training stops this long before the deadline to leave time for the upload."""
 
@@ -105,6 +105,8 @@ class AgentDaemon:
 
     transport_class: type[MqttTransport] = MqttTransport
     trainer_class: type[LocalTrainer] = LocalTrainer
+    device_reader: Callable[..., DeviceReadings] = staticmethod(read_device)
+    """Where heartbeats and assignment checks read the device (tests give readings)."""
 
     def __init__(self, config: AgentConfig, *, now: Callable[[], float] = time.time) -> None:
         self.config = config
@@ -146,10 +148,17 @@ class AgentDaemon:
         self.secure_sessions = SecureSessions(self.device_id, self.key, self.history)
         """This device's secure-aggregation state per round; memory only."""
         self.downloads = ChunkReassembler()
-        self.uploads = Uploads(
-            self.fleet, self.device_id, self.key, self.outbox, self._connected, now=now
-        )
         self.stop_requested = threading.Event()
+        self.activity = ActivityTracker(config.state_dir, now=now, stop=self.stop_requested)
+        self.uploads = Uploads(
+            self.fleet,
+            self.device_id,
+            self.key,
+            self.outbox,
+            self._connected,
+            now=now,
+            progress=self.activity.upload_progress,
+        )
         self._last_heartbeat = 0.0
         self._subscribed_blobs: set[str] = set()
         self.transport: MqttTransport | None = None
@@ -158,8 +167,8 @@ class AgentDaemon:
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    def _state_frame(self, online: bool) -> bytes:
-        return device_state_frame(
+    def _state_frame(self, online: bool) -> Heartbeat:
+        return signed_heartbeat(
             self.fleet,
             self.device_id,
             self.key,
@@ -168,12 +177,12 @@ class AgentDaemon:
             profile_digest=self.profile_digest,
             eligibility=self.config.eligibility,
             compute=self.compute,
+            reader=self.device_reader,
         )
 
     def start(self) -> None:
-        will = WillConfig(
-            device_topic(self.fleet, self.device_id, DeviceChannel.STATE), self._state_frame(False)
-        )
+        offline = self._state_frame(False).frame
+        will = WillConfig(device_topic(self.fleet, self.device_id, DeviceChannel.STATE), offline)
         self.transport = self.transport_class(
             self.config.broker.transport_config(self.device_id, will)
         )
@@ -196,7 +205,7 @@ class AgentDaemon:
         if self.transport is not None:
             self.transport.publish(
                 device_topic(self.fleet, self.device_id, DeviceChannel.STATE),
-                self._state_frame(False),
+                self._state_frame(False).frame,
                 retain=True,
             )
             self.transport.stop()
@@ -221,6 +230,7 @@ class AgentDaemon:
                 self.heartbeat()
             self.uploads.resend_pending()
             self._recover_dropped_messages()
+            self.activity.flush_if_due()
         except Exception:  # noqa: BLE001 - the daemon loop boundary: log and go on
             logger.exception("agent tick failed; continuing")
 
@@ -252,13 +262,14 @@ class AgentDaemon:
             transport.subscribe(topic_filter)
 
     def heartbeat(self) -> None:
+        """Publish the state; log the eligibility verdict once per change, not per tick."""
         assert self.transport is not None
+        beat = self._state_frame(True)
         self.transport.publish(
-            device_topic(self.fleet, self.device_id, DeviceChannel.STATE),
-            self._state_frame(True),
-            retain=True,
+            device_topic(self.fleet, self.device_id, DeviceChannel.STATE), beat.frame, retain=True
         )
         self._last_heartbeat = self.now()
+        self.activity.heartbeat(beat.verdict, self._last_heartbeat)
 
     # -- receiving -----------------------------------------------------------------------
 
@@ -416,6 +427,7 @@ class AgentDaemon:
         self.history.record(
             assignment.task, assignment.server_round, "declined", "; ".join(reasons)
         )
+        self.activity.declined(assignment.task, assignment.server_round, reasons)
         logger.info(
             "declined task %s round %d: %s",
             assignment.task,
@@ -435,7 +447,7 @@ class AgentDaemon:
         if trainer is None or trainer.spec != spec:
             data_file = self.config.data_file(assignment.task)
             examples = (
-                read_labelled_texts(data_file)
+                read_labelled_texts(data_file, labels=spec.labels)
                 if spec.kind == "classification"
                 else read_lm_texts(data_file)
             )
@@ -446,7 +458,8 @@ class AgentDaemon:
                 spec.task_id,
                 len(examples),
             )
-            trainer = self.trainer_class(spec, examples, device=self.compute)
+            with self.activity.part(Phase.LOADING_MODEL, "load_seconds"):
+                trainer = self.trainer_class(spec, examples, device=self.compute)
             self.trainers[assignment.task] = trainer
         return trainer
 
@@ -472,7 +485,7 @@ class AgentDaemon:
             return None
         verdict = check_eligibility(
             self.config.eligibility,
-            read_device(0.2, self.compute),
+            self.device_reader(cpu_sample_seconds=0.2, compute=self.compute),
             *self._predicted_peaks(assignment),
         )
         if not verdict.eligible:
@@ -500,15 +513,18 @@ class AgentDaemon:
                 trainer.spec.adapter.alpha,
             )
         started = time.monotonic()
-        result = trainer.train_round(
-            start.start_state,
-            plan,
-            deadline=trainer.clock() + start.seconds_left,
-            round_seed=assignment.server_round,
-        )
+        with self.activity.part(Phase.TRAINING, "compute_seconds", plan.local_steps):
+            result = trainer.train_round(
+                start.start_state,
+                plan,
+                deadline=trainer.clock() + start.seconds_left,
+                round_seed=assignment.server_round,
+                on_step=self.activity.training_step,
+            )
         predicted = assignment.predicted_round_seconds
         if self.config.agent.emulate_profile and predicted:
-            self._wait_out_emulated_time(predicted, started, start.seconds_left)
+            elapsed = time.monotonic() - started
+            self.activity.wait_out_emulated(min(predicted, start.seconds_left) - elapsed)
         return result
 
     def _keep_and_send(
@@ -535,7 +551,9 @@ class AgentDaemon:
         )
         adapters_dir = self.config.state_dir / "adapters"
         save_personal_copy(adapters_dir, assignment, trainer, start.start_state)
-        self.uploads.send(outgoing.message_id, outgoing.frame)
+        with self.activity.part(Phase.UPLOADING, "upload_seconds"):
+            self.uploads.send(outgoing.message_id, outgoing.frame)
+        self.activity.end_round("uploaded")
         logger.info(
             "task %s round %d: trained %d steps in %.1f s, loss %.3f -> %.3f, uploading %d bytes",
             task,
@@ -550,6 +568,7 @@ class AgentDaemon:
     def _train(self, assignment: TaskAssignment) -> None:
         """Train one assignment and hand its update to the outbox. A secure task whose keys
         are gone is declined rather than sent in the clear."""
+        self.activity.begin_round(assignment.task, assignment.server_round)
         start = self._training_start(assignment)
         if start is None:
             return
@@ -578,9 +597,3 @@ class AgentDaemon:
             self._decline(assignment, [f"could not train: {reason[:500]}"])
             return
         self._keep_and_send(assignment, trainer, start, result, outgoing, session is not None)
-
-    def _wait_out_emulated_time(self, predicted: float, started: float, limit: float) -> None:
-        """Demo emulation: a fast machine waits until the emulated device would be done."""
-        remaining = min(predicted, limit) - (time.monotonic() - started)
-        if remaining > 0:
-            self.stop_requested.wait(remaining)

@@ -6,7 +6,10 @@ that name the key (a typo in `min_battery_percent` must not silently keep the de
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import ssl
+import types
+import typing
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,84 @@ class AgentConfigError(ValueError):
 
 
 DATA_SUFFIXES = (".jsonl", ".csv", ".txt")
+
+_TOML_KINDS: dict[type, str] = {
+    bool: "true or false",
+    int: "a whole number",
+    float: "a number",
+    str: "a string",
+}
+
+
+def _matches(kind: type, value: object) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _type_problem(hint: object, value: object) -> str | None:
+    """What `value` (as TOML parsed it) should have been for a field typed `hint`; None
+    when it fits. Types TOML cannot spell (a TimeWindow) are left to the table's own
+    parser, which turns their strings into objects."""
+    arguments = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) and type(None) in arguments:
+        if value == "":  # the documented way to leave an optional key empty
+            return None
+        (hint,) = [argument for argument in arguments if argument is not type(None)]
+        arguments = typing.get_args(hint)
+    if hint in _TOML_KINDS:
+        return None if _matches(hint, value) else _TOML_KINDS[hint]  # type: ignore[arg-type]
+    if typing.get_origin(hint) is tuple:
+        element = arguments[0] if arguments else object
+        if not isinstance(value, (list, tuple)):
+            kind = _TOML_KINDS.get(element, "values")
+            return f"a list of {kind.removeprefix('a ')}s" if element in _TOML_KINDS else "a list"
+        if element in _TOML_KINDS and not all(_matches(element, item) for item in value):
+            return f"a list of {_TOML_KINDS[element].removeprefix('a ')}s"
+    return None
+
+
+def check_table_types(cls: type, table: dict[str, object], where: str) -> None:
+    """Every known key of a TOML table has the type its dataclass field declares.
+
+    Run before the dataclass is built, so `max_cpu_percent = "eighty"` is reported with
+    its table and key instead of as the TypeError a comparison in `__post_init__` raises.
+    Unknown keys are left to the table's own check, which lists the known ones."""
+    hints = typing.get_type_hints(cls)
+    for item in fields(cls):
+        if item.name not in table:
+            continue
+        value = table[item.name]
+        expected = _type_problem(hints[item.name], value)
+        if expected is not None:
+            raise AgentConfigError(f"{where} {item.name} must be {expected}, got {value!r}")
+
+
+def check_ca_file(path: Path) -> Path:
+    """The absolute path of a readable PEM CA bundle, or an error saying what is wrong with
+    it: checked when written into agent.toml, not at the first TLS handshake."""
+    resolved = Path(path).expanduser().resolve()
+    if not resolved.is_file():
+        raise AgentConfigError(f"CA file {resolved} does not exist")
+    try:
+        text = resolved.read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as error:
+        raise AgentConfigError(
+            f"CA file {resolved} is not a PEM certificate ({error}); a binary (DER) file "
+            "converts with: openssl x509 -inform der -in FILE -out ca.pem"
+        ) from None
+    if "-----BEGIN CERTIFICATE-----" not in text:
+        raise AgentConfigError(
+            f"CA file {resolved} holds no PEM certificate (no '-----BEGIN CERTIFICATE-----' "
+            "line); pass the CA certificate, not a key or a certificate request"
+        )
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=str(resolved))
+    except ssl.SSLError as error:
+        raise AgentConfigError(f"CA file {resolved} does not parse as PEM: {error}") from None
+    return resolved
 
 
 @dataclass(frozen=True)
@@ -66,6 +147,14 @@ class AgentSettings:
             raise AgentConfigError(f"[agent] threads must be >= 0, got {self.threads}")
 
 
+_TABLE_CLASSES: dict[str, type] = {
+    "agent": AgentSettings,
+    "broker": BrokerSettings,
+    "eligibility": EligibilityPolicy,
+    "privacy": PrivacyPolicy,
+}
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     agent: AgentSettings
@@ -106,6 +195,11 @@ class AgentConfig:
         if "agent" not in data:
             raise AgentConfigError(f"{source}: missing the [agent] table")
         try:
+            for name, table_class in _TABLE_CLASSES.items():
+                table = data.get(name, {})
+                if not isinstance(table, dict):
+                    raise AgentConfigError(f"[{name}] must be a table, got {table!r}")
+                check_table_types(table_class, table, f"[{name}]")
             return cls(
                 agent=build_dataclass(AgentSettings, data["agent"], "[agent]", AgentConfigError),
                 broker=BrokerSettings.from_table(dict(data.get("broker", {}))),

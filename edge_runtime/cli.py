@@ -9,13 +9,22 @@ import json
 import logging
 import shutil
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import click
 
-from edge_runtime.agent_config import AgentConfig, AgentConfigError, AgentSettings
+from edge_runtime.agent_config import AgentConfig, AgentConfigError, AgentSettings, check_ca_file
+from edge_runtime.systemd_unit import (
+    DEFAULT_UNIT_PATH,
+    ServicePaths,
+    exposure_score,
+    gpu_present,
+    render_unit,
+    sandbox_warnings,
+    setup_commands,
+    verify_unit,
+)
 from edge_runtime.wire import BrokerSettings
 
 logger = logging.getLogger(__name__)
@@ -35,6 +44,21 @@ def _load(config_path: Path) -> AgentConfig:
         return AgentConfig.load(config_path)
     except AgentConfigError as error:
         raise click.ClickException(str(error)) from None
+
+
+def init_tls_settings(
+    broker_url: str, ca_file: Path | None, tls_insecure: bool
+) -> dict[str, object]:
+    """The [broker] TLS keys `agent init` writes; the CA is checked now, not at first
+    connect, so a wrong file is named while school IT is still at the keyboard."""
+    if (ca_file is not None or tls_insecure) and not broker_url.startswith("mqtts://"):
+        raise AgentConfigError(
+            f"--ca-file and --tls-insecure need an mqtts:// broker URL, got {broker_url!r}"
+        )
+    settings: dict[str, object] = {"tls_insecure": tls_insecure}
+    if ca_file is not None:
+        settings["ca_file"] = str(check_ca_file(ca_file))
+    return settings
 
 
 @click.group("agent")
@@ -60,6 +84,17 @@ def agent_group() -> None:
 )
 @click.option("--username", default=None, help="Broker username (usually the device id).")
 @click.option("--password-file", default=None, help="File holding the broker password.")
+@click.option(
+    "--ca-file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="PEM CA that signed the broker's certificate (a private CA); needs an mqtts:// URL.",
+)
+@click.option(
+    "--tls-insecure",
+    is_flag=True,
+    help="Skip the TLS hostname check (a lab broker whose certificate names another host).",
+)
 @click.option(
     "--state-dir",
     type=click.Path(path_type=Path),
@@ -104,6 +139,8 @@ def init_command(
     broker_url: str,
     username: str | None,
     password_file: str | None,
+    ca_file: Path | None,
+    tls_insecure: bool,
     state_dir: Path,
     data_dir: Path,
     profile: str,
@@ -120,6 +157,7 @@ def init_command(
         raise click.ClickException(f"{config_path} exists; pass --force to overwrite it")
     try:
         find_profile(profile)
+        tls_settings = init_tls_settings(broker_url, ca_file, tls_insecure)
         config = AgentConfig(
             agent=AgentSettings(
                 fleet=fleet,
@@ -132,7 +170,9 @@ def init_command(
                 tasks=tasks,
                 device=compute_device,
             ),
-            broker=BrokerSettings(url=broker_url, username=username, password_file=password_file),
+            broker=BrokerSettings(
+                url=broker_url, username=username, password_file=password_file, **tls_settings
+            ),
         )
     except ValueError as error:
         raise click.ClickException(str(error)) from None
@@ -204,7 +244,10 @@ def run_command(config_path: Path) -> None:
 @agent_group.command("status")
 @CONFIG_OPTION
 def status_command(config_path: Path) -> None:
-    """Show enrollment, the outbox and the last rounds of this device."""
+    """Show enrollment, eligibility, what the agent is doing, the outbox and the last rounds."""
+    import time
+
+    from edge_runtime.activity import describe_activity, read_activity
     from edge_runtime.enrollment_record import ENROLLMENT_FILE
     from edge_runtime.outbox import Outbox, RoundHistory
 
@@ -215,6 +258,8 @@ def status_command(config_path: Path) -> None:
     )
     enrollment_path = config.state_dir / ENROLLMENT_FILE
     click.echo("enrolled: " + ("yes" if enrollment_path.is_file() else "no (run agent enroll)"))
+    for line in describe_activity(read_activity(config.state_dir), time.time()):
+        click.echo(line)
     if not config.outbox_path.exists():
         click.echo("no rounds yet")
         return
@@ -231,28 +276,24 @@ def status_command(config_path: Path) -> None:
     history.close()
 
 
-SYSTEMD_UNIT = """[Unit]
-Description=schoolfl edge agent ({device_id})
-Documentation=file://{docs}
-After=network-online.target
-Wants=network-online.target
+def _service_paths(config: AgentConfig, config_path: Path) -> ServicePaths:
+    command = shutil.which("schoolfl")
+    executable = command or f"{sys.executable} -m schoolfl"
+    broker = config.broker
+    return ServicePaths(
+        executable=executable,
+        config=config_path.resolve(),
+        state_dir=config.state_dir.resolve(),
+        data_dir=Path(config.agent.data_dir).expanduser().resolve(),
+        environment=Path(sys.prefix),
+        password_file=Path(broker.password_file).resolve() if broker.password_file else None,
+        ca_file=Path(broker.ca_file).resolve() if broker.ca_file else None,
+    )
 
-[Service]
-Type=simple
-ExecStart={executable} agent run --config {config}
-Restart=on-failure
-RestartSec=10
-Nice=10
-IOSchedulingClass=idle
-WorkingDirectory={state_dir}
-ReadWritePaths={state_dir}
-NoNewPrivileges=true
-ProtectSystem=full
-PrivateTmp=true
 
-[Install]
-WantedBy=multi-user.target
-"""
+def _asks_first(path: Path) -> bool:
+    resolved = path.resolve()
+    return resolved == Path("/etc") or Path("/etc") in resolved.parents
 
 
 @agent_group.command("install-service")
@@ -260,31 +301,65 @@ WantedBy=multi-user.target
 @click.option(
     "--output",
     type=click.Path(path_type=Path),
-    default=Path("/etc/systemd/system/schoolfl-agent.service"),
-    show_default=True,
-    help="Where to write the unit file.",
+    default=None,
+    help="Write the unit to FILE instead of printing it (a path under /etc asks first).",
 )
-def install_service_command(config_path: Path, output: Path) -> None:
-    """Write a systemd unit that runs the agent at boot (checked with systemd-analyze)."""
+@click.option(
+    "--install",
+    is_flag=True,
+    help=f"Write the unit to {DEFAULT_UNIT_PATH} (asks first; --yes does not).",
+)
+@click.option("--yes", is_flag=True, help="Write under /etc without asking.")
+@click.option(
+    "--gpu/--no-gpu",
+    default=None,
+    help="Let the service open the CUDA GPU's device files. Default: when [agent] device is "
+    "cuda, or auto on a machine with /dev/nvidiactl or /dev/nvmap.",
+)
+def install_service_command(
+    config_path: Path, output: Path | None, install: bool, yes: bool, gpu: bool | None
+) -> None:
+    """Print a hardened systemd unit that runs the agent at boot as the user schoolfl.
+
+    Nothing is written unless --output or --install says where; under /etc it asks first.
+    The unit goes to stdout, warnings and the setup commands to stderr."""
     from durable.atomic_files import atomic_write_text
 
     config = _load(config_path)
-    executable = shutil.which("schoolfl") or f"{sys.executable} -m schoolfl"
-    unit = SYSTEMD_UNIT.format(
-        device_id=config.agent.device_id,
-        docs=Path(__file__).resolve().parents[1] / "docs" / "agent.md",
-        executable=executable,
-        config=config_path.resolve(),
-        state_dir=config.state_dir,
-    )
-    atomic_write_text(output, unit)
-    click.echo(f"wrote {output}")
-    analyzer = shutil.which("systemd-analyze")
-    if analyzer:
-        result = subprocess.run([analyzer, "verify", str(output)], capture_output=True, text=True)
-        problems = (result.stdout + result.stderr).strip()
-        click.echo("systemd-analyze verify: " + ("ok" if result.returncode == 0 else problems))
-    click.echo(f"enable it with: systemctl daemon-reload && systemctl enable --now {output.name}")
+    if install:
+        if output is not None and output != DEFAULT_UNIT_PATH:
+            raise click.ClickException("give --install or --output FILE, not both")
+        output = DEFAULT_UNIT_PATH
+    paths = _service_paths(config, config_path)
+    if gpu is None:
+        device = config.agent.device
+        gpu = device == "cuda" or (device == "auto" and gpu_present())
+    docs = Path(__file__).resolve().parents[1] / "docs" / "agent.md"
+    unit = render_unit(config.agent.device_id, paths, gpu, docs)
+    for warning in sandbox_warnings(paths):
+        click.echo(f"warning: {warning}", err=True)
+    unit_path = output or DEFAULT_UNIT_PATH
+    if output is None:
+        click.echo(unit, nl=False)
+        click.echo(
+            f"# not written; save it with --output FILE, or --install ({DEFAULT_UNIT_PATH})",
+            err=True,
+        )
+    else:
+        if _asks_first(output) and not yes:
+            click.confirm(f"write {output}?", default=False, abort=True, err=True)
+        atomic_write_text(output, unit)
+        output.chmod(0o644)
+        click.echo(f"wrote {output}", err=True)
+        problems = verify_unit(output)
+        if problems is not None:
+            click.echo("systemd-analyze verify: " + (problems or "ok"), err=True)
+        score = exposure_score(output)
+        if score is not None:
+            click.echo(f"systemd-analyze security exposure: {score:.1f}", err=True)
+    click.echo("then, as root:", err=True)
+    for command in setup_commands(unit_path, paths, gpu):
+        click.echo(f"  {command}", err=True)
 
 
 @agent_group.command("predict")

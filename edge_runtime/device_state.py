@@ -7,8 +7,12 @@ before the agent connects.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from edge_runtime.eligibility import (
     DeviceReadings,
+    Eligibility,
     EligibilityPolicy,
     check_eligibility,
     read_device,
@@ -23,6 +27,57 @@ from edge_runtime.wire import (
 from quantization.compute_device import CPU, ComputeDevice
 
 
+@dataclass(frozen=True)
+class Heartbeat:
+    """A signed state frame and the verdict it carries (the agent logs a change of it)."""
+
+    frame: bytes
+    verdict: Eligibility
+    """`eligible=False, reasons=("offline",)` for the offline frame (the last will)."""
+
+
+def signed_heartbeat(
+    fleet: str,
+    device_id: str,
+    key: Ed25519PrivateKey,
+    *,
+    online: bool,
+    sequence: int,
+    profile_digest: str,
+    eligibility: EligibilityPolicy,
+    compute: ComputeDevice = CPU,
+    reader: Callable[..., DeviceReadings] = read_device,
+) -> Heartbeat:
+    """The signed state frame; an online one reads the device's sensors with `reader`
+    (without waiting for a CPU sample: a heartbeat must not stall the loop).
+    Training on a discrete GPU, the free memory reported is the GPU's, which the
+    coordinator's plan fitter compares with a plan's GPU peak (device_profiles/gpu_path.py);
+    otherwise it is the system's."""
+    readings = reader(cpu_sample_seconds=0.0, compute=compute) if online else None
+    verdict = Eligibility(eligible=False, reasons=("offline",))
+    if readings is not None:
+        verdict = check_eligibility(eligibility, readings)
+    if readings is None or readings.power_unknown_reason:
+        power = PowerSource.UNKNOWN
+    else:
+        power = PowerSource.MAINS if readings.on_mains else PowerSource.BATTERY
+    state = DeviceState(
+        fleet=fleet,
+        device_id=device_id,
+        sequence=sequence,
+        online=online,
+        eligible=verdict.eligible,
+        cpu_load=readings.cpu_percent if readings else 0.0,
+        free_memory_bytes=_free_memory(readings),
+        power_source=power,
+        profile_digest=profile_digest,
+        ineligible_reasons=tuple(verdict.reasons),
+        battery_percent=readings.battery_percent if readings else None,
+        capabilities=(SECURE_AGGREGATION_CAPABILITY,),
+    )
+    return Heartbeat(encode_frame(state, sender=device_id, signing_key=key), verdict)
+
+
 def device_state_frame(
     fleet: str,
     device_id: str,
@@ -34,34 +89,17 @@ def device_state_frame(
     eligibility: EligibilityPolicy,
     compute: ComputeDevice = CPU,
 ) -> bytes:
-    """The signed state frame; an online one reads the device's sensors (without waiting
-    for a CPU sample: a heartbeat must not stall the loop). Training on a discrete GPU, the
-    free memory reported is the GPU's, which the coordinator's plan fitter compares with a
-    plan's GPU peak (device_profiles/gpu_path.py); otherwise it is the system's."""
-    readings = read_device(cpu_sample_seconds=0.0, compute=compute) if online else None
-    eligible, reasons = False, ("offline",)
-    if readings is not None:
-        verdict = check_eligibility(eligibility, readings)
-        eligible, reasons = verdict.eligible, verdict.reasons
-    if readings is None or readings.power_unknown_reason:
-        power = PowerSource.UNKNOWN
-    else:
-        power = PowerSource.MAINS if readings.on_mains else PowerSource.BATTERY
-    state = DeviceState(
-        fleet=fleet,
-        device_id=device_id,
-        sequence=sequence,
+    """`signed_heartbeat(...)`'s frame alone, for callers that need no verdict."""
+    return signed_heartbeat(
+        fleet,
+        device_id,
+        key,
         online=online,
-        eligible=eligible,
-        cpu_load=readings.cpu_percent if readings else 0.0,
-        free_memory_bytes=_free_memory(readings),
-        power_source=power,
+        sequence=sequence,
         profile_digest=profile_digest,
-        ineligible_reasons=tuple(reasons),
-        battery_percent=readings.battery_percent if readings else None,
-        capabilities=(SECURE_AGGREGATION_CAPABILITY,),
-    )
-    return encode_frame(state, sender=device_id, signing_key=key)
+        eligibility=eligibility,
+        compute=compute,
+    ).frame
 
 
 def _free_memory(readings: DeviceReadings | None) -> int:

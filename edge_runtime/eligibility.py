@@ -95,13 +95,19 @@ class EligibilityPolicy:
             hours = values["allowed_hours"]
             if not isinstance(hours, list):
                 raise ValueError("allowed_hours must be a list like ['16:00-23:59']")
-            values["allowed_hours"] = tuple(TimeWindow.parse(str(h)) for h in hours)
+            try:
+                values["allowed_hours"] = tuple(TimeWindow.parse(str(h)) for h in hours)
+            except ValueError as error:
+                raise ValueError(f"[eligibility] allowed_hours: {error}") from None
         if "allowed_weekdays" in values:
             days = values["allowed_weekdays"]
             if not isinstance(days, list):
                 raise ValueError("allowed_weekdays must be a list like ['mon', 'tue']")
             values["allowed_weekdays"] = tuple(str(d).lower() for d in days)
-        return cls(**values)  # type: ignore[arg-type]
+        try:
+            return cls(**values)  # type: ignore[arg-type]
+        except ValueError as error:  # __post_init__ names the key; add the table
+            raise ValueError(f"[eligibility] {error}") from None
 
 
 @dataclass(frozen=True)

@@ -110,6 +110,7 @@ class LocalTrainer:
         *,
         deadline: float | None = None,
         round_seed: int = 0,
+        on_step: Callable[[int, int], None] | None = None,
     ) -> TrainingResult:
         """Train from `global_state` for up to `plan.local_steps` steps.
 
@@ -118,6 +119,9 @@ class LocalTrainer:
 
         `deadline` is a `clock()` time: before each step the trainer predicts its end from
         the slowest step so far and stops if it would land past the deadline.
+
+        `on_step(done, planned)` is called after each optimizer step, so the agent can show
+        "training step i/n" while its loop is blocked here.
         """
         self.load_global(global_state)
         start_state = {name: t.clone() for name, t in global_state.items()}
@@ -145,6 +149,8 @@ class LocalTrainer:
             crash_point("training-step")
             losses.append(loss)
             slowest_step = max(slowest_step, self.clock() - step_start)
+            if on_step is not None:
+                on_step(len(losses), plan.local_steps)
         self.model.eval()
         trained = get_adapter_state(self.model)
         delta = {name: trained[name] - start_state[name] for name in trained}

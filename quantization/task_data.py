@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,12 +58,35 @@ def _text_field(path: Path, line: int, record: dict[str, object], key: str) -> s
     return value.strip()
 
 
-def read_labelled_texts(path: Path) -> list[LabelledText]:
-    """Classification examples from a .csv or .jsonl file."""
+def _check_labels(
+    path: Path, examples: Sequence[tuple[int, LabelledText]], labels: Sequence[str]
+) -> None:
+    """Every label is one of the task's: checked when the file is read, because a stray
+    label otherwise fails only when a batch happens to draw it, rounds later."""
+    allowed = set(labels)
+    unknown = [(line, example.label) for line, example in examples if example.label not in allowed]
+    if not unknown:
+        return
+    line, label = unknown[0]
+    more = ""
+    if len(unknown) > 1:
+        others = ", ".join(str(number) for number, _ in unknown[1:6])
+        ellipsis = ", ..." if len(unknown) > 6 else ""
+        more = f"; {len(unknown) - 1} more line(s) with labels outside the task: {others}{ellipsis}"
+    raise _fail(
+        path,
+        line,
+        f"label {label!r} is not one of the task's labels {list(labels)}{more}",
+    )
+
+
+def read_labelled_texts(path: Path, labels: Sequence[str] | None = None) -> list[LabelledText]:
+    """Classification examples from a .csv or .jsonl file; with `labels` (the task's), a
+    label outside them is an error naming its line."""
     path = Path(path)
     if not path.is_file():
         raise _fail(path, None, "no such file")
-    examples: list[LabelledText] = []
+    numbered: list[tuple[int, LabelledText]] = []
     if path.suffix.lower() == ".csv":
         with path.open(encoding="utf-8", newline="") as stream:
             reader = csv.DictReader(stream)
@@ -72,24 +96,19 @@ def read_labelled_texts(path: Path) -> list[LabelledText]:
                 )
             for row in reader:
                 line = reader.line_num
-                examples.append(
-                    LabelledText(
-                        _text_field(path, line, row, "text"), _text_field(path, line, row, "label")
-                    )
-                )
+                text = _text_field(path, line, row, "text")
+                numbered.append((line, LabelledText(text, _text_field(path, line, row, "label"))))
     elif path.suffix.lower() == ".jsonl":
         for line, record in _jsonl_objects(path):
-            examples.append(
-                LabelledText(
-                    _text_field(path, line, record, "text"),
-                    _text_field(path, line, record, "label"),
-                )
-            )
+            text = _text_field(path, line, record, "text")
+            numbered.append((line, LabelledText(text, _text_field(path, line, record, "label"))))
     else:
         raise _fail(path, None, "unsupported file type; use .csv or .jsonl with text and label")
-    if not examples:
+    if not numbered:
         raise _fail(path, None, "contains no examples")
-    return examples
+    if labels is not None:
+        _check_labels(path, numbered, labels)
+    return [example for _, example in numbered]
 
 
 def read_lm_texts(path: Path) -> list[str]:

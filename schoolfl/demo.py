@@ -35,15 +35,17 @@ from typing import TYPE_CHECKING
 import click
 
 from durable.atomic_files import atomic_write_text
+from schoolfl.demo_activity import FleetActivity
 from schoolfl.demo_privacy import DEFAULT_DP_CLIP_NORM, DemoPrivacy, demo_privacy
+from schoolfl.demo_screen import watch_rounds
 from schoolfl.demo_summary import demo_summary, print_results
 from schoolfl.demo_tasks import CLASSIFY, DEMO_TASKS, DemoTask, write_task_data
-from schoolfl.demo_view import plot_rounds, render_table, round_rows
+from schoolfl.demo_view import plot_rounds
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from coordinator.store import AdapterVersion, CoordinatorStore
+    from coordinator.store import AdapterVersion
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +133,8 @@ class DemoFleet:
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.log_dir = settings.state_dir / "logs"
         self.agent_configs: list[Path] = []
+        self.device_state_dirs: dict[str, Path] = {}
+        """device id -> its agent's state dir, where the agent writes activity.json."""
 
     # -- configuration ---------------------------------------------------------------------
 
@@ -169,6 +173,7 @@ class DemoFleet:
             save_private_key(generate_private_key(), config.key_path)
         shard_writer(folder / "data" / f"{self.settings.task.task_id}.jsonl")
         self.agent_configs.append(folder / "agent.toml")
+        self.device_state_dirs[device_id] = Path(config.agent.state_dir)
 
     def write_configs(self) -> tuple[str, ...]:
         """Coordinator and device configs, keys and data shards; returns the labels."""
@@ -317,7 +322,12 @@ def _start_processes(
     fleet: DemoFleet, settings: DemoSettings, console: Console
 ) -> subprocess.Popen[bytes]:
     """The coordinator, then enrollment, then the agents: a device runs only once enrolled.
-    Returns the coordinator, whose exit ends the demo's rounds."""
+    Says each step as it starts, so no stretch of the start is silent. Returns the
+    coordinator, whose exit ends the demo's rounds."""
+    console.print(
+        f"starting the coordinator (it loads {settings.task.base_model} and scores the "
+        "initial model on the held-out set)"
+    )
     coordinator = fleet.start(
         "coordinator",
         "coordinator",
@@ -326,30 +336,18 @@ def _start_processes(
         str(settings.state_dir / "coordinator.toml"),
         "--exit-when-done",
     )
-    with console.status("starting the coordinator and enrolling devices..."):
+    with console.status(
+        f"enrolling {settings.devices} devices (each exchanges a one-time token for "
+        "registration once the coordinator is up)..."
+    ):
         fleet.enroll_all()
+    console.print(
+        f"starting {settings.devices} device agents; each loads the nf4 base model first "
+        "(the table below shows every device's progress)"
+    )
     for index, config_path in enumerate(fleet.agent_configs):
         fleet.start(f"device-{index}", "agent", "run", "--config", str(config_path))
     return coordinator
-
-
-def _watch_rounds(
-    console: Console,
-    store: CoordinatorStore,
-    task: DemoTask,
-    before: float | None,
-    coordinator: subprocess.Popen[bytes],
-    stop: threading.Event,
-) -> None:
-    """Show the round table live until the coordinator exits or the demo is stopped, then
-    once more, so the last round's final state is on screen."""
-    from rich.live import Live
-
-    with Live(render_table([], before, task), console=console, refresh_per_second=2) as live:
-        while coordinator.poll() is None and not stop.is_set():
-            live.update(render_table(round_rows(store, task), before, task))
-            stop.wait(0.5)
-        live.update(render_table(round_rows(store, task), before, task))
 
 
 def _copy_final_adapter(final: AdapterVersion | None, adapter: Path) -> None:
@@ -373,27 +371,28 @@ def _run_rounds(
     from coordinator.store import CoordinatorStore
 
     task = settings.task
-    fleet.write_configs()
+    with console.status(f"writing configs, keys and data shards for {settings.devices} devices..."):
+        labels = fleet.write_configs()
     _print_intro(console, settings)
     coordinator = _start_processes(fleet, settings, console)
     store = CoordinatorStore(settings.state_dir / "coordinator" / "coordinator.db")
     versions = store.adapter_versions(task.task_id)
     metrics_before = dict(versions[0].metrics) if versions else {}
     before = metrics_before.get(task.metric)
-    _watch_rounds(console, store, task, before, coordinator, stop)
+    activity = FleetActivity(fleet.device_state_dirs, task.task_id)
+    rows = watch_rounds(console, store, task, before, activity, coordinator, stop)
     if stop.is_set():
         console.print("stopped")
         return 130
     if coordinator.returncode != 0:
         log = (fleet.log_dir / "coordinator.log").read_text(errors="replace")[-2000:]
         raise click.ClickException(f"the coordinator failed:\n{log}")
-    rows = round_rows(store, task)
     final = store.latest_adapter_version(task.task_id)
     ledger = store.privacy_rounds(task.task_id) if settings.privacy else []
     store.close()
     adapter = settings.state_dir / "adapter"
     _copy_final_adapter(final, adapter)
-    plot_rounds(rows, before, settings.plot_path, task)
+    plot_rounds(rows, before, settings.plot_path, task, labels)
     fleet.stop_all()  # the rounds are over; the export gets the machine to itself
     onnx = _export_onnx(fleet, settings, console, stop)
     if stop.is_set():
@@ -428,7 +427,8 @@ def run_demo(settings: DemoSettings, broker_url: str | None) -> int:
     embedded = None
     if broker_url is None:
         embedded = EmbeddedBroker()
-        embedded.start()
+        with console.status("starting the embedded MQTT broker (amqtt)..."):
+            embedded.start()
         broker_url = embedded.url
         console.print(f"embedded MQTT broker on {broker_url}")
     fleet = DemoFleet(settings, broker_url)

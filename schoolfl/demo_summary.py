@@ -34,6 +34,23 @@ def onnx_lines(onnx: dict[str, object]) -> list[str]:
     ]
 
 
+def round_timings(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+    """summary.json's `rounds`: per round the prediction, the slowest device's split (None
+    where no device reported it) and the table's round time, in seconds."""
+    keys = ("predicted", "load", "compute", "emulated_wait", "upload")
+    return [
+        {
+            "round": row["round"],
+            **{
+                f"{key}_seconds": None if row.get(key) is None else round(float(row[key]), 2)  # type: ignore[arg-type]
+                for key in keys
+            },
+            "round_seconds": round(float(row["actual"]), 2),  # type: ignore[arg-type]
+        }
+        for row in rows
+    ]
+
+
 def demo_summary(
     settings: DemoSettings,
     rows: list[dict[str, object]],
@@ -65,6 +82,7 @@ def demo_summary(
         {
             "held_out": settings.held_out,
             "bytes_up": sum(int(r["bytes_up"]) for r in rows),  # type: ignore[call-overload]
+            "rounds": round_timings(rows),
             "total_seconds": round(time.monotonic() - started, 1),
             "adapter": str(adapter),
             "plot": str(settings.plot_path),

@@ -3,6 +3,12 @@
 Everything is read from the coordinator's store, so the view shows what the coordinator
 recorded, not what the demo hoped for. The held-out metric is the task's own (accuracy,
 or loss where lower is better) and every heading says which way is better.
+
+The devices are emulated: each waits out its profile's predicted round time, so a round's
+time is the prediction plus what the emulation cannot stretch (loading the model, the
+upload). The table therefore splits the slowest device's round into model loading, real
+compute, emulated wait and upload (from the agents' activity files), and the plot's bars
+are the table's "round s": round open to the last update received.
 """
 
 from __future__ import annotations
@@ -10,12 +16,40 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from schoolfl.demo_tasks import DemoTask
 
+if TYPE_CHECKING:
+    from schoolfl.demo_activity import FleetActivity, RoundTimings
 
-def round_rows(store: object, task: DemoTask) -> list[dict[str, object]]:
-    """What the live view and the summary show, read from the coordinator's store."""
+EMULATION_NOTE = (
+    "Devices are emulated on this machine: each waits out its profile's predicted round "
+    "time, so 'compute' is this machine's real time and 'emulated wait' the rest of the "
+    "prediction; round 1 also loads the model."
+)
+SPLIT_COLUMNS = (
+    ("load", "load s"),
+    ("compute", "compute s"),
+    ("emulated_wait", "emulated wait s"),
+    ("upload", "upload s"),
+)
+"""Row key and heading of each part of the slowest device's round time."""
+
+
+def _add_split(row: dict[str, object], timings: RoundTimings | None) -> None:
+    split = timings.slowest(int(row["round"])) if timings else None  # type: ignore[call-overload]
+    row["load"] = split["load_seconds"] if split else None
+    row["compute"] = split["compute_seconds"] if split else None
+    row["emulated_wait"] = split["emulated_wait_seconds"] if split else None
+    row["upload"] = split["upload_seconds"] if split else None
+
+
+def round_rows(
+    store: object, task: DemoTask, timings: RoundTimings | None = None
+) -> list[dict[str, object]]:
+    """What the live view and the summary show, read from the coordinator's store; with
+    `timings`, each row also has the slowest device's load / compute / wait / upload."""
     rows = []
     for record in store.rounds(task.task_id):  # type: ignore[attr-defined]
         plans = {
@@ -43,6 +77,7 @@ def round_rows(store: object, task: DemoTask) -> list[dict[str, object]]:
                 "seconds": (record.closed_at or time.time()) - record.opened_at,
             }
         )
+        _add_split(rows[-1], timings)
     return rows
 
 
@@ -51,23 +86,29 @@ def metric_heading(task: DemoTask) -> str:
     return f"{task.metric_label} (lower is better)" if task.lower_is_better else task.metric_label
 
 
+ROUND_SECONDS_HEADING = "round s"
+"""Round open to the last update received: the table's and the plot's round time."""
+
+
 def render_table(rows: list[dict[str, object]], before: float | None, task: DemoTask):  # noqa: ANN202 - rich Table
     from rich.table import Table
 
     table = Table(title=f"schoolfl demo: task {task.task_id} ({task.title})")
-    for column in (
+    columns = (
         "round",
         "state",
         "devices: rank x steps",
         "updates",
         "predicted s",
-        "actual s",
+        *(heading for _key, heading in SPLIT_COLUMNS),
+        ROUND_SECONDS_HEADING,
         "bytes up",
         metric_heading(task),
-    ):
+    )
+    for column in columns:
         table.add_column(column)
     if before is not None:
-        table.add_row("0", "initial", "", "", "", "", "", f"{before:.3f}")
+        table.add_row("0", "initial", *([""] * (len(columns) - 3)), f"{before:.3f}")
     for row in rows:
         metric = row["metric"]
         table.add_row(
@@ -76,6 +117,7 @@ def render_table(rows: list[dict[str, object]], before: float | None, task: Demo
             str(row["plans"]),
             str(row["updates"]),
             f"{row['predicted']:.1f}",
+            *(_seconds(row.get(key)) for key, _heading in SPLIT_COLUMNS),
             f"{row['actual']:.1f}",
             f"{row['bytes_up']:,}",
             "-" if metric is None else f"{metric:.3f}",
@@ -83,9 +125,55 @@ def render_table(rows: list[dict[str, object]], before: float | None, task: Demo
     return table
 
 
-def plot_rounds(
-    rows: list[dict[str, object]], before: float | None, path: Path, task: DemoTask
-) -> None:
+def _seconds(value: object) -> str:
+    return "-" if value is None else f"{float(value):.1f}"  # type: ignore[arg-type]
+
+
+def render_devices(activity: FleetActivity, now: float | None = None):  # noqa: ANN201 - rich Table
+    """One line per device: what it is doing now, and its last round's time split."""
+    from rich.table import Table
+
+    table = Table(title="devices (emulated)")
+    for column in ("device", "now", "last round"):
+        table.add_column(column)
+    for device_id, doing, split in activity.lines(now):
+        table.add_row(device_id, doing, split or "-")
+    return table
+
+
+def render_view(
+    rows: list[dict[str, object]],
+    before: float | None,
+    task: DemoTask,
+    activity: FleetActivity | None = None,
+    now: float | None = None,
+):  # noqa: ANN201 - rich Group
+    """The live screen: the round table, the note that devices are emulated, and a line
+    per device saying what it does right now."""
+    from rich.console import Group
+    from rich.text import Text
+
+    parts: list[object] = [render_table(rows, before, task), Text(EMULATION_NOTE)]
+    if activity is not None:
+        parts.append(render_devices(activity, now))
+    return Group(*parts)
+
+
+def chance_level(task: DemoTask, labels: tuple[str, ...]) -> float | None:
+    """Accuracy of a uniform guess, 1 / number of labels; None where it means nothing."""
+    if task.lower_is_better or not labels:
+        return None
+    return 1.0 / len(labels)
+
+
+def round_figure(
+    rows: list[dict[str, object]],
+    before: float | None,
+    task: DemoTask,
+    labels: tuple[str, ...] = (),
+):  # noqa: ANN201 - matplotlib Figure
+    """Held-out metric per round (with the chance line for a classifier) and the round
+    time the table shows ("round s"), so the picture and the table never disagree."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -95,7 +183,11 @@ def plot_rounds(
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     rounds = ([0] if before is not None else []) + [int(r["round"]) for r in completed]  # type: ignore[call-overload]
     values = ([before] if before is not None else []) + [float(r["metric"]) for r in completed]  # type: ignore[arg-type]
-    left.plot(rounds, values, marker="o")
+    left.plot(rounds, values, marker="o", label=task.metric_label)
+    chance = chance_level(task, labels)
+    if chance is not None:
+        left.axhline(chance, linestyle="--", color="grey", label=f"chance (1/{len(labels)})")
+        left.legend(loc="lower right")
     left.set(
         title=f"held-out {metric_heading(task)}",
         xlabel="round",
@@ -104,11 +196,28 @@ def plot_rounds(
     )
     if not task.lower_is_better:
         left.set_ylim(0, 1)
-    right.bar([int(r["round"]) for r in rows], [float(r["seconds"]) for r in rows])  # type: ignore[call-overload, arg-type]
+    right.bar([int(r["round"]) for r in rows], [float(r["actual"]) for r in rows])  # type: ignore[call-overload, arg-type]
     right.set(
-        title="round time", xlabel="round", ylabel="seconds", xticks=[int(r["round"]) for r in rows]
-    )  # type: ignore[call-overload]
+        title=f"{ROUND_SECONDS_HEADING}: round open to last update",
+        xlabel="round",
+        ylabel="seconds",
+        xticks=[int(r["round"]) for r in rows],  # type: ignore[call-overload]
+    )
     figure.tight_layout()
+    return figure
+
+
+def plot_rounds(
+    rows: list[dict[str, object]],
+    before: float | None,
+    path: Path,
+    task: DemoTask,
+    labels: tuple[str, ...] = (),
+) -> None:
+    """Write `round_figure` as a PNG at `path`."""
+    import matplotlib.pyplot as plt
+
+    figure = round_figure(rows, before, task, labels)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
     plt.close(figure)

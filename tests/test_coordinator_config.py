@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -208,3 +209,194 @@ def test_a_sub_table_built_in_python_names_its_table() -> None:
         ScheduleConfig(devices_per_round=3, min_updates=4)
     with pytest.raises(CoordinatorConfigError, match=r"\[tasks\.privacy\]: delta must be"):
         PrivacyConfig(delta=2.0)
+
+
+# -- every key checked at load; serve refuses a bad config before it connects -------------
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            ("rounds = 3", 'rounds = 3\nscheme = "nf5"'),
+            "[[tasks]] 'subjects': scheme must be one of none, nf4, int8, bnb-nf4, bnb-int8, "
+            "got 'nf5'",
+        ),
+        (
+            ('state_dir = "/tmp/x"', 'state_dir = "/tmp/x"\ntick_seconds = "0.5"'),
+            "[coordinator]: tick_seconds must be a number of seconds > 0, got '0.5'",
+        ),
+        (
+            ('state_dir = "/tmp/x"', 'state_dir = "/tmp/x"\nstartup_grace_seconds = -1'),
+            "[coordinator]: startup_grace_seconds must be a number of seconds >= 0, got -1",
+        ),
+        (
+            ('labels = ["maths", "history"]', 'labels = "maths, history"'),
+            "[[tasks]] 'subjects': labels must be a list of class names (strings)",
+        ),
+        (
+            ('labels = ["maths", "history"]', 'labels = ["maths", "maths"]'),
+            "[[tasks]] 'subjects': labels must be distinct; repeated: ['maths']",
+        ),
+        (
+            ("rounds = 3", 'rounds = 3\nquantize_embeddings = "yes"'),
+            "[[tasks]] 'subjects': quantize_embeddings must be true or false, got 'yes'",
+        ),
+        (
+            ("rounds = 3", 'rounds = 3\nmax_update_norm = "2"'),
+            "[[tasks]] 'subjects': max_update_norm must be a number >= 0, got '2'",
+        ),
+        (
+            ("rounds = 3", "rounds = 3\nseed = 1.5"),
+            "[[tasks]] 'subjects': seed must be an integer >= 0, got 1.5",
+        ),
+        (
+            ("rounds = 3", "rounds = 3\neval_file = 7"),
+            "[[tasks]] 'subjects': eval_file must be a string, got 7",
+        ),
+        (
+            ('url = "mqtt://127.0.0.1:1883"', 'url = "mqtt://127.0.0.1:1883"\nqos = 1'),
+            "[broker]: unknown keys ['qos']",
+        ),
+        (
+            (
+                'url = "mqtt://127.0.0.1:1883"',
+                'url = "mqtt://127.0.0.1:1883"\nreceive_queue_max_messages = "many"',
+            ),
+            "[broker]: receive_queue_max_messages must be a number > 0, got 'many'",
+        ),
+        (
+            ('url = "mqtt://127.0.0.1:1883"', 'url = "mqtt://127.0.0.1:1883"\ntls_insecure = 1'),
+            "[broker]: tls_insecure must be true or false, got 1",
+        ),
+        (("[[tasks]]", "[tasks]"), "tasks must be written as [[tasks]] tables"),
+    ],
+)
+def test_every_key_is_checked_at_load(
+    tmp_path: Path, change: tuple[str, str], message: str
+) -> None:
+    path = tmp_path / "coordinator.toml"
+    path.write_text(GOOD.replace(*change))
+    with pytest.raises(CoordinatorConfigError) as error:
+        CoordinatorConfig.load(path)
+    assert str(error.value) == f"{path}: {message}" or message in str(error.value)
+    assert str(error.value).startswith(f"{path}: ")
+
+
+def _serving_config(tmp_path: Path, eval_lines: list[str] | None = None, **files: str) -> str:
+    """GOOD with a real eval file and a broker password file, then `files` overrides."""
+    eval_file = tmp_path / "eval.jsonl"
+    rows = eval_lines or ['{"text": "x + y = 3", "label": "maths"}']
+    eval_file.write_text("\n".join(rows) + "\n")
+    password = tmp_path / "broker-password"
+    password.write_text("s3cret\n")
+    values = {"eval_file": str(eval_file), "password_file": str(password), **files}
+    return GOOD.replace(
+        'url = "mqtt://127.0.0.1:1883"',
+        f'url = "mqtt://127.0.0.1:1883"\nusername = "coordinator"\n'
+        f'password_file = "{values["password_file"]}"',
+    ).replace("rounds = 3", f'rounds = 3\neval_file = "{values["eval_file"]}"')
+
+
+def test_a_config_ready_to_serve_loads(tmp_path: Path) -> None:
+    path = tmp_path / "coordinator.toml"
+    path.write_text(_serving_config(tmp_path))
+    config = CoordinatorConfig.load(path, serving=True)
+    assert config.broker.read_password() == "s3cret"
+
+
+def _serving_error(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "coordinator.toml"
+    path.write_text(text)
+    CoordinatorConfig.load(path)  # well-formed: only the serving checks refuse it
+    with pytest.raises(CoordinatorConfigError) as error:
+        CoordinatorConfig.load(path, serving=True)
+    assert str(error.value).startswith(f"{path}: "), error.value
+    return str(error.value)
+
+
+def test_serving_checks_name_the_key_and_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "eval.jsonl"
+    assert _serving_error(tmp_path, _serving_config(tmp_path, eval_file=str(missing))).endswith(
+        f"[[tasks]] 'subjects' eval_file: {missing} does not exist"
+    )
+    broken = ['{"text": "a", "label": "maths"}', '{"text": "b", "label": "history"', ""]
+    assert (
+        f"[[tasks]] 'subjects' eval_file: {tmp_path / 'eval.jsonl'}:2: not valid JSON"
+        in _serving_error(tmp_path, _serving_config(tmp_path, broken))
+    )
+    strange = ['{"text": "a", "label": "maths"}', '{"text": "b", "label": "art"}']
+    assert "labels ['art'] are not among the task's labels ['maths', 'history']" in (
+        _serving_error(tmp_path, _serving_config(tmp_path, strange))
+    )
+    no_password = tmp_path / "absent-password"
+    assert _serving_error(
+        tmp_path, _serving_config(tmp_path, password_file=str(no_password))
+    ).endswith(f"[broker] password_file: {no_password} does not exist")
+    empty = tmp_path / "empty-password"
+    empty.write_text("")
+    assert _serving_error(tmp_path, _serving_config(tmp_path, password_file=str(empty))).endswith(
+        f"[broker] password_file: {empty} is empty: the password goes on its first line"
+    )
+
+
+def test_serving_checks_the_base_model_and_the_tasks(tmp_path: Path) -> None:
+    ready = _serving_config(tmp_path)
+    message = _serving_error(tmp_path, ready.replace('"minilm-l6"', '"minilm-l12"'))
+    assert "[[tasks]] 'subjects' base_model: base model 'minilm-l12' is neither a known name" in (
+        message
+    )
+    empty_folder = tmp_path / "model"
+    empty_folder.mkdir()
+    message = _serving_error(tmp_path, ready.replace('"minilm-l6"', f'"{empty_folder}"'))
+    assert f"base_model: {empty_folder} is a folder without config.json" in message
+    no_tasks = ready[: ready.index("[[tasks]]")]
+    assert "no [[tasks]]: the coordinator has nothing to train" in _serving_error(
+        tmp_path, no_tasks
+    )
+    admin = tmp_path / "admin-password"
+    with_admin = (
+        ready + f'\n[broker_admin]\nusername = "schoolfl-admin"\npassword_file = "{admin}"\n'
+    )
+    assert _serving_error(tmp_path, with_admin).endswith(
+        f"[broker_admin] password_file: {admin} does not exist"
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (("rounds = 3", 'rounds = 3\nscheme = "nf5"'), "scheme must be one of"),
+        (
+            ('state_dir = "/tmp/x"', 'state_dir = "/tmp/x"\ntick_seconds = "fast"'),
+            "tick_seconds must be a number of seconds > 0, got 'fast'",
+        ),
+        (('base_model = "minilm-l6"', 'base_model = "/no/model"'), "base_model: base model"),
+        (("rounds = 3", 'rounds = 3\neval_file = "/x/eval.jsonl"'), "eval_file: /x/eval.jsonl"),
+    ],
+)
+def test_serve_refuses_a_bad_config_before_it_connects(
+    tmp_path: Path, change: tuple[str, str], message: str
+) -> None:
+    """A listening socket stands in for the broker: serve must exit with the message and no
+    traceback, and must never have connected to it."""
+    from click.testing import CliRunner
+
+    from coordinator.cli import coordinator_group
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as broker:
+        broker.bind(("127.0.0.1", 0))
+        broker.listen(4)
+        broker.setblocking(False)
+        port = broker.getsockname()[1]
+        path = tmp_path / "bad.toml"
+        text = GOOD.replace(*change).replace("mqtt://127.0.0.1:1883", f"mqtt://127.0.0.1:{port}")
+        path.write_text(text.replace('state_dir = "/tmp/x"', f'state_dir = "{tmp_path / "state"}"'))
+        result = CliRunner().invoke(coordinator_group, ["serve", "--config", str(path)])
+        assert result.exit_code == 1, result.output
+        assert isinstance(result.exception, SystemExit)
+        assert f"Error: {path}: " in result.output and message in result.output, result.output
+        assert "Traceback" not in result.output
+        with pytest.raises(BlockingIOError):
+            broker.accept()  # nobody connected
+    assert not (tmp_path / "state").exists()

@@ -10,19 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from device_profiles.calibration import Observation, fit_calibration, nonnegative_least_squares
-from device_profiles.cost_model import (
-    UPLOAD_BYTES_PER_PARAM,
-    activation_factor,
-    activations_are_mapped,
-    adapter_bytes,
-    adapter_parameter_count,
-    count_step,
-    predict,
-)
+from device_profiles.cost_model import activation_factor, predict
 from device_profiles.errors import ProfileError
 from device_profiles.plan import KNOWN_SCHEMES, TrainingPlan
 from device_profiles.profile import Calibration, DeviceProfile, find_profile
 from device_profiles.shapes import KNOWN_SHAPES, ModelShape
+from device_profiles.step_counts import activations_are_mapped, adapter_parameter_count, count_step
+from device_profiles.transfer import UPLOAD_BYTES_PER_PARAM, adapter_bytes
 
 SHAPES = [KNOWN_SHAPES[name] for name in ("minilm-l6", "smollm2-135m", "llama-1.1b")]
 
@@ -68,7 +62,7 @@ def test_a_decoders_heap_slack_ends_where_its_activations_become_mappings(
 ) -> None:
     """Measured (RESULTS.md, issue 19): SmolLM2 at 4 x 128 trains in about its counted
     activations, while the calibration grid's smaller passes carry the fitted heap slack."""
-    from device_profiles.cost_model import AGENT_MMAP_THRESHOLD_BYTES, BYTES_FP32
+    from device_profiles.step_counts import AGENT_MMAP_THRESHOLD_BYTES, BYTES_FP32
 
     shape = KNOWN_SHAPES["smollm2-135m"]
     tokens_at_threshold = AGENT_MMAP_THRESHOLD_BYTES / (BYTES_FP32 * shape.hidden)  # 455
@@ -141,7 +135,7 @@ def test_memory_fit_logic(pi4: DeviceProfile) -> None:
     llama = KNOWN_SHAPES["llama-1.1b"]
     full = predict(pi4, llama, TrainingPlan(scheme="none", batch_size=1, seq_len=128))
     assert not full.fits
-    assert "GB usable" in full.reason and "needs" in full.reason
+    assert "GiB usable" in full.reason and "needs" in full.reason
     assert full.peak_bytes > pi4.usable_ram_bytes / 1.15
     small = predict(pi4, KNOWN_SHAPES["minilm-l6"], TrainingPlan(batch_size=1, seq_len=64))
     assert small.fits and small.reason == ""
@@ -259,7 +253,7 @@ def test_known_schemes_match_quantization_package() -> None:
 def test_the_head_transient_is_the_trainers_chunk_not_the_whole_batch() -> None:
     """The trainer's causal-LM loss holds one chunk of logits at a time, so more examples add
     their block activations and hidden states, never batch x sequence x vocab logits."""
-    from device_profiles.cost_model import (
+    from device_profiles.step_counts import (
         BYTES_FP32,
         LOSS_CHUNK_POSITIONS,
         _activation_elements_per_token,
@@ -283,7 +277,7 @@ def test_the_head_transient_is_the_trainers_chunk_not_the_whole_batch() -> None:
 def test_the_heap_workspace_is_the_layers_below_the_agents_mmap_threshold() -> None:
     """Under the agent's allocator a dequantized copy of 1 MiB or more is its own mapping,
     returned to the OS when freed: only smaller layers leave a share in glibc's heap."""
-    from device_profiles.cost_model import AGENT_MMAP_THRESHOLD_BYTES, BYTES_FP32
+    from device_profiles.step_counts import AGENT_MMAP_THRESHOLD_BYTES, BYTES_FP32
     from quantization.allocator import TRAINING_MMAP_THRESHOLD_BYTES
 
     assert AGENT_MMAP_THRESHOLD_BYTES == TRAINING_MMAP_THRESHOLD_BYTES

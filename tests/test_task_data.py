@@ -65,3 +65,21 @@ def test_lm_texts(tmp_path: Path) -> None:
     bad.write_text('{"prompt": "x"}\n')
     with pytest.raises(LocalDataError, match="bad.jsonl:1"):
         read_lm_texts(bad)
+
+
+def test_labels_outside_the_task_are_refused_at_load_with_file_and_line(tmp_path: Path) -> None:
+    csv_file = tmp_path / "q.csv"
+    csv_file.write_text("text,label\nfine,physics\nodd,maths\nalso odd,art\nok,history\n")
+    with pytest.raises(LocalDataError) as error:
+        read_labelled_texts(csv_file, labels=("physics", "history"))
+    message = str(error.value)
+    assert message.startswith(f"{csv_file}:3: label 'maths' is not one of the task's labels")
+    assert "['physics', 'history']" in message and "1 more line(s)" in message and ": 4" in message
+    jsonl_file = tmp_path / "q.jsonl"
+    jsonl_file.write_text(
+        '{"text": "a", "label": "physics"}\n\n{"text": "b", "label": "Physics"}\n'
+    )
+    with pytest.raises(LocalDataError, match=r"q.jsonl:3: label 'Physics'"):
+        read_labelled_texts(jsonl_file, labels=("physics", "history"))
+    assert len(read_labelled_texts(csv_file)) == 4  # without the task's labels: no check
+    assert len(read_labelled_texts(jsonl_file, labels=("physics", "Physics"))) == 2

@@ -10,9 +10,9 @@ from coordinator.fleet_history import FleetHistory, RoundOutcome
 from coordinator.plan_fitting import DEADLINE_SAFETY, SchoolLink
 from coordinator.scheduler import DeviceCandidate, RandomScheduler, RoundContext
 from coordinator.utility_scheduler import EquityScheduler, OortScheduler, scheduler_named
-from device_profiles.cost_model import UPLOAD_BYTES_PER_PARAM, adapter_bytes, transfer_seconds
 from device_profiles.profile import find_profile
 from device_profiles.shapes import resolve_shape
+from device_profiles.transfer import UPLOAD_BYTES_PER_PARAM, adapter_bytes, transfer_seconds
 
 MINILM = resolve_shape("minilm-l6")
 FAST = find_profile("laptop-mid-16gb")

@@ -37,9 +37,9 @@ from coordinator.scheduler import (
 )
 from coordinator.simulation.fleet import SimDevice, SimFleet, is_available
 from coordinator.simulation.proxy_trainer import ProxyTrainer
-from device_profiles.cost_model import UPLOAD_BYTES_PER_PARAM, adapter_bytes
 from device_profiles.plan import TrainingPlan
 from device_profiles.shapes import ModelShape
+from device_profiles.transfer import UPLOAD_BYTES_PER_PARAM, adapter_bytes
 
 logger = logging.getLogger(__name__)
 

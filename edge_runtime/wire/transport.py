@@ -10,6 +10,8 @@ What it adds to paho, and why:
   loop drains, bounded in messages and bytes: when the loop falls behind, arrivals are
   dropped and counted in `dropped` / `take_drops()`; `receive_queue.py` says why this
   rather than paho's `manual_ack`), connection changes set events;
+- a failed connect names its cause (`connect_diagnosis.py`): paho retries in its thread
+  and drops the exception, so the transport keeps it for `start` to report;
 - an optional outgoing token bucket, to emulate (or respect) a slow school uplink;
 - paho's own log lines routed into `logging`.
 
@@ -32,6 +34,13 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edge_runtime.wire.connect_diagnosis import (
+    ConnectFailure,
+    describe_closed_before_connack,
+    describe_no_connack,
+    describe_refusal,
+    describe_socket_error,
+)
 from edge_runtime.wire.receive_queue import ReceivedMessage, ReceiveQueue, ReceiveQueueConfig
 
 logger = logging.getLogger(__name__)
@@ -224,7 +233,11 @@ class MqttTransport:
         self.connect_count = 0
         self.disconnect_count = 0
         self.last_connect_error: str | None = None
+        self.last_failure: ConnectFailure | None = None
+        """Why the latest connect attempt failed; None once connected."""
         self._connect_failed = threading.Event()
+        self._socket_open = False
+        self._connack_received = False
         self._subscriptions: dict[str, int] = {}
         self._lock = threading.Lock()
         self._connect_condition = threading.Condition(self._lock)
@@ -250,12 +263,18 @@ class MqttTransport:
         if config.username is not None:
             client.username_pw_set(config.username, config.password)
         if config.tls is not None:
-            client.tls_set(
-                ca_certs=config.tls.ca_certs,
-                certfile=config.tls.certfile,
-                keyfile=config.tls.keyfile,
-                cert_reqs=ssl.CERT_REQUIRED,
-            )
+            try:
+                client.tls_set(
+                    ca_certs=config.tls.ca_certs,
+                    certfile=config.tls.certfile,
+                    keyfile=config.tls.keyfile,
+                    cert_reqs=ssl.CERT_REQUIRED,
+                )
+            except (OSError, ssl.SSLError) as error:  # ssl.SSLError is an OSError too
+                raise TransportError(
+                    f"cannot use the TLS files (ca {config.tls.ca_certs}, cert "
+                    f"{config.tls.certfile}, key {config.tls.keyfile}): {error}"
+                ) from None
             client.tls_insecure_set(config.tls.insecure)
         if config.will is not None:
             client.will_set(
@@ -268,17 +287,58 @@ class MqttTransport:
         client.max_queued_messages_set(0)  # unbounded: QoS 1 messages wait for the link
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
+        client.on_pre_connect = self._on_pre_connect
+        client.on_socket_open = self._on_socket_open
+        paho_reconnect = client.reconnect
+
+        def reconnect_recording_errors() -> MQTTErrorCode:
+            # paho's network thread calls reconnect() and drops what it raises; keep it.
+            try:
+                return paho_reconnect()
+            except OSError as error:
+                self._record_failure(
+                    describe_socket_error(
+                        error,
+                        config.host,
+                        config.port,
+                        config.tls is not None,
+                        client.connect_timeout,
+                    )
+                )
+                raise
+
+        client.reconnect = reconnect_recording_errors  # type: ignore[method-assign]
         client.on_message = self._on_message
         return client
 
     # -- paho callbacks: never block, only record and enqueue ------------------------------
 
+    def _record_failure(self, failure: ConnectFailure) -> None:
+        if failure != self.last_failure:  # once per change, not once per retry
+            logger.warning("%s", failure.message)
+        self.last_failure = failure
+        if failure.permanent:
+            self._connect_failed.set()
+
+    def _on_pre_connect(self, client, userdata) -> None:  # noqa: ANN001
+        self._socket_open = False
+        self._connack_received = False
+
+    def _on_socket_open(self, client, userdata, sock) -> None:  # noqa: ANN001
+        self._socket_open = True
+
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        self._connack_received = True
         if reason_code.is_failure:
             self.last_connect_error = str(reason_code)
-            logger.warning("broker refused connection: %s", reason_code)
-            self._connect_failed.set()
+            self._record_failure(
+                describe_refusal(
+                    str(reason_code), self.config.host, self.config.port, self.config.client_id
+                )
+            )
             return
+        self.last_failure = None
+        self._connect_failed.clear()  # a failure before this success is no longer news
         with self._lock:
             subscriptions = list(self._subscriptions.items())
         for topic_filter, qos in subscriptions:
@@ -297,6 +357,12 @@ class MqttTransport:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
         self.connected.clear()
+        if self._socket_open and not self._connack_received and not self.stopping:
+            self._record_failure(
+                describe_closed_before_connack(
+                    self.config.host, self.config.port, self.config.tls is not None
+                )
+            )
         with self._lock:
             self.disconnect_count += 1
         logger.info("disconnected (%s); paho reconnects with backoff", reason_code)
@@ -327,8 +393,10 @@ class MqttTransport:
     def start(self, timeout_seconds: float = 10.0) -> None:
         """Connect and start paho's network thread; return once connected.
 
-        Raises `TransportError` if the broker refuses us (bad credentials) or does not
-        answer in time; paho keeps retrying in the background in the second case."""
+        Raises `TransportError` naming the cause: at once when retrying cannot help (TLS
+        verification, unknown host, a port that is not a (TLS) MQTT listener, a CONNACK
+        refusal), at the deadline otherwise (connection refused, no answer). Callers exit
+        on it; call `stop` to end paho's retries when they do not."""
         logger.info("transport config: %s", self.config.describe())
         if not self._started:
             properties = None
@@ -349,16 +417,16 @@ class MqttTransport:
             self._client.loop_start()
             self._started = True
         if not self.wait_connected(timeout_seconds):
-            if self.last_connect_error:
-                raise TransportError(
-                    f"broker {self.config.host}:{self.config.port} refused "
-                    f"{self.config.client_id}: {self.last_connect_error} (check username, "
-                    "password and ACL)"
-                )
-            raise TransportError(
-                f"no connection to {self.config.host}:{self.config.port} within "
-                f"{timeout_seconds:.0f} s; still retrying in the background"
-            )
+            raise TransportError(self._failure_message(timeout_seconds))
+
+    def _failure_message(self, timeout_seconds: float) -> str:
+        if self.last_failure is not None:
+            return self.last_failure.message
+        if self._socket_open and not self._connack_received:
+            return describe_no_connack(self.config.host, self.config.port, timeout_seconds).message
+        return (
+            f"no connection to {self.config.host}:{self.config.port} within {timeout_seconds:.0f} s"
+        )
 
     def wait_connected(self, timeout_seconds: float) -> bool:
         """True once connected; False on timeout or if the broker refused us."""

@@ -1,5 +1,9 @@
 """The memory levers a plan fitter pulls when a plan's predicted peak does not fit a device.
 
+They live here, below the coordinator, because two fitters pull them: the coordinator's
+(`coordinator.plan_fitting`, per device per round) and the planner's (`schoolfl profile
+plan`, `device_profiles.planner`), and both must price the plans the trainer runs.
+
 Three ways to train the same model in less memory, in the order the issue ranks their cost:
 
 1. Gradient checkpointing (`TrainingPlan.gradient_checkpointing`): keep only each block's
@@ -10,8 +14,9 @@ Three ways to train the same model in less memory, in the order the issue ranks 
    runs as equal slices whose gradients add up to the full batch's, so activations scale
    with the slice. The FLOPs are the same; each extra pass streams (and dequantizes) the
    weights again and pays the per-pass framework cost.
-3. A shorter sequence: the ladder's next rung in `coordinator.plan_fitting` (it changes
-   what the model sees, so it comes after the two that change only time).
+3. A shorter sequence: the ladder's next rung in `coordinator.plan_fitting`, a grid axis
+   in the planner (it changes what the model sees, so it comes after the two that change
+   only time).
 
 Levers 1 and 2 leave the gradient of the step as it was (up to float rounding), which is
 why the fitter pulls them before it shrinks anything: a device that pulls them contributes
