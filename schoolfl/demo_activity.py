@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edge_runtime.activity import HEARTBEAT_SECONDS
+
 logger = logging.getLogger(__name__)
 
 ACTIVITY_FILE = "activity.json"
@@ -109,7 +111,8 @@ def activity_text(activity: DeviceActivity | None, now: float) -> str:
         # before its first heartbeat an agent is not eligible yet, without a reason
         text += f"; not eligible: {reasons}"
     age = now - activity.updated_at
-    return text if age < 5 else f"{text}; {age:.0f} s since its last report"
+    # an idle agent reports once per heartbeat: only silence beyond two of them is news
+    return text if age < 2 * HEARTBEAT_SECONDS else f"{text}; {age:.0f} s since its last report"
 
 
 def split_text(last_round: dict[str, object] | None) -> str:

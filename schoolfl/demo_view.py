@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -65,10 +66,7 @@ def round_rows(
             {
                 "round": record.round_number,
                 "state": record.state.value,
-                "plans": ", ".join(
-                    f"{d}:r{p['plan']['rank']}x{p['plan']['local_steps']}"
-                    for d, p in sorted(plans.items())
-                ),
+                "plans": _plan_summary(plans),
                 "updates": f"{len(updates)}/{len(plans)}",
                 "predicted": predicted,
                 "actual": actual,
@@ -97,7 +95,7 @@ def render_table(rows: list[dict[str, object]], before: float | None, task: Demo
     columns = (
         "round",
         "state",
-        "devices: rank x steps",
+        "plans: devices x rank/steps",
         "updates",
         "predicted s",
         *(heading for _key, heading in SPLIT_COLUMNS),
@@ -123,6 +121,13 @@ def render_table(rows: list[dict[str, object]], before: float | None, task: Demo
             "-" if metric is None else f"{metric:.3f}",
         )
     return table
+
+
+def _plan_summary(plans: dict[str, dict]) -> str:
+    """Plans counted by (rank, steps): one short cell, so the table fits a terminal; which
+    device does what is in the devices table below."""
+    counts = Counter((p["plan"]["rank"], p["plan"]["local_steps"]) for p in plans.values())
+    return ", ".join(f"{n} x r{rank}/{steps}" for (rank, steps), n in sorted(counts.items()))
 
 
 def _seconds(value: object) -> str:
