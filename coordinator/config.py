@@ -270,8 +270,10 @@ class CoordinatorSettings:
     """How often the daemon checks deadlines and opens rounds."""
     heartbeat_seconds: float = 10.0
     """How often the coordinator republishes its status."""
-    device_timeout_seconds: float = 60.0
-    """A device whose last heartbeat is older than this counts as offline."""
+    device_timeout_seconds: float = 150.0
+    """A device whose last heartbeat is older than this counts as offline. Agents publish
+    a heartbeat when their eligibility changes and otherwise once a minute (the broker
+    publishes a vanished agent's last will sooner): 2.5 minutes allows one lost beat."""
     token_valid_seconds: float = 7 * 24 * 3600.0
     """Lifetime of an enrollment token."""
     startup_grace_seconds: float = 3.0

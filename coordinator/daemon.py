@@ -9,6 +9,7 @@ no input can stop the daemon or reach an aggregate (DESIGN.md invariant 5).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import queue
@@ -21,13 +22,9 @@ from pathlib import Path
 
 from coordinator.broker_acl import RESPONSE_TOPIC
 from coordinator.broker_admin import BrokerRevocations
+from coordinator.candidates import DeviceRoster
 from coordinator.config import CoordinatorConfig
-from coordinator.device_status import (
-    HeartbeatRecorder,
-    facts_from_state,
-    not_a_candidate_reason,
-    record_left_out,
-)
+from coordinator.device_status import HeartbeatRecorder, facts_from_state, record_left_out
 from coordinator.outgoing import Outgoing
 from coordinator.refusals import RefusalLedger
 from coordinator.retained_guard import (
@@ -37,7 +34,7 @@ from coordinator.retained_guard import (
 )
 from coordinator.rounds import RoundManager
 from coordinator.scheduler import DeviceCandidate, Scheduler
-from coordinator.store import CoordinatorStore, DeviceRecord
+from coordinator.store import CoordinatorStore
 from device_profiles.profile import DeviceProfile, profile_from_toml_text
 from durable.atomic_files import sweep_leftovers
 from durable.state_lock import lock_state_folder
@@ -52,6 +49,7 @@ from edge_runtime.wire import (
     DeviceChannel,
     DeviceState,
     Ed25519PrivateKey,
+    Ed25519PublicKey,
     EnrollmentRequest,
     EnrollmentResponse,
     Frame,
@@ -80,6 +78,7 @@ from edge_runtime.wire import (
     save_private_key,
     verify_frame,
 )
+from quantization.allocator import configure_training_allocator
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +92,12 @@ def load_or_create_key(path: Path) -> Ed25519PrivateKey:
     key = generate_private_key()
     save_private_key(key, path)
     return key
+
+
+@functools.lru_cache(maxsize=65536)
+def _device_public_key(raw: bytes) -> Ed25519PublicKey:
+    """A device's verifying key, parsed once (every message of every device needs it)."""
+    return public_key_from_hex(raw.hex())
 
 
 DEGRADED_LOG_SECONDS = 60.0
@@ -154,6 +159,8 @@ class CoordinatorDaemon:
         self.liveness: dict[str, DeviceLiveness] = {}
         self.heartbeats = HeartbeatRecorder(self.store.device_status)
         """Writes the heartbeat facts operators see (`coordinator devices`), sparingly."""
+        self.roster = DeviceRoster(self.store)
+        """Device records and parsed profiles, read again only when the store changed."""
         self.not_candidates: dict[str, str] = {}
         """Device id -> why the last `candidates` call dropped it (offline, not eligible...)."""
         self.stop_requested = threading.Event()
@@ -192,11 +199,12 @@ class CoordinatorDaemon:
             self.transport.subscribe(RESPONSE_TOPIC)
         self.transport.start(timeout_seconds=30)
         logger.info(
-            "coordinator for fleet %s: %d task(s) %s, state in %s",
+            "coordinator for fleet %s: %d task(s) %s, state in %s; %s",
             self.fleet,
             len(self.config.tasks),
             [t.id for t in self.config.tasks],
             self.config.state_dir,
+            configure_training_allocator(),  # decoded updates are MiB-sized tensors too
         )
         limits = self.reassembler.limits
         logger.info(
@@ -217,6 +225,7 @@ class CoordinatorDaemon:
 
     def stop(self) -> None:
         self.flush_refusals()
+        self.heartbeats.flush()
         if self.transport is not None:
             self.transport.publish(
                 coordinator_status_topic(self.fleet), self._status_frame(False), retain=True
@@ -253,37 +262,50 @@ class CoordinatorDaemon:
     # -- periodic work -------------------------------------------------------------------
 
     def tick(self) -> None:
-        """Deadlines, new rounds, status heartbeat. Broad except: a daemon loop boundary."""
+        """Deadlines, new rounds, status heartbeat. Broad except: a daemon loop boundary.
+
+        An idle tick costs the same for 5 devices as for 5,000: the device records are
+        cached (`DeviceRoster`), open rounds live in memory, and the candidate list is
+        built only when some task could open a round."""
         try:
-            devices = self.store.devices()
-            revoked = {record.device_id for record in devices if record.revoked}
+            revoked = self.roster.refresh()
             self._publish_all(self.rounds.release_revoked(revoked))
             if self.broker_revocations is not None:
                 self._publish_all(self.broker_revocations.due(revoked, self.now()))
             self._sweep_retained()
             self._publish_all(self.rounds.close_due_rounds())
             settling = self.now() - self._started_at < self.config.coordinator.startup_grace_seconds
-            if not settling:
-                candidates = self.candidates(devices)
-                open_before = {(r.task_id, r.round_number) for r in self.store.open_rounds()}
-                self._publish_all(self.rounds.open_rounds_if_possible(candidates))
-                record_left_out(
-                    self.store,
-                    [d.device_id for d in devices],
-                    open_before,
-                    self.not_candidates,
-                    self.rounds.selection.left_out,
-                )
+            if not settling and self.rounds.tasks_that_can_open():
+                self._open_rounds()
             if self.now() - self._last_status_at >= self.config.coordinator.heartbeat_seconds:
                 self._publish_status()
             for expired in self.reassembler.expire():
                 self.reject(expired.sender or None, "transfer-expired", expired.reason)
             self._count_receive_drops()
+            self.heartbeats.flush()  # one transaction for the tick's heartbeats
             if self.refusals.due():
                 self.flush_refusals()
         except Exception:  # noqa: BLE001 - log, count and keep the daemon alive
             logger.exception("tick failed; continuing")
             self.rejected["internal-error"] += 1
+
+    def _open_rounds(self) -> None:
+        """Open what the candidates allow, and store why each enrolled device sat each new
+        round out (coordinator.device_status)."""
+        candidates = self.candidates()
+        open_before = set(self.rounds.book.views)
+        self._publish_all(self.rounds.open_rounds_if_possible(candidates))
+        assigned = self.rounds.open_assignments()
+        opened = set(assigned) - open_before
+        if opened:
+            record_left_out(
+                self.store,
+                self.roster.records,
+                opened,
+                assigned,
+                self.not_candidates,
+                self.rounds.selection.left_out,
+            )
 
     def _sweep_retained(self) -> None:
         """Every RETAINED_SWEEP_SECONDS, subscribe again to the device channels that are
@@ -313,35 +335,14 @@ class CoordinatorDaemon:
                 count=count,
             )
 
-    def candidates(self, devices: list[DeviceRecord] | None = None) -> list[DeviceCandidate]:
-        """Enrolled, not revoked, online and eligible devices with their profiles (of
-        `devices`, the store's enrolled devices when not given); why each other one was
-        dropped is left in `not_candidates`."""
-        timeout = self.config.coordinator.device_timeout_seconds
-        result = []
-        self.not_candidates = {}
-        for record in self.store.devices() if devices is None else devices:
-            live = self.liveness.get(record.device_id)
-            reason = not_a_candidate_reason(
-                record.revoked,
-                None if live is None else live.state,
-                0.0 if live is None else self.now() - live.received_at,
-                timeout,
-            )
-            if reason is not None:
-                self.not_candidates[record.device_id] = reason
-                continue
-            assert live is not None  # a device without a heartbeat has a reason above
-            profile = self._profile(record.profile_toml)
-            result.append(
-                DeviceCandidate(
-                    record.device_id,
-                    record.school,
-                    profile,
-                    live.state.free_memory_bytes,
-                    frozenset(live.state.capabilities or ()),
-                )
-            )
+    def candidates(self) -> list[DeviceCandidate]:
+        """Enrolled, not revoked, online and eligible devices with their profiles (cached:
+        parsed once per profile text); why each other one was dropped is left in
+        `not_candidates`."""
+        self.roster.refresh()
+        result, self.not_candidates = self.roster.candidates(
+            self.liveness, self.now(), self.config.coordinator.device_timeout_seconds
+        )
         return result
 
     @staticmethod
@@ -453,19 +454,20 @@ class CoordinatorDaemon:
         if isinstance(message, EnrollmentRequest):
             self._enroll(frame, message)
             return
-        record = self.store.device(device_id)
+        self.roster.refresh()  # one PRAGMA unless the devices changed
+        record = self.roster.records.get(device_id)
         if record is None:
             self.reject(device_id, "unknown-device", f"{device_id!r} is not enrolled")
             return
         if record.revoked:
             self.reject(device_id, "revoked-device", f"{device_id!r} was revoked")
             return
-        verify_frame(frame, public_key_from_hex(record.public_key.hex()))
+        verify_frame(frame, _device_public_key(record.public_key))
         if isinstance(message, DeviceState):
             previous = self.liveness.get(device_id)
             if previous is None or message.sequence > previous.state.sequence:
                 self.liveness[device_id] = DeviceLiveness(message, self.now())
-                self.heartbeats.note(facts_from_state(message, self.now()))  # never raises
+                self.heartbeats.note(facts_from_state(message, self.now()))  # written at the tick
         elif isinstance(message, Update):
             self._update(frame, message)
         elif isinstance(message, AssignmentDecline):

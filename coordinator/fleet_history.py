@@ -3,21 +3,36 @@
 Utility-based selection (Oort) needs each device's last training loss and sample count; the
 equity floor needs the last round each school took part in; over-selection needs observed
 drop-out rates; and the cost model's predictions are corrected by how much slower (or faster)
-each device really was. The daemon rebuilds this from the store before each round
-(`history_from_store`); the simulator keeps one and feeds it outcomes (`observe`).
+each device really was. The daemon replays this from the store once, at start
+(`history_from_store`), then feeds it each round that closes, as the simulator feeds it
+outcomes (`observe`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 SPEED_SMOOTHING = 0.5
 """Weight of the newest observation in the exponential average of actual / predicted time."""
 SPEED_FACTOR_RANGE = (0.25, 8.0)
 """A single odd measurement cannot re-rate a device beyond these bounds."""
+
+
+class StoredUpdateLike(Protocol):
+    """What `round_outcomes` reads of a stored update (coordinator.store.StoredUpdate)."""
+
+    @property
+    def device_id(self) -> str: ...
+    @property
+    def num_samples(self) -> int: ...
+    @property
+    def metrics(self) -> dict[str, float]: ...
+    @property
+    def received_at(self) -> float: ...
 
 
 @dataclass
@@ -126,42 +141,59 @@ class FleetHistory:
         return (stats.dropouts + fleet_rate * prior_weight) / (stats.assigned + prior_weight)
 
 
-def history_from_store(store: object, task_id: str) -> FleetHistory:
-    """Replay a task's closed rounds from the coordinator store into a `FleetHistory`.
+def round_outcomes(
+    opened_at: float,
+    plans_json: Mapping[str, str],
+    schools: Mapping[str, str],
+    updates: Iterable[StoredUpdateLike],
+) -> list[RoundOutcome]:
+    """What happened to each assigned device of one closed round, from its stored
+    assignments (`plans_json`: device -> assignment JSON) and update summaries.
 
     Actual round seconds are measured at the coordinator, from the round's opening to the
     arrival of the update. The store keeps only accepted updates, so here a device whose
     update came after the round closed counts as a drop-out and is not re-rated from that
-    late arrival (the simulator, which sees late arrivals, does both).
-    """
+    late arrival (the simulator, which sees late arrivals, does both)."""
+    by_device = {u.device_id: u for u in updates}
+    outcomes = []
+    for device_id, plan_json in plans_json.items():
+        predicted = json.loads(plan_json).get("predicted_round_seconds") or None
+        update = by_device.get(device_id)
+        actual = None
+        if update is not None and update.received_at:
+            actual = max(0.0, update.received_at - opened_at)
+        loss = update.metrics.get("train_loss") if update is not None else None
+        outcomes.append(
+            RoundOutcome(
+                device_id=device_id,
+                school=schools.get(device_id, ""),
+                completed=update is not None,
+                loss=None if loss is None or not math.isfinite(loss) else float(loss),
+                samples=update.num_samples if update is not None else 0,
+                actual_seconds=actual,
+                predicted_seconds=predicted,
+            )
+        )
+    return outcomes
+
+
+def history_from_store(store: object, task_id: str) -> FleetHistory:
+    """Replay a task's closed rounds from the coordinator store into a `FleetHistory`
+    (`round_outcomes` for each). The daemon does this once, at start; after that it feeds
+    each round that closes to the history it keeps (`FleetHistory.observe`)."""
     from coordinator.store import CoordinatorStore, RoundState
 
     assert isinstance(store, CoordinatorStore)
-    schools = {record.device_id: record.school for record in store.devices()}
     history = FleetHistory()
     for record in store.rounds(task_id):
         if record.state is RoundState.OPEN:
             continue
-        opened_at = record.opened_at
-        updates = {u.device_id: u for u in store.update_summaries(task_id, record.round_number)}
-        outcomes = []
-        for device_id, plan_json in store.assignments(task_id, record.round_number).items():
-            predicted = json.loads(plan_json).get("predicted_round_seconds") or None
-            update = updates.get(device_id)
-            actual = None
-            if update is not None and update.received_at:
-                actual = max(0.0, update.received_at - opened_at)
-            loss = update.metrics.get("train_loss") if update is not None else None
-            outcomes.append(
-                RoundOutcome(
-                    device_id=device_id,
-                    school=schools.get(device_id, ""),
-                    completed=update is not None,
-                    loss=None if loss is None or not math.isfinite(loss) else float(loss),
-                    samples=update.num_samples if update is not None else 0,
-                    actual_seconds=actual,
-                    predicted_seconds=predicted,
-                )
-            )
+        rows = store.assignment_rows(task_id, record.round_number)
+        outcomes = round_outcomes(
+            record.opened_at,
+            {row.device_id: row.plan_json for row in rows},
+            {row.device_id: row.school for row in rows},
+            store.update_summaries(task_id, record.round_number),
+        )
         history.observe(record.round_number, outcomes)
     return history

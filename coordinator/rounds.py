@@ -9,40 +9,39 @@ aggregation interrupted by a crash is simply done again.
 
 The manager returns the messages to publish (`Outgoing`) instead of publishing itself, so
 the lifecycle can be tested one tick at a time without a broker.
+
+Its cost follows the work, not the fleet or the round size: each open round has an
+in-memory view (coordinator.open_rounds) loaded once and updated as rows are written, each
+plain FedAvg update is decoded once on arrival, checked and folded into the round's running
+sum (coordinator.running_aggregate), and the global adapter is decoded once per version.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence, Set
 
 import torch
 
-from coordinator.aggregation import (
-    ClientUpdate,
-    apply_delta,
-)
+from coordinator.aggregation import apply_delta
 from coordinator.assignments import (
     assignment_json,
     assignment_messages,
     cleared_assignments,
     stored_plan,
     trusted_sample_count,
-    update_shapes,
 )
 from coordinator.config import CoordinatorConfig, TaskConfig
+from coordinator.fleet_history import round_outcomes
 from coordinator.model_versions import ModelVersions
+from coordinator.open_rounds import OpenRound, decode_checked, fold
 from coordinator.outgoing import Outgoing
-from coordinator.privacy import (
-    make_aggregator,
-    plan_round_privacy,
-    spent_round_privacy,
-    stop_holds,
-)
+from coordinator.privacy import plan_round_privacy, spent_round_privacy, stop_holds
+from coordinator.round_aggregation import batch_result, streaming_result, streams_task
+from coordinator.round_book import RoundBook
 from coordinator.round_opening import DeviceSelection
 from coordinator.scheduler import DeviceCandidate, DevicePlan, Scheduler
-from coordinator.school_policy import schools_below_minimum
 from coordinator.secure.rounds import SecureRounds
 from coordinator.secure.store import SecureRoundStore
 from coordinator.secure.unmasking import (
@@ -61,14 +60,7 @@ from coordinator.store import (
 )
 from coordinator.task_models import AdapterBody, TaskModel
 from durable.crash_points import crash_point
-from edge_runtime.wire import (
-    AckStatus,
-    CodecError,
-    Ed25519PrivateKey,
-    SecAggEnvelope,
-    Update,
-    decode_update,
-)
+from edge_runtime.wire import AckStatus, Ed25519PrivateKey, SecAggEnvelope, Update
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +96,8 @@ class RoundManager:
         )
         self.current = self.versions.current
         """Task id -> the global adapter devices train from."""
+        self.book = RoundBook(config, store, self.current)
+        """Open-round views, round counts, decoded global adapters (coordinator.round_book)."""
         self.secure = SecureRounds(
             config,
             store,
@@ -131,31 +125,33 @@ class RoundManager:
         outgoing: list[Outgoing] = []
         for task in self.config.tasks:
             body = self.versions.load_or_create(task.id)
+            rounds = self.store.rounds(task.id)
             outgoing += self.versions.publish(task.id, body, self._last_round(task.id))
-            closed = [r for r in self.store.rounds(task.id) if r.state is not RoundState.OPEN]
+            closed = [r for r in rounds if r.state is not RoundState.OPEN]
             if closed:
                 outgoing += self._cleared_assignments(task.id, closed[-1].round_number)
+            self.selection.history(task.id)  # replayed once, here; kept in memory after
         for record in self.store.open_rounds():
             task = self.config.task(record.task_id)
+            view = self.book.load_view(record)
             if task.secure_aggregation.enabled:
                 self.secure.recover(task, record.round_number)
             elif self.round_is_complete(record):
                 outgoing += self.aggregate(record, reason="all updates in before the restart")
                 continue
-            outgoing += self._assignment_messages(record)
+            outgoing += self._assignment_messages(view)
         self.secure.forget_closed_rounds()
         secure_outgoing, outcomes = self.secure.resume()
         outgoing += secure_outgoing + self._finish_secure(outcomes)
         return outgoing
 
     def _last_round(self, task_id: str) -> int:
-        rounds = self.store.rounds(task_id)
-        return rounds[-1].round_number if rounds else 0
+        return self.book.counts(task_id)[0]
 
     # -- opening rounds ------------------------------------------------------------------
 
     def completed_rounds(self, task_id: str) -> int:
-        return sum(1 for r in self.store.rounds(task_id) if r.state is RoundState.COMPLETED)
+        return self.book.counts(task_id)[1]
 
     def task_finished(self, task_id: str) -> bool:
         """All configured rounds completed, or the privacy budget allows no more."""
@@ -166,13 +162,30 @@ class RoundManager:
     def privacy_blocked(self, task_id: str) -> bool:
         """A recorded budget stop that the configured budget still upholds (an operator
         who raises [tasks.privacy] epsilon_budget lets the task go on)."""
-        return stop_holds(self.config.task(task_id), self.store.privacy_stop(task_id))
+        task = self.config.task(task_id)
+        if task.privacy.mode == "off":
+            return False  # no ledger, no stop: spare the query on every tick
+        return stop_holds(task, self.store.privacy_stop(task_id))
+
+    def tasks_that_can_open(self) -> list[TaskConfig]:
+        """The tasks without an open round that have rounds left: only when there is one
+        does the daemon build the candidate list (a tick with none costs no fleet scan)."""
+        open_tasks = self.book.open_tasks()
+        return [
+            task
+            for task in self.config.tasks
+            if task.id not in open_tasks and not self.task_finished(task.id)
+        ]
+
+    def open_assignments(self) -> dict[tuple[str, int], list[str]]:
+        """(task, round) -> the assigned devices of every open round."""
+        return {key: list(view.plans_json) for key, view in self.book.views.items()}
 
     def open_rounds_if_possible(self, candidates: Sequence[DeviceCandidate]) -> list[Outgoing]:
         """Open a round for every unfinished task without one, if enough devices fit."""
         outgoing: list[Outgoing] = []
-        open_tasks = {r.task_id for r in self.store.open_rounds()}
-        busy = self.store.busy_devices()
+        open_tasks = self.book.open_tasks()
+        busy = self.book.busy_devices()
         for task in self.config.tasks:
             if task.id in open_tasks or self.task_finished(task.id):
                 continue
@@ -186,7 +199,7 @@ class RoundManager:
             record = self._open_round(task, round_number, chosen, len(free))
             if record is not None:
                 busy |= {p.device_id for p in chosen}
-                outgoing += self._assignment_messages(record)
+                outgoing += self._assignment_messages(self.book.load_view(record))
         return outgoing
 
     def _open_round(
@@ -210,6 +223,7 @@ class RoundManager:
             plans_json=plans,
             privacy=privacy,
         )
+        self.book.note_round(task.id, round_number)
         crash_point("round-opened")  # between the two stores' writes; nothing published
         if task.secure_aggregation.enabled:
             self.secure.open(task, round_number)
@@ -223,11 +237,12 @@ class RoundManager:
         )
         return record
 
-    def _assignment_messages(self, record: RoundRecord) -> list[Outgoing]:
+    def _assignment_messages(self, view: OpenRound) -> list[Outgoing]:
+        record = view.record
         return assignment_messages(
             self.fleet,
             record,
-            self.store.assignments(record.task_id, record.round_number),
+            view.plans_json,
             self.config.task(record.task_id),
             self.current[record.task_id].version,
             self.key,
@@ -238,54 +253,51 @@ class RoundManager:
     def accept_update(self, update: Update, body: bytes) -> tuple[AckStatus, str, list[Outgoing]]:
         """Validate and record one device's update; aggregate when the quota is met.
 
-        The sender's identity and signature are checked by the daemon before this call."""
-        record = self.store.round(update.task, update.server_round)
-        if record is None:
-            return AckStatus.REJECTED, f"round {update.server_round} of {update.task} unknown", []
-        plans = self.store.assignments(update.task, update.server_round)
-        if update.device_id not in plans:
+        The update is decoded once, here: checked as aggregation would check it (a bad one
+        is refused in its acknowledgement, never stored) and, for a plain FedAvg task,
+        folded into the round's running sum. The sender's identity and signature are
+        checked by the daemon before this call."""
+        view = self.book.view(update.task, update.server_round)
+        if view is None:
+            return self._update_for_closed_round(update)
+        if update.device_id not in view.plans_json:
             return AckStatus.REJECTED, "no assignment for this device in that round", []
-        current = self.current[update.task]
-        if self.config.task(update.task).secure_aggregation.enabled:
+        task = self.config.task(update.task)
+        if task.secure_aggregation.enabled:
             return AckStatus.REJECTED, "the task runs secure aggregation: send a masked input", []
-        if record.state is not RoundState.OPEN:
-            stored = self.store.reported_devices(update.task, update.server_round).values()
-            if update.message_id in stored:
-                return AckStatus.DUPLICATE, "already counted", []
-            return AckStatus.REJECTED, f"round {update.server_round} is {record.state.value}", []
+        current = self.current[update.task]
         if update.model_version != current.version:
             return AckStatus.REJECTED, "trained on another model version", []
-        plan = stored_plan(plans[update.device_id])
+        plan = view.plan(update.device_id)
         if update.num_steps > plan.local_steps:
             return (
                 AckStatus.REJECTED,
                 f"claims {update.num_steps} local steps; its plan allows {plan.local_steps}",
                 [],
             )
-        rank = plan.rank
-        try:
-            delta = decode_update(body, update_shapes(current.state(), rank))
-        except CodecError as error:
-            return AckStatus.REJECTED, f"undecodable update: {error}", []
-        except ValueError as error:  # the stored plan does not fit the global adapter
-            return AckStatus.REJECTED, f"plan rank {rank} does not fit: {error}", []
-        del delta  # decoded only to validate before storing; aggregation decodes again
-        outcome = self.store.record_update(
-            StoredUpdate(
-                update_id=update.message_id,
-                task_id=update.task,
-                round_number=update.server_round,
-                device_id=update.device_id,
-                num_samples=update.num_samples,
-                num_steps=update.num_steps,
-                metrics=dict(update.metrics),
-                body=body,
-            )
+        reference = self.book.reference(update.task)
+        delta, reason = decode_checked(body, reference, plan.rank)
+        if delta is None:
+            return AckStatus.REJECTED, reason, []
+        stored = StoredUpdate(
+            update_id=update.message_id,
+            task_id=update.task,
+            round_number=update.server_round,
+            device_id=update.device_id,
+            num_samples=update.num_samples,
+            num_steps=update.num_steps,
+            metrics=dict(update.metrics),
+            body=body,
         )
+        outcome = self.store.record_update(stored)
         if outcome is not UpdateOutcome.STORED:
             return AckStatus.DUPLICATE, outcome.value, []
+        view.reported[update.device_id] = update.message_id
+        if streams_task(task):
+            fold(view, reference, stored, delta)
+        del delta
         crash_point("update-stored")  # stored, not acknowledged, maybe not aggregated
-        logger.info(
+        logger.debug(
             "task %s round %d: update from %s (%d samples, %d steps)",
             update.task,
             update.server_round,
@@ -294,33 +306,51 @@ class RoundManager:
             update.num_steps,
         )
         outgoing: list[Outgoing] = []
-        if self.round_is_complete(record):
-            outgoing = self.aggregate(record, reason="all updates in")
+        if self.round_is_complete(view.record):
+            outgoing = self.aggregate(view.record, reason="all updates in")
         return AckStatus.ACCEPTED, "", outgoing
+
+    def _update_for_closed_round(self, update: Update) -> tuple[AckStatus, str, list[Outgoing]]:
+        """An update for a round that is not open: a late duplicate is acknowledged again,
+        anything else refused (the store answers; this is rare, not per update)."""
+        record = self.store.round(update.task, update.server_round)
+        if record is None:
+            return AckStatus.REJECTED, f"round {update.server_round} of {update.task} unknown", []
+        if update.device_id not in self.store.assignments(update.task, update.server_round):
+            return AckStatus.REJECTED, "no assignment for this device in that round", []
+        if self.config.task(update.task).secure_aggregation.enabled:
+            return AckStatus.REJECTED, "the task runs secure aggregation: send a masked input", []
+        stored = self.store.reported_devices(update.task, update.server_round).values()
+        if update.message_id in stored:
+            return AckStatus.DUPLICATE, "already counted", []
+        return AckStatus.REJECTED, f"round {update.server_round} is {record.state.value}", []
 
     def round_is_complete(self, record: RoundRecord) -> bool:
         """Quota met, or every assigned device has either reported or declined."""
         task = self.config.task(record.task_id)
-        reported = set(self.store.reported_devices(record.task_id, record.round_number))
-        if len(reported) >= task.schedule.devices_per_round:
+        view = self.book.view(record.task_id, record.round_number)
+        if view is None:
+            return False
+        reported = len(view.reported)
+        if reported >= task.schedule.devices_per_round:
             return True
-        assigned = set(self.store.assignments(record.task_id, record.round_number))
-        declined = set(self.store.declined_devices(record.task_id, record.round_number))
-        answered = reported | declined
-        return answered >= assigned and len(reported) >= task.schedule.min_updates
+        answered = view.answered() >= len(view.plans_json)
+        return answered and reported >= task.schedule.min_updates
 
     def accept_decline(
         self, task_id: str, round_number: int, device_id: str, reason: str
     ) -> tuple[str, list[Outgoing]]:
         """A device said no: note it, and close the round early if nobody is left to wait
         for. Returns why the decline was refused ("" when noted) and what to publish."""
-        record = self.store.round(task_id, round_number)
-        if record is None or record.state is not RoundState.OPEN:
+        view = self.book.view(task_id, round_number)
+        if view is None:
+            record = self.store.round(task_id, round_number)
             state = "unknown" if record is None else record.state.value
             return f"round {round_number} of {task_id} is {state}", []
         if not self.store.record_decline(task_id, round_number, device_id, reason):
             return "no assignment for this device in that round", []
-        return "", self._after_decline(record)
+        view.note_decline(device_id, reason)
+        return "", self._after_decline(view.record)
 
     def _after_decline(self, record: RoundRecord) -> list[Outgoing]:
         """A device left the round: it may now have nobody left to wait for."""
@@ -332,16 +362,18 @@ class RoundManager:
             return self.aggregate(record, reason="every device answered")
         return []
 
-    def release_revoked(self, revoked: set[str]) -> list[Outgoing]:
+    def release_revoked(self, revoked: Set[str]) -> list[Outgoing]:
         """Take revoked devices out of the open rounds they were assigned to and have not
         answered, as if they had declined: their messages are refused from now on, so a
-        round waiting for them would only wait out its deadline."""
+        round waiting for them would only wait out its deadline. In memory unless a
+        revoked device is still assigned (rare), so it costs nothing on an idle tick."""
         outgoing: list[Outgoing] = []
-        for record in self.store.open_rounds():
-            task_id, round_number = record.task_id, record.round_number
-            answered = set(self.store.reported_devices(task_id, round_number))
-            answered |= set(self.store.declined_devices(task_id, round_number))
-            leaving = (set(self.store.assignments(task_id, round_number)) & revoked) - answered
+        for view in list(self.book.views.values()):
+            task_id, round_number = view.key
+            leaving = {d for d in revoked if d in view.plans_json}
+            leaving -= set(view.declined) | set(view.reported)
+            if leaving and self.config.task(task_id).secure_aggregation.enabled:
+                leaving -= set(self.store.reported_devices(task_id, round_number))  # masked inputs
             for device_id in sorted(leaving):
                 logger.info(
                     "task %s round %d: %s was revoked; the round no longer waits for it",
@@ -350,8 +382,9 @@ class RoundManager:
                     device_id,
                 )
                 self.store.record_decline(task_id, round_number, device_id, "device revoked")
+                view.note_decline(device_id, "device revoked")
             if leaving:
-                outgoing += self._after_decline(record)
+                outgoing += self._after_decline(view.record)
         return outgoing
 
     # -- closing ---------------------------------------------------------------------------
@@ -360,11 +393,14 @@ class RoundManager:
         """At the deadline: aggregate with a quorum, or fail the round and keep the model."""
         outgoing, outcomes = self.secure.tick()
         outgoing += self._finish_secure(outcomes)
-        for record in self.store.open_rounds():
+        for view in list(self.book.views.values()):
+            record = view.record
             task = self.config.task(record.task_id)
             if self.now() < record.deadline or task.secure_aggregation.enabled:
                 continue  # secure rounds end through their phases (self.secure.tick)
-            received = len(self.store.reported_devices(record.task_id, record.round_number))
+            if view.key not in self.book.views:
+                continue  # closed by an earlier round's messages in this same call
+            received = len(view.reported)
             if received >= task.schedule.min_updates:
                 outgoing += self.aggregate(record, reason="deadline with quorum")
             else:
@@ -380,54 +416,43 @@ class RoundManager:
         """Close the round as failed (the global adapter stays) and clear its assignments."""
         self.store.close_round(task_id, round_number, RoundState.FAILED, reason)
         logger.warning("task %s round %d failed: %s", task_id, round_number, reason)
-        return self._cleared_assignments(task_id, round_number)
+        outgoing = self._cleared_assignments(task_id, round_number)
+        self._round_closed(task_id, round_number, completed=False)
+        return outgoing
+
+    def _round_closed(self, task_id: str, round_number: int, completed: bool) -> None:
+        """Drop the closed round's view, count it, and feed what its devices did to the
+        scheduler's history (in memory: no replay of the task's past)."""
+        view = self.book.round_closed(task_id, round_number, completed)
+        if view is None:
+            return
+        outcomes = round_outcomes(
+            view.record.opened_at,
+            view.plans_json,
+            view.schools,
+            self.store.update_summaries(task_id, round_number),
+        )
+        self.selection.observe_closed(task_id, round_number, outcomes)
 
     def _cleared_assignments(self, task_id: str, round_number: int) -> list[Outgoing]:
-        return cleared_assignments(self.fleet, self.store.assignments(task_id, round_number))
-
-    def _respect_minimum_sizes(
-        self, task_id: str, round_number: int, updates: list[ClientUpdate]
-    ) -> list[ClientUpdate]:
-        """Leave out the updates of schools whose min_devices_per_aggregate the arrived
-        updates do not reach: drop-outs can shrink a round that was assigned enough devices,
-        and the school's minimum is about the aggregate, not the assignment."""
-        school_of = {u.device_id: self.store.school_of(u.device_id) for u in updates}
-        too_small = schools_below_minimum(self.schools, [school_of[u.device_id] for u in updates])
-        for school, why in too_small.items():
-            logger.warning(
-                "task %s round %d: updates of school %s left out: %s",
-                task_id,
-                round_number,
-                school,
-                why,
-            )
-        return [u for u in updates if school_of[u.device_id] not in too_small]
+        view = self.book.views.get((task_id, round_number))
+        devices = view.plans_json if view else self.store.assignments(task_id, round_number)
+        return cleared_assignments(self.fleet, devices)
 
     def aggregate(self, record: RoundRecord, reason: str) -> list[Outgoing]:
         task = self.config.task(record.task_id)
-        current = self.current[task.id]
-        reference = current.state()
-        plans = self.store.assignments(task.id, record.round_number)
-        updates = []
-        for u in self.store.updates(task.id, record.round_number):
-            plan = stored_plan(plans[u.device_id])  # validated on arrival
-            updates.append(
-                ClientUpdate(
-                    u.device_id,
-                    decode_update(u.body, update_shapes(reference, plan.rank)),
-                    num_samples=trusted_sample_count(u.num_samples, u.num_steps, plan),
-                    num_steps=u.num_steps,
-                    rank=plan.rank,
-                )
-            )
-        updates = self._respect_minimum_sizes(task.id, record.round_number, updates)
-        result = make_aggregator(task).aggregate(updates, reference)
+        view = self.book.view(task.id, record.round_number)
+        if view is None:
+            raise ValueError(f"round {record.round_number} of task {task.id!r} is not open")
+        reference = self.book.reference(task.id)
+        compute = streaming_result if streams_task(task) else batch_result
+        result, considered = compute(self.store, task, view, reference, self.schools)
         for device_id, why in result.rejected_devices.items():  # acknowledged, then screened
             self.reject(device_id, "update-refused-at-aggregation", why)
         if result.is_empty:
             why = (
                 f"every update refused: {result.rejected_devices}"
-                if updates
+                if considered
                 else "no update left after the schools' min_devices_per_aggregate"
             )
             return self._fail_round(task.id, record.round_number, why)
@@ -473,7 +498,7 @@ class RoundManager:
         version_number = self.store.latest_adapter_version(task.id).version + 1  # type: ignore[union-attr]
         folder = self.versions.write(task.id, version_number, new_state, body)
         crash_point("version-written")  # mid-aggregation: the folder is there, the round open
-        evaluation = self.versions.model(task.id).evaluate(new_state)
+        evaluation = self.versions.evaluate(task.id, new_state)
         metrics = self._round_metrics(task.id, record.round_number, evaluation)
         metrics.update({"updates": float(aggregated), "samples": float(total_samples)})
         privacy = spent_round_privacy(self.store, task, record.round_number, aggregated)
@@ -497,7 +522,9 @@ class RoundManager:
             privacy=privacy,
         )
         crash_point("round-closed")  # closed in the store; nothing published yet
-        self.current[task.id] = body
+        outgoing = self._cleared_assignments(task.id, record.round_number)
+        self._round_closed(task.id, record.round_number, completed=True)
+        self.book.new_version(task.id, body, new_state)
         logger.info(
             "task %s round %d completed (%s): version %d %s %s",
             task.id,
@@ -507,9 +534,7 @@ class RoundManager:
             body.version[:12],
             {k: round(v, 4) for k, v in metrics.items()},
         )
-        return self._cleared_assignments(task.id, record.round_number) + self.versions.publish(
-            task.id, body, server_round=record.round_number
-        )
+        return outgoing + self.versions.publish(task.id, body, server_round=record.round_number)
 
     # -- secure aggregation ----------------------------------------------------------------
 
@@ -555,7 +580,7 @@ class RoundManager:
                 continue
             outgoing += self._complete_round(
                 record,
-                self.current[outcome.task_id].state(),
+                self.book.reference(outcome.task_id),
                 secure_mean(outcome.result, self.config.task(outcome.task_id)),
                 outcome.result.num_inputs,
                 self._trusted_samples(

@@ -22,6 +22,7 @@ from coordinator.device_status import DeviceStatusTable
 from coordinator.refusals import UNKNOWN_SENDER, RefusalCount
 from coordinator.store_records import (
     AdapterVersion,
+    AssignmentRow,
     DeviceRecord,
     PrivacyRound,
     PrivacyStop,
@@ -45,6 +46,7 @@ __all__ = [
     "RoundRecord",
     "StoredUpdate",
     "AdapterVersion",
+    "AssignmentRow",
     "PrivacyRound",
     "PrivacyStop",
     "UpdateOutcome",
@@ -73,6 +75,8 @@ class CoordinatorStore:
         self._fold_old_rejections()
         self.device_status = DeviceStatusTable(self._db, self._transaction)
         """Heartbeat facts and per-round left-out reasons (coordinator.device_status)."""
+        self.device_writes: list[str] = []
+        """The device ids this connection enrolled or revoked, in order (`change_marker`)."""
 
     def _add_missing_columns(self) -> None:
         """Bring a store written by an older coordinator up to the additive columns."""
@@ -84,6 +88,14 @@ class CoordinatorStore:
 
     def close(self) -> None:
         self._db.close()
+
+    def change_marker(self) -> tuple[int, int]:
+        """Changes when the devices may have changed, for one cheap query: SQLite's
+        `data_version` moves when *another* connection commits (the `coordinator revoke` CLI,
+        a token issued), the second figure when this one enrolls or revokes a device (which
+        ones: `device_writes`). The daemon re-reads device records only when it moved."""
+        (data_version,) = self._db.execute("PRAGMA data_version").fetchone()
+        return int(data_version), len(self.device_writes)
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -155,6 +167,7 @@ class CoordinatorStore:
                 " enrolled_at, revoked_at, machine) VALUES (?,?,?,?,?,NULL,?)",
                 (device_id, school, public_key, profile_toml, self._now(), machine),
             )
+        self.device_writes.append(device_id)
         device = self.device(device_id)
         assert device is not None  # just written in the transaction above
         return device
@@ -188,6 +201,7 @@ class CoordinatorStore:
                 "UPDATE devices SET revoked_at=? WHERE device_id=? AND revoked_at IS NULL",
                 (self._now(), device_id),
             )
+        self.device_writes.append(device_id)
         return cursor.rowcount == 1
 
     # -- rounds ----------------------------------------------------------------------
@@ -249,6 +263,17 @@ class CoordinatorStore:
             (task_id, round_number),
         ).fetchall()
         return {device: plan for device, plan in rows}
+
+    def assignment_rows(self, task_id: str, round_number: int) -> list[AssignmentRow]:
+        """Every assignment of a round with its decline and the device's school, in one
+        query: what the round manager's in-memory view of an open round starts from."""
+        rows = self._db.execute(
+            "SELECT a.device_id, a.plan_json, a.declined_reason, COALESCE(d.school, '')"
+            " FROM assignments a LEFT JOIN devices d ON a.device_id = d.device_id"
+            " WHERE a.task_id=? AND a.round_number=? ORDER BY a.device_id",
+            (task_id, round_number),
+        ).fetchall()
+        return [AssignmentRow(*row) for row in rows]
 
     def record_decline(self, task_id: str, round_number: int, device_id: str, reason: str) -> bool:
         """Note that an assigned device declined; False when it had no such assignment."""
@@ -328,12 +353,21 @@ class CoordinatorStore:
             for r in rows
         ]
 
+    def update_of(self, task_id: str, round_number: int, device_id: str) -> StoredUpdate | None:
+        """One device's stored update of a round, with its body (aggregation re-reads the
+        few it must correct, one at a time)."""
+        found = self._updates_with_bodies(" AND device_id=?", (task_id, round_number, device_id))
+        return next(iter(found), None)
+
     def updates(self, task_id: str, round_number: int) -> list[StoredUpdate]:
+        return self._updates_with_bodies(" ORDER BY device_id", (task_id, round_number))
+
+    def _updates_with_bodies(self, tail: str, params: tuple[object, ...]) -> list[StoredUpdate]:
         rows = self._db.execute(
             "SELECT update_id, task_id, round_number, device_id, num_samples, num_steps,"
             " metrics_json, body, received_at FROM updates WHERE task_id=? AND round_number=?"
-            " ORDER BY device_id",
-            (task_id, round_number),
+            + tail,
+            params,
         ).fetchall()
         return [
             StoredUpdate(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), bytes(r[7]), r[8])

@@ -49,6 +49,17 @@ class RoundRecord:
 
 
 @dataclass(frozen=True)
+class AssignmentRow:
+    """One device's assignment in a round, as `assignment_rows` reads it."""
+
+    device_id: str
+    plan_json: str
+    declined_reason: str | None
+    school: str
+    """The school the device enrolled with ("" when it is no longer enrolled)."""
+
+
+@dataclass(frozen=True)
 class StoredUpdate:
     update_id: str
     task_id: str

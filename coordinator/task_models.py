@@ -1,9 +1,13 @@
 """The coordinator's copy of each task's model.
 
-The coordinator needs the model itself for three things: the reproducible initial adapter
-(version 0, including a classification head every device starts from), writing each new
-global adapter as a PEFT adapter folder that `PeftModel.from_pretrained` loads, and
-evaluating a new version on the held-out split that never leaves the coordinator.
+The coordinator needs the model itself for two things only: the reproducible initial
+adapter (version 0, including a classification head every device starts from) and
+evaluating a new version on the held-out split that never leaves the coordinator (and
+`schoolfl coordinator export`, outside the daemon). Writing a version's PEFT folder does
+not need it (quantization/peft_folder.py): the model's adapter config is all it takes,
+once per task, so a daemon whose tasks have no eval file never holds the model: version 0
+comes from a child process that builds it (coordinator/initial_adapter.py), and a restart
+with versions in the store builds none (coordinator/model_versions.py).
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ from pathlib import Path
 import torch
 
 from coordinator.config import TaskConfig
-from coordinator.privacy import DpPolicy
 from edge_runtime.wire import (
     CodecConfig,
     SecureAggregationSpec,
@@ -26,13 +29,9 @@ from edge_runtime.wire import (
     decode_update,
     encode_update,
 )
-from quantization.adapters import (
-    AdapterConfig,
-    get_adapter_state,
-    save_adapter,
-    set_adapter_state,
-)
+from quantization.adapters import AdapterConfig, get_adapter_state, set_adapter_state
 from quantization.export.onnx_export import ExportSpec
+from quantization.peft_folder import peft_config_dict, write_peft_folder
 from quantization.task_data import LabelledText, read_labelled_texts, read_lm_texts
 from quantization.task_model import (
     TaskModelSpec,
@@ -46,6 +45,10 @@ logger = logging.getLogger(__name__)
 
 def wire_task_spec(task: TaskConfig) -> TaskSpec:
     """What a device needs to build the task's model: sent inside every assignment."""
+    # Imported here: coordinator.privacy pulls dp_accounting and scipy (~70 MB resident),
+    # which writing and publishing versions does not need.
+    from coordinator.privacy import DpPolicy
+
     policy = DpPolicy.of(task)
     return TaskSpec(
         kind=task.kind,
@@ -116,10 +119,15 @@ class TaskModel:
     def initial_state(self) -> dict[str, torch.Tensor]:
         return {name: tensor.clone() for name, tensor in self._initial_state.items()}
 
+    def peft_config(self) -> dict[str, object]:
+        """The task's `adapter_config.json`, as PEFT's save_pretrained writes it."""
+        return peft_config_dict(self.model)
+
     def write_version(self, state: dict[str, torch.Tensor], folder: Path) -> Path:
-        """Write `state` as a PEFT adapter folder (atomically; see `save_adapter`)."""
+        """Write `state` as a PEFT adapter folder (atomically, without PEFT's model card;
+        see `write_peft_folder`), after checking it fits this model."""
         set_adapter_state(self.model, state)
-        return save_adapter(self.model, folder)
+        return write_peft_folder(folder, state, self.peft_config())
 
     @torch.no_grad()
     def evaluate(self, state: dict[str, torch.Tensor]) -> dict[str, float]:

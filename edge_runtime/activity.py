@@ -34,7 +34,13 @@ logger = logging.getLogger(__name__)
 ACTIVITY_FILE = "activity.json"
 SCHEMA_VERSION = 1
 HEARTBEAT_SECONDS = 10.0
-"""How often the agent publishes its heartbeat (and so refreshes the file when idle)."""
+"""How often the agent checks its eligibility (and so refreshes the file when idle)."""
+HEARTBEAT_REFRESH_SECONDS = 60.0
+"""The agent publishes its heartbeat when the verdict changed, else this often. Liveness
+does not need more: the retained state is there for a restarted coordinator and the
+broker publishes the last will (offline) within 1.5 keepalives of a vanished device. A
+district of 5,000 devices beating every 10 s cost an idle coordinator a fifth of a core
+(issue 20)."""
 STALE_SECONDS = 3 * HEARTBEAT_SECONDS
 """A file not refreshed for this long belongs to an agent that is no longer running."""
 MIN_WRITE_SECONDS = 0.5
@@ -227,15 +233,21 @@ def _reason_kinds(reasons: Sequence[str]) -> frozenset[str]:
     return frozenset(_NUMBER.sub("#", reason) for reason in reasons)
 
 
+def verdict_changed(previous: Verdict | None, current: Verdict) -> bool:
+    """Eligible or not, or another set of reasons (their numbers aside: "cpu 93%" and
+    "cpu 95%" are the same reason)."""
+    return (
+        previous is None
+        or previous.eligible != current.eligible
+        or _reason_kinds(previous.reasons) != _reason_kinds(current.reasons)
+    )
+
+
 def eligibility_change(previous: Verdict | None, current: Verdict) -> str | None:
     """The log line for a change of verdict (eligible or not, or another set of reasons),
     or None when nothing changed. `previous` is None at the first heartbeat: the first
     verdict is always said, so school IT learns at start-up why a device will not train."""
-    if (
-        previous is not None
-        and previous.eligible == current.eligible
-        and _reason_kinds(previous.reasons) == _reason_kinds(current.reasons)
-    ):
+    if not verdict_changed(previous, current):
         return None
     if not current.eligible:
         return "device is not eligible to train: " + "; ".join(current.reasons)
@@ -327,6 +339,18 @@ class ActivityTracker:
             ineligible_reasons=tuple(verdict.reasons),
             last_heartbeat_at=at,
         )
+
+    def preloading(self, tasks: Sequence[str]) -> None:
+        """The agent builds these tasks' models at start, before any assignment (the loop
+        keeps heartbeating meanwhile): shown as "loading model" with no round."""
+        if self._round is None:
+            self._change(phase=Phase.LOADING_MODEL, task=",".join(tasks), round=None)
+
+    def preloaded(self) -> None:
+        """The start-up build is done: idle again, unless a round has begun meanwhile (its
+        own phases then say what the agent is doing)."""
+        if self._round is None and self.current.phase is Phase.LOADING_MODEL:
+            self._change(phase=Phase.IDLE, task=None, round=None)
 
     def begin_round(self, task: str, server_round: int) -> None:
         self._round = (task, server_round)

@@ -2,7 +2,11 @@
 
 One loop drains the broker queue (paho callbacks only enqueue). Training runs inside the
 loop: while it runs, paho's own thread keeps the connection alive and messages queue up.
-The quantized base of each task stays loaded between rounds. An update goes to the outbox
+The quantized base of each task stays loaded between rounds, and a task the device trained
+before is built again at start in a worker thread (`edge_runtime.task_preload`), so the
+first assignment trains at once. A round's fixed cost stays off the critical path: the CPU
+load is read without waiting, the global adapter is loaded into the model once, and the
+personal copy is written after the update is handed to the broker. An update goes to the outbox
 before its first publish and leaves it only on the coordinator's acknowledgement, so a
 restarted agent re-sends it; the coordinator counts it once.
 """
@@ -15,29 +19,33 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
-from device_profiles.cost_model import predict
 from device_profiles.gpu_path import with_compute_device
 from device_profiles.profile import DeviceProfile, find_profile, profile_toml_text
-from device_profiles.shapes import resolve_shape
 from durable.atomic_files import sweep_leftovers
 from durable.crash_points import crash_point
 from durable.state_lock import lock_state_folder
 from edge_runtime.activity import HEARTBEAT_SECONDS, ActivityTracker, Phase
 from edge_runtime.agent_config import AgentConfig
 from edge_runtime.assignment_models import start_state_for_rank, task_model_spec
-from edge_runtime.device_state import Heartbeat, signed_heartbeat
-from edge_runtime.eligibility import DeviceReadings, check_eligibility, read_device
+from edge_runtime.device_state import (
+    Heartbeat,
+    PublishedHeartbeat,
+    heartbeat_due,
+    signed_heartbeat,
+)
+from edge_runtime.eligibility import CpuLoadMeter, DeviceReadings, check_eligibility, read_device
 from edge_runtime.enrollment import warn_if_architecture_mismatch
 from edge_runtime.enrollment_record import AgentError, Enrollment
 from edge_runtime.outbox import Outbox, RoundHistory
 from edge_runtime.personal_copy import save_personal_copy
 from edge_runtime.privacy_policy import privacy_refusals
+from edge_runtime.round_work import UPLOAD_MARGIN_SECONDS, TrainingStart, train_locally
 from edge_runtime.secagg import SecAggError
 from edge_runtime.secagg_session import KEYS_LOST_ON_RESTART, SecureSessions
+from edge_runtime.task_preload import TaskModels, choose_preloads, predicted_peaks
 from edge_runtime.trainer import LocalTrainer, TrainingResult
 from edge_runtime.update_frames import (
     OutgoingUpdate,
@@ -76,23 +84,8 @@ from edge_runtime.wire import (
 from quantization.allocator import configure_training_allocator
 from quantization.bnb_backend import keep_bitsandbytes_out
 from quantization.compute_device import ComputeDevice, resolve_compute_device
-from quantization.task_data import read_labelled_texts, read_lm_texts
 
 logger = logging.getLogger(__name__)
-
-UPLOAD_MARGIN_SECONDS = 2.0
-"""Training stops this long before the deadline to leave time for the upload."""
-
-
-@dataclass(frozen=True)
-class TrainingStart:
-    """What an assignment that passed the device's checks trains from."""
-
-    start_state: dict[str, torch.Tensor]
-    """The global adapter, cut to the plan's rank."""
-    global_rank: int
-    seconds_left: float
-    """Until the deadline, less the upload margin."""
 
 
 def blob_filter(fleet: str, version: str) -> str:
@@ -139,7 +132,13 @@ class AgentDaemon:
         sweep_leftovers(config.state_dir)  # ours alone now: a kill mid-save leaves these
         self.outbox = Outbox(config.outbox_path, now=now)
         self.history = RoundHistory(config.outbox_path, now=now)
-        self.trainers: dict[str, LocalTrainer] = {}
+        self.models = TaskModels(
+            config, lambda spec, examples: self.trainer_class(spec, examples, device=self.compute)
+        )
+        self.trainers: dict[str, LocalTrainer] = self.models.trainers
+        """Each task's loaded model, by task id (owned by this loop; see task_preload)."""
+        self.cpu_meter = CpuLoadMeter()
+        self.cpu_meter.prime()  # so the first reading has a baseline (see CpuLoadMeter)
         self.global_states: dict[str, dict[str, torch.Tensor]] = {}
         """Downloaded global adapters by version (sha256)."""
         self.waiting: dict[str, TaskAssignment] = {}
@@ -160,6 +159,7 @@ class AgentDaemon:
             progress=self.activity.upload_progress,
         )
         self._last_heartbeat = 0.0
+        self._published: PublishedHeartbeat | None = None
         self._subscribed_blobs: set[str] = set()
         self.transport: MqttTransport | None = None
         if config.agent.threads:
@@ -177,8 +177,12 @@ class AgentDaemon:
             profile_digest=self.profile_digest,
             eligibility=self.config.eligibility,
             compute=self.compute,
-            reader=self.device_reader,
+            reader=self._read_device,
         )
+
+    def _read_device(self, **options: object) -> DeviceReadings:
+        """The device readings, the CPU load from this agent's meter (never blocking)."""
+        return self.device_reader(**options, cpu_meter=self.cpu_meter)
 
     def start(self) -> None:
         offline = self._state_frame(False).frame
@@ -200,8 +204,18 @@ class AgentDaemon:
         )
         self.heartbeat()
         self.uploads.resend_pending(force=True)
+        self._preload()
+
+    def _preload(self) -> None:
+        """Build, in the worker thread, the models this device can use now (task_preload)."""
+        readings = self._read_device(compute=self.compute)
+        chosen = choose_preloads(self.config, self.local_profile, readings)
+        if chosen:
+            self.activity.preloading([m.spec.task_id for m in chosen])
+            self.models.preload(chosen)
 
     def stop(self) -> None:
+        self.models.close()
         if self.transport is not None:
             self.transport.publish(
                 device_topic(self.fleet, self.device_id, DeviceChannel.STATE),
@@ -230,6 +244,10 @@ class AgentDaemon:
                 self.heartbeat()
             self.uploads.resend_pending()
             self._recover_dropped_messages()
+            self.cpu_meter.sample()
+            self.models.adopt()
+            if not self.models.preloading:
+                self.activity.preloaded()  # shows idle again once a start-up build is done
             self.activity.flush_if_due()
         except Exception:  # noqa: BLE001 - the daemon loop boundary: log and go on
             logger.exception("agent tick failed; continuing")
@@ -262,14 +280,21 @@ class AgentDaemon:
             transport.subscribe(topic_filter)
 
     def heartbeat(self) -> None:
-        """Publish the state; log the eligibility verdict once per change, not per tick."""
+        """Check the device; publish the state when the verdict changed or the last one is
+        HEARTBEAT_REFRESH_SECONDS old; log the verdict once per change, not per tick."""
         assert self.transport is not None
         beat = self._state_frame(True)
-        self.transport.publish(
-            device_topic(self.fleet, self.device_id, DeviceChannel.STATE), beat.frame, retain=True
-        )
-        self._last_heartbeat = self.now()
-        self.activity.heartbeat(beat.verdict, self._last_heartbeat)
+        now = self.now()
+        connects = self.transport.connect_count
+        if heartbeat_due(self._published, beat.verdict, now, connects):
+            self.transport.publish(
+                device_topic(self.fleet, self.device_id, DeviceChannel.STATE),
+                beat.frame,
+                retain=True,
+            )
+            self._published = PublishedHeartbeat(now, beat.verdict, connects)
+        self._last_heartbeat = now
+        self.activity.heartbeat(beat.verdict, now)
 
     # -- receiving -----------------------------------------------------------------------
 
@@ -443,35 +468,10 @@ class AgentDaemon:
             assignment.plan.rank,
             global_rank,
         )
-        trainer = self.trainers.get(assignment.task)
-        if trainer is None or trainer.spec != spec:
-            data_file = self.config.data_file(assignment.task)
-            examples = (
-                read_labelled_texts(data_file, labels=spec.labels)
-                if spec.kind == "classification"
-                else read_lm_texts(data_file)
-            )
-            logger.info(
-                "loading %s (%s) for task %s with %d local examples",
-                spec.base_model,
-                spec.scheme,
-                spec.task_id,
-                len(examples),
-            )
-            with self.activity.part(Phase.LOADING_MODEL, "load_seconds"):
-                trainer = self.trainer_class(spec, examples, device=self.compute)
-            self.trainers[assignment.task] = trainer
-        return trainer
-
-    def _predicted_peaks(self, assignment: TaskAssignment) -> tuple[int, int]:
-        """(RAM, discrete-GPU) peaks the cost model gives the assignment's plan (the object
-        the scheduler priced and the trainer runs) where this agent trains."""
-        try:
-            shape = resolve_shape(assignment.spec.base_model)
-        except Exception:  # noqa: BLE001 - unknown shape: no memory requirement to check
-            return 0, 0
-        prediction = predict(self.local_profile, shape, assignment.plan)
-        return prediction.peak_bytes, prediction.gpu_peak_bytes
+        if self.models.holds(spec):  # the usual round: no "loading model" shown
+            return self.models.trainer_for(spec, assignment.plan)
+        with self.activity.part(Phase.LOADING_MODEL, "load_seconds"):
+            return self.models.trainer_for(spec, assignment.plan)
 
     def _training_start(self, assignment: TaskAssignment) -> TrainingStart | None:
         """Where training starts and how long it may run, or None once declined: the checks
@@ -483,10 +483,18 @@ class AgentDaemon:
         except ValueError as error:
             self._decline(assignment, [str(error)])
             return None
+        if self.models.preloading:  # its model is part of the memory the check reads
+            with self.activity.part(Phase.LOADING_MODEL, "load_seconds"):
+                self.models.settle()
+        ram_peak, gpu_peak = predicted_peaks(
+            self.local_profile, assignment.spec.base_model, assignment.plan
+        )
+        resident = 0 if self.compute.is_cuda else self.models.resident_bytes(assignment.task)
         verdict = check_eligibility(
             self.config.eligibility,
-            self.device_reader(cpu_sample_seconds=0.2, compute=self.compute),
-            *self._predicted_peaks(assignment),
+            self._read_device(compute=self.compute),
+            max(ram_peak - resident, 0),  # a loaded model is in the peak, not in free memory
+            gpu_peak,
         )
         if not verdict.eligible:
             self._decline(assignment, list(verdict.reasons))
@@ -496,36 +504,6 @@ class AgentDaemon:
             self._decline(assignment, ["the deadline has already passed"])
             return None
         return TrainingStart(start_state, global_rank, seconds_left)
-
-    def _train_locally(
-        self, assignment: TaskAssignment, trainer: LocalTrainer, start: TrainingStart
-    ) -> TrainingResult:
-        """One round of local steps before the deadline; under profile emulation the round
-        then lasts as long as the emulated device would take."""
-        plan = assignment.plan
-        if plan.rank < start.global_rank:
-            logger.info(
-                "task %s round %d: training rank %d of the global rank %d (alpha %.4g)",
-                assignment.task,
-                assignment.server_round,
-                plan.rank,
-                start.global_rank,
-                trainer.spec.adapter.alpha,
-            )
-        started = time.monotonic()
-        with self.activity.part(Phase.TRAINING, "compute_seconds", plan.local_steps):
-            result = trainer.train_round(
-                start.start_state,
-                plan,
-                deadline=trainer.clock() + start.seconds_left,
-                round_seed=assignment.server_round,
-                on_step=self.activity.training_step,
-            )
-        predicted = assignment.predicted_round_seconds
-        if self.config.agent.emulate_profile and predicted:
-            elapsed = time.monotonic() - started
-            self.activity.wait_out_emulated(min(predicted, start.seconds_left) - elapsed)
-        return result
 
     def _keep_and_send(
         self,
@@ -549,13 +527,18 @@ class AgentDaemon:
             f"{result.first_loss:.3f} -> {result.last_loss:.3f}, {outgoing.bytes_up} bytes up"
             + (" (masked for secure aggregation)" if masked else ""),
         )
-        adapters_dir = self.config.state_dir / "adapters"
-        save_personal_copy(adapters_dir, assignment, trainer, start.start_state)
         with self.activity.part(Phase.UPLOADING, "upload_seconds"):
             self.uploads.send(outgoing.message_id, outgoing.frame)
+        # Off the critical path: the update is with the broker; the copy is for classroom use.
+        try:
+            save_personal_copy(
+                self.config.state_dir / "adapters", assignment, trainer, start.start_state
+            )
+        except (OSError, ValueError) as error:  # the update is sent: a copy lost is a warning
+            logger.warning("task %s: could not keep the personal copy: %s", task, error)
         self.activity.end_round("uploaded")
         logger.info(
-            "task %s round %d: trained %d steps in %.1f s, loss %.3f -> %.3f, uploading %d bytes",
+            "task %s round %d: trained %d steps in %.3f s, loss %.3f -> %.3f, uploading %d bytes",
             task,
             server_round,
             result.num_steps,
@@ -574,7 +557,13 @@ class AgentDaemon:
             return
         try:
             trainer = self._trainer(assignment, start.global_rank)
-            result = self._train_locally(assignment, trainer, start)
+            result = train_locally(
+                assignment,
+                trainer,
+                start,
+                self.activity,
+                emulate_profile=self.config.agent.emulate_profile,
+            )
             session = self.secure_sessions.session(assignment.task, assignment.server_round)
             if assignment.spec.secure_aggregation is not None and session is None:
                 self._decline(assignment, ["the round's secure-aggregation keys are gone"])

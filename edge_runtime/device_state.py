@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from edge_runtime.activity import HEARTBEAT_REFRESH_SECONDS, verdict_changed
 from edge_runtime.eligibility import (
     DeviceReadings,
     Eligibility,
@@ -34,6 +35,29 @@ class Heartbeat:
     frame: bytes
     verdict: Eligibility
     """`eligible=False, reasons=("offline",)` for the offline frame (the last will)."""
+
+
+@dataclass(frozen=True)
+class PublishedHeartbeat:
+    """The agent's last published heartbeat: when, its verdict, and the transport's
+    connect count then (after a reconnect the broker holds the last will instead)."""
+
+    at: float
+    verdict: Eligibility
+    connect_count: int
+
+
+def heartbeat_due(
+    last: PublishedHeartbeat | None, verdict: Eligibility, now: float, connect_count: int
+) -> bool:
+    """Publish a checked heartbeat? Yes when the verdict changed (numbers in reasons
+    aside), the agent reconnected, or the last one is HEARTBEAT_REFRESH_SECONDS old."""
+    return (
+        last is None
+        or verdict_changed(last.verdict, verdict)
+        or connect_count != last.connect_count
+        or now - last.at >= HEARTBEAT_REFRESH_SECONDS
+    )
 
 
 def signed_heartbeat(

@@ -5,6 +5,10 @@ not disturb a lesson or drain a battery. An ineligible device declines the assig
 says why, so the coordinator can schedule around it (DESIGN.md, round lifecycle step 2).
 Readings come from psutil; tests pass readings in directly (a battery and a thermal sensor
 cannot be conjured on a CI machine).
+
+The CPU load is read without waiting: a `CpuLoadMeter` primed at agent start measures the
+load of *other* work since a recent sample (psutil's `cpu_percent(interval=0.2)` used to
+block every round for 0.2 s, and counted the agent's own training as someone else's use).
 """
 
 from __future__ import annotations
@@ -12,7 +16,10 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import re
-from collections.abc import Sequence
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,9 +147,116 @@ class Eligibility:
     """Why not, one phrase per failed check; empty when eligible."""
 
 
-def read_device(cpu_sample_seconds: float = 0.5, compute: ComputeDevice = CPU) -> DeviceReadings:
+@dataclass(frozen=True)
+class CpuTimes:
+    """Cumulative CPU seconds, all cores together, at one moment."""
+
+    total: float
+    busy: float
+    """Total less idle and I/O wait: what psutil's `cpu_percent` counts as busy."""
+    own: float
+    """This process's user + system seconds (every thread): the agent's own work."""
+
+
+def read_cpu_times(process: psutil.Process | None = None) -> CpuTimes:
+    """Cumulative CPU times from psutil (one read of /proc/stat and one of /proc/self/stat
+    on Linux: tens of microseconds, no waiting)."""
+    times = psutil.cpu_times()
+    total = sum(times) - getattr(times, "guest", 0.0) - getattr(times, "guest_nice", 0.0)
+    busy = total - times.idle - getattr(times, "iowait", 0.0)
+    own = (process or psutil.Process()).cpu_times()
+    return CpuTimes(total=total, busy=busy, own=own.user + own.system)
+
+
+MIN_CPU_WINDOW_SECONDS = 0.5
+"""A load is measured over at least this long: over a few milliseconds the counters tick
+in whole jiffies and read as 0% or 100%."""
+
+
+class CpuLoadMeter:
+    """The CPU load of other work over the last moments, read without blocking.
+
+    `prime()` at agent start takes the first sample; each `sample()` (the agent's loop
+    calls it every tick, cheap) and each `percent()` adds one. `percent()` measures from
+    the newest sample at least `min_window_seconds` old, so the load is recent; the agent's
+    own CPU time is left out (after a round of training the device is not "busy" with its
+    own work). A window of milliseconds would read as a bogus 0% or 100%, so every reading
+    spans at least one window: a sample that old is always kept as the baseline, and the
+    very first reading, right after priming, waits out the rest of one window (once per
+    process, at start; never on a round's critical path). Thread-safe: heartbeats and
+    assignment checks share it.
+    """
+
+    def __init__(
+        self,
+        *,
+        min_window_seconds: float = MIN_CPU_WINDOW_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+        wait: Callable[[float], None] = time.sleep,
+        times: Callable[[], CpuTimes] | None = None,
+    ) -> None:
+        self.min_window_seconds = min_window_seconds
+        self._clock = clock
+        self._wait = wait
+        process = psutil.Process()
+        self._times = times or (lambda: read_cpu_times(process))
+        self._samples: deque[tuple[float, CpuTimes]] = deque()
+        self._lock = threading.Lock()
+
+    def prime(self) -> None:
+        """Take the first sample (agent start), so the first reading has a baseline."""
+        self.sample()
+
+    def sample(self) -> None:
+        """Record the counters now; samples closer than a quarter window are skipped and
+        those no reading can use any more are dropped, so memory stays a few entries."""
+        with self._lock:
+            self._add(self._clock())
+
+    def _add(self, at: float) -> tuple[float, CpuTimes]:
+        if self._samples and at - self._samples[-1][0] < self.min_window_seconds / 4:
+            return self._samples[-1]
+        entry = (at, self._times())
+        self._samples.append(entry)
+        while len(self._samples) > 2 and at - self._samples[1][0] >= self.min_window_seconds:
+            self._samples.popleft()  # the next one is old enough to be the baseline
+        return entry
+
+    def percent(self) -> float:
+        """Percent of all cores busy with other work since the newest sample at least one
+        window old, in 0..100."""
+        with self._lock:
+            now = self._clock()
+            if not self._samples:  # never primed: prime now, then wait one window
+                self._add(now)
+            baseline_at, baseline = self._samples[0]
+            if now - baseline_at < self.min_window_seconds:  # only right after priming
+                self._wait(self.min_window_seconds - (now - baseline_at))
+                now = self._clock()
+            current_times = self._times()
+            self._samples.append((now, current_times))
+            for at, times in reversed(self._samples):  # the newest baseline old enough
+                if now - at >= self.min_window_seconds:
+                    baseline_at, baseline = at, times
+                    break
+            total = current_times.total - baseline.total
+            others = (current_times.busy - baseline.busy) - (current_times.own - baseline.own)
+            percent = 0.0 if total <= 0 else min(max(100.0 * others / total, 0.0), 100.0)
+            while len(self._samples) > 2 and now - self._samples[1][0] >= self.min_window_seconds:
+                self._samples.popleft()
+            return percent
+
+
+def read_device(
+    cpu_sample_seconds: float = 0.5,
+    compute: ComputeDevice = CPU,
+    cpu_meter: CpuLoadMeter | None = None,
+) -> DeviceReadings:
     """Take readings with psutil (and, when `compute` is a GPU, its memory and temperature).
-    CPU load is sampled over `cpu_sample_seconds`."""
+
+    With `cpu_meter` (the agent's), the CPU load is the meter's non-blocking reading and
+    `cpu_sample_seconds` is ignored; without one, psutil samples it over
+    `cpu_sample_seconds` (0 = since psutil's previous call, without waiting)."""
     battery, power_unknown_reason = read_battery()
     temperatures: list[float] = []
     if hasattr(psutil, "sensors_temperatures"):
@@ -154,7 +268,11 @@ def read_device(cpu_sample_seconds: float = 0.5, compute: ComputeDevice = CPU) -
     return DeviceReadings(
         on_mains=True if battery is None else bool(battery.power_plugged),
         battery_percent=None if battery is None else float(battery.percent),
-        cpu_percent=float(psutil.cpu_percent(interval=cpu_sample_seconds)),
+        cpu_percent=(
+            cpu_meter.percent()
+            if cpu_meter is not None
+            else float(psutil.cpu_percent(interval=cpu_sample_seconds))
+        ),
         available_memory_bytes=int(psutil.virtual_memory().available),
         temperature_celsius=max(temperatures) if temperatures else None,
         local_time=dt.datetime.now(),

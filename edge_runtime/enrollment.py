@@ -61,7 +61,8 @@ def enroll_device(config: AgentConfig, token: str, timeout_seconds: float = 60.0
     profile = find_profile(config.agent.profile)
     profile_bytes = profile_toml_text(profile).encode()
     machine = platform.machine()
-    warn_if_architecture_mismatch(profile.hardware.architecture, machine)
+    if not config.agent.emulate_profile:  # emulating another machine's profile is the point
+        warn_if_architecture_mismatch(profile.hardware.architecture, machine)
     request = EnrollmentRequest(
         fleet=config.agent.fleet,
         device_id=config.agent.device_id,

@@ -75,12 +75,16 @@ class LocalTrainer:
         self.clock = clock
         self._seed = seed
         self._gradient_checkpointing = False
+        self.global_loads = 0
+        """Adapter states loaded into the model (`load_global`): one per round is the
+        budget (a load checks every tensor and copies it into the model)."""
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         return get_adapter_state(self.model)
 
     def load_global(self, state: dict[str, torch.Tensor]) -> None:
         set_adapter_state(self.model, state)
+        self.global_loads += 1
 
     def _batch(self, indices: Sequence[int], seq_len: int) -> dict[str, torch.Tensor]:
         chosen = [self.examples[i] for i in indices]

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -150,17 +151,19 @@ def _fsync_tree(folder: Path) -> None:
     fsync_directory(folder)
 
 
-def save_adapter(model: nn.Module, folder: str | Path) -> Path:
-    """Write a PEFT adapter folder (adapter_config.json + adapter_model.safetensors) atomically.
+def replace_folder_atomically(folder: str | Path, fill: Callable[[Path], None]) -> Path:
+    """Create `folder` by calling `fill(temporary_folder)`, then fsync and rename it into place.
 
-    The folder is written under a temporary name next to its destination, fsynced, then
-    renamed into place; an existing adapter is swapped out only after the new one is complete.
+    The temporary folder (`.NAME.tmp-*`) sits next to the destination; an existing folder is
+    moved aside (`.NAME.old-PID`) only once the new one is complete, so a crash at any
+    instant leaves either copy readable (`durable.atomic_files.sweep_leftovers` restores a
+    moved-aside copy and removes a half-written one).
     """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
     try:
-        model.save_pretrained(str(temp), safe_serialization=True)
+        fill(temp)
         _fsync_tree(temp)
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
@@ -173,6 +176,20 @@ def save_adapter(model: nn.Module, folder: str | Path) -> Path:
     finally:
         if temp.exists():
             shutil.rmtree(temp, ignore_errors=True)
+    return folder
+
+
+def save_adapter(model: nn.Module, folder: str | Path) -> Path:
+    """Write a PEFT adapter folder (adapter_config.json + adapter_model.safetensors) atomically.
+
+    The folder is written under a temporary name next to its destination, fsynced, then
+    renamed into place; an existing adapter is swapped out only after the new one is complete
+    (`replace_folder_atomically`). The coordinator writes its versions without a model
+    (quantization/peft_folder.py); this is for a model at hand.
+    """
+    folder = replace_folder_atomically(
+        folder, lambda temp: model.save_pretrained(str(temp), safe_serialization=True)
+    )
     logger.debug("saved adapter to %s", folder)
     return folder
 

@@ -138,6 +138,8 @@ def test_the_eligibility_log_line_comes_once_per_change(
     ]
     written = read_activity(daemon.config.state_dir)
     assert written is not None and written.eligible and written.last_heartbeat_at is not None
+    published = [topic for topic, _ in daemon.transport.published if topic.endswith("/state")]
+    assert len(published) == 4  # one per change of verdict: 8 checks, 4 heartbeats sent
 
 
 def test_agent_status_shows_eligibility_activity_and_the_last_round(tmp_path: Path) -> None:
@@ -185,3 +187,21 @@ def test_the_trainer_reports_each_optimizer_step(tiny_bert_folder: Path) -> None
     plan = TrainingPlan(scheme="none", rank=4, batch_size=4, seq_len=16, local_steps=3)
     result = trainer.train_round(trainer.adapter_state(), plan, on_step=lambda *s: seen.append(s))
     assert seen == [(1, 3), (2, 3), (3, 3)] and result.num_steps == 3
+
+
+def test_a_heartbeat_is_published_on_a_change_a_reconnect_or_once_a_minute() -> None:
+    """Checked every 10 s, published only when it tells the coordinator something: a
+    district's idle devices must not cost the coordinator a message each every 10 s."""
+    from edge_runtime.activity import HEARTBEAT_REFRESH_SECONDS
+    from edge_runtime.device_state import PublishedHeartbeat, heartbeat_due
+    from edge_runtime.eligibility import Eligibility
+
+    busy = Eligibility(eligible=False, reasons=("CPU busy at 93% (limit 60%)",))
+    last = PublishedHeartbeat(1000.0, busy, connect_count=1)
+    assert heartbeat_due(None, busy, 1000.0, 1)  # the first one
+    assert not heartbeat_due(last, busy, 1010.0, 1)
+    busier = Eligibility(eligible=False, reasons=("CPU busy at 97% (limit 60%)",))
+    assert not heartbeat_due(last, busier, 1020.0, 1)  # the same reason, another number
+    assert heartbeat_due(last, Eligibility(eligible=True, reasons=()), 1010.0, 1)
+    assert heartbeat_due(last, busy, 1010.0, 2)  # reconnected: the broker holds the will
+    assert heartbeat_due(last, busy, 1000.0 + HEARTBEAT_REFRESH_SECONDS, 1)

@@ -142,3 +142,29 @@ def test_enroll_sends_platform_machine_and_warns_on_a_wrong_profile(
         for record in caplog.records
         if record.levelno == logging.WARNING
     )
+
+
+def test_enroll_does_not_warn_when_the_profile_is_emulated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The demo emulates a Pi's profile on an x86 laptop on purpose: no mismatch warning."""
+    config = AgentConfig(
+        agent=AgentSettings(
+            fleet="district-7",
+            device_id="north-pi-01",
+            school="north",
+            state_dir=str(tmp_path / "state"),
+            data_dir=str(tmp_path / "data"),
+            profile="laptop-low-4gb",  # an x86_64 reference profile
+            emulate_profile=True,
+        ),
+        broker=BrokerSettings(url="mqtt://127.0.0.1:1"),
+    )
+    save_private_key(generate_private_key(), config.key_path)
+    monkeypatch.setattr(enrollment.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(enrollment, "MqttTransport", _SilentTransport)
+    _SilentTransport.published.clear()
+    with caplog.at_level(logging.WARNING), pytest.raises(enrollment.EnrollmentError):
+        enrollment.enroll_device(config, "t" * 32, timeout_seconds=0.2)
+    assert _SilentTransport.published  # it did send the request
+    assert not [r for r in caplog.records if "x86_64" in r.getMessage()]

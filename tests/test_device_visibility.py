@@ -6,6 +6,7 @@ devices speak the real protocol (signed DeviceState frames on their own topics).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import queue
@@ -101,6 +102,8 @@ def _pump(daemon: CoordinatorDaemon, done, what: str) -> None:  # noqa: ANN001
             daemon.handle(daemon.transport.received.get(timeout=0.2))
         except queue.Empty:
             continue
+        finally:
+            daemon.heartbeats.flush()  # what the daemon's tick does
 
 
 @pytest.fixture
@@ -224,13 +227,37 @@ def test_a_heartbeat_is_written_when_it_is_news_or_a_minute_old(tmp_path: Path) 
     store = CoordinatorStore(tmp_path / "coordinator.db")
     recorder = HeartbeatRecorder(store.device_status)
     assert recorder.note(_facts(1000.0))
+    assert "dev" not in store.device_status.heartbeats()  # queued until the tick's flush
+    assert recorder.flush() == 1
     assert not recorder.note(_facts(1010.0, cpu_load=0.4))  # only the load moved
+    assert recorder.flush() == 0
     assert store.device_status.heartbeats()["dev"].received_at == 1000.0
-    assert recorder.note(_facts(1020.0, eligible=False))  # news: written at once
+    assert recorder.note(_facts(1020.0, eligible=False))  # news: written at the next flush
+    assert recorder.flush() == 1
     assert store.device_status.heartbeats()["dev"].ineligible_reasons == (BUSY,)
     assert not recorder.note(_facts(1070.0, eligible=False))
     assert recorder.note(_facts(1080.5, eligible=False, cpu_load=0.9))  # a minute on
-    assert store.device_status.heartbeats()["dev"].cpu_load == 0.9
+    assert recorder.note(_facts(1081.0, eligible=False, cpu_load=0.8))  # newest one wins
+    assert recorder.flush() == 1
+    assert store.device_status.heartbeats()["dev"].cpu_load == 0.8
+    store.close()
+
+
+def test_queued_heartbeats_of_many_devices_are_written_in_one_transaction(
+    tmp_path: Path,
+) -> None:
+    store = CoordinatorStore(tmp_path / "coordinator.db")
+    recorder = HeartbeatRecorder(store.device_status)
+    for index in range(300):
+        facts = _facts(1000.0 + index / 100)
+        assert recorder.note(dataclasses.replace(facts, device_id=f"dev-{index:03d}"))
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+    assert recorder.flush() == 300
+    store._db.set_trace_callback(None)
+    assert sum(s.startswith("INSERT OR REPLACE INTO device_heartbeats") for s in statements) == 300
+    assert sum(s.strip().upper() in ("COMMIT", "BEGIN", "BEGIN IMMEDIATE") for s in statements) <= 2
+    assert len(store.device_status.heartbeats()) == 300
     store.close()
 
 

@@ -394,6 +394,8 @@ def test_round_with_rank_4_and_rank_2_devices(tmp_path: Path, tiny_bert_folder: 
 class _FakeTransport:
     """Records what the agent publishes (the broker is not this test's subject)."""
 
+    connect_count = 1
+
     def __init__(self) -> None:
         self.published: list[tuple[str, bytes]] = []
 

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 from coordinator.config import TaskConfig
 from coordinator.store import AdapterVersion, CoordinatorStore
 from coordinator.task_models import onnx_export_spec
-from quantization.adapters import AdapterConfig, attach_adapter, save_adapter
+from quantization.adapters import AdapterConfig, attach_adapter, get_adapter_state, save_adapter
 from quantization.export.onnx_export import (
     OnnxExportError,
     OnnxExportRequest,
@@ -31,6 +31,7 @@ from quantization.export.onnx_export import (
     pytorch_logits,
 )
 from quantization.loader import load_quantized
+from quantization.peft_folder import peft_config_dict, write_peft_folder
 from quantization.school_questions import split_questions, write_jsonl
 from quantization.task_model import TaskModelSpec, build_task_model, classification_batch
 from schoolfl.cli import cli
@@ -82,7 +83,10 @@ def trained_fleet_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
         optimizer.step()
     model.eval()
     state = root / "state"
-    adapter = save_adapter(model, state / "adapters" / TASK / "v0001")
+    # Written as the coordinator writes its versions: from the state, without the model.
+    adapter = write_peft_folder(
+        state / "adapters" / TASK / "v0001", get_adapter_state(model), peft_config_dict(model)
+    )
     eval_file = write_jsonl(split.held_out, root / "held_out.jsonl")
     (root / "coordinator.toml").write_text(_coordinator_toml(state, split.labels, eval_file))
     store = CoordinatorStore(state / "coordinator.db")

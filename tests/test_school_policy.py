@@ -380,6 +380,8 @@ def test_bad_privacy_tables(table: dict[str, object], message: str) -> None:
 class _FakeTransport:
     """Records what the agent publishes (the broker is not this test's subject)."""
 
+    connect_count = 1
+
     def __init__(self) -> None:
         self.published: list[tuple[str, bytes]] = []
         self.subscribed: list[str] = []

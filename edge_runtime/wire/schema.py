@@ -14,6 +14,7 @@ import base64
 import binascii
 import dataclasses
 import enum
+import functools
 import math
 import re
 import types
@@ -91,6 +92,14 @@ def _to_json(value: Any) -> Any:
     return value
 
 
+@functools.cache
+def _schema_of(cls: type) -> tuple[dict[str, Any], dict[str, dataclasses.Field[Any]]]:
+    """A message class's resolved type hints and fields, worked out once per class:
+    `typing.get_type_hints` evaluates every annotation string, and doing that per message
+    was a third of an idle coordinator's CPU at 1,000 heartbeating devices (issue 20)."""
+    return typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
+
+
 def from_json_fields(cls: type[T], data: object, path: str = "") -> T:
     """Build `cls` from parsed JSON, refusing unknown/missing fields and wrong types.
 
@@ -102,8 +111,7 @@ def from_json_fields(cls: type[T], data: object, path: str = "") -> T:
     where = path or cls.__name__
     if not isinstance(data, dict):
         raise SchemaError(f"{where}: expected a JSON object, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    hints, fields = _schema_of(cls)
     unknown = set(data) - set(fields)
     if unknown:
         raise SchemaError(
