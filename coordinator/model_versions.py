@@ -30,11 +30,13 @@ from pathlib import Path
 
 import torch
 
+from coordinator.assignments import shape_of
 from coordinator.config import CoordinatorConfig, TaskConfig
 from coordinator.initial_adapter import make_initial_adapter
 from coordinator.outgoing import Outgoing
+from coordinator.scheduler import task_plan
 from coordinator.store import AdapterVersion, CoordinatorStore
-from coordinator.task_models import AdapterBody, TaskModel
+from coordinator.task_models import AdapterBody, TaskModel, wire_task_spec
 from durable.atomic_files import atomic_write_bytes
 from edge_runtime.secagg import TensorLayout
 from edge_runtime.wire import (
@@ -259,6 +261,8 @@ class ModelVersions:
             chunk_bytes=MODEL_CHUNK_BYTES,
             chunk_count=sender.count,
             encoding=UpdateEncoding.FP32,
+            spec=wire_task_spec(self.config.task(task_id)),
+            plan=task_plan(self.config.task(task_id), shape_of(self.config.task(task_id))),
         )
         outgoing.append(
             Outgoing(

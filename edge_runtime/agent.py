@@ -2,13 +2,12 @@
 
 One loop drains the broker queue (paho callbacks only enqueue). Training runs inside the
 loop: while it runs, paho's own thread keeps the connection alive and messages queue up.
-The quantized base of each task stays loaded between rounds, and a task the device trained
-before is built again at start in a worker thread (`edge_runtime.task_preload`), so the
-first assignment trains at once. A round's fixed cost stays off the critical path: the CPU
-load is read without waiting, the global adapter is loaded into the model once, and the
-personal copy is written after the update is handed to the broker. An update goes to the outbox
-before its first publish and leaves it only on the coordinator's acknowledgement, so a
-restarted agent re-sends it; the coordinator counts it once.
+Each task's quantized base stays loaded between rounds and is built before the first
+assignment, in a worker thread, for a task the device has data for (edge_runtime.task_preload).
+A round's fixed cost stays off the critical path: the CPU load is read without waiting, the
+global adapter is loaded once, the personal copy is written after the upload. An update
+goes to the outbox before its first publish and leaves it only on the coordinator's
+acknowledgement, so a restarted agent re-sends it; the coordinator counts it once.
 """
 
 from __future__ import annotations
@@ -45,7 +44,12 @@ from edge_runtime.privacy_policy import privacy_refusals
 from edge_runtime.round_work import UPLOAD_MARGIN_SECONDS, TrainingStart, train_locally
 from edge_runtime.secagg import SecAggError
 from edge_runtime.secagg_session import KEYS_LOST_ON_RESTART, SecureSessions
-from edge_runtime.task_preload import TaskModels, choose_preloads, predicted_peaks
+from edge_runtime.task_preload import (
+    TaskModels,
+    choose_preloads,
+    predicted_peaks,
+    remember_announced,
+)
 from edge_runtime.trainer import LocalTrainer, TrainingResult
 from edge_runtime.update_frames import (
     OutgoingUpdate,
@@ -62,6 +66,7 @@ from edge_runtime.wire import (
     DeviceChannel,
     Ed25519PublicKey,
     Frame,
+    ModelManifest,
     MqttTransport,
     ProtocolError,
     ReceivedMessage,
@@ -160,6 +165,7 @@ class AgentDaemon:
         )
         self._last_heartbeat = 0.0
         self._published: PublishedHeartbeat | None = None
+        self._preload_wanted = False  # a manifest announced a task with local data
         self._subscribed_blobs: set[str] = set()
         self.transport: MqttTransport | None = None
         if config.agent.threads:
@@ -209,7 +215,7 @@ class AgentDaemon:
     def _preload(self) -> None:
         """Build, in the worker thread, the models this device can use now (task_preload)."""
         readings = self._read_device(compute=self.compute)
-        chosen = choose_preloads(self.config, self.local_profile, readings)
+        chosen = choose_preloads(self.config, self.local_profile, readings, self.models.trainers)
         if chosen:
             self.activity.preloading([m.spec.task_id for m in chosen])
             self.models.preload(chosen)
@@ -246,6 +252,9 @@ class AgentDaemon:
             self._recover_dropped_messages()
             self.cpu_meter.sample()
             self.models.adopt()
+            if self._preload_wanted and not self.models.preloading:
+                self._preload_wanted = False
+                self._preload()  # a task the coordinator just announced
             if not self.models.preloading:
                 self.activity.preloaded()  # shows idle again once a start-up build is done
             self.activity.flush_if_due()
@@ -319,6 +328,8 @@ class AgentDaemon:
                 self.uploads.transfer_status(message)
             elif isinstance(message, SecAggEnvelope):
                 self._secure_step(message, frame.body)
+            elif isinstance(message, ModelManifest) and message.fleet == self.fleet:
+                self._preload_wanted |= remember_announced(self.config, message)
         except (ProtocolError, SecAggError) as error:
             logger.warning("refused message on %s: %s", received.topic[:200], error)
         except Exception:  # noqa: BLE001 - the daemon loop boundary

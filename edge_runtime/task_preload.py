@@ -3,10 +3,11 @@ the device has data for and has trained before, so the first assignment trains a
 
 Building a quantized base is the largest fixed cost of a round (MiniLM-L6 nf4: ~7 s on one
 core; SmolLM2 on a Pi: a minute), and the first assignment used to pay it. The wire's
-`TaskSpec` arrives only inside an assignment, so what to build at start comes from the
-device's memory of its last build (`task_models/<task>.json`: the model spec and the plan
-it was built for, written atomically when a model is built, never per round). A device
-that has never trained a task builds it at its first assignment, as before.
+`TaskSpec` arrives inside an assignment and in the task's retained model manifest, so what
+to build at start comes from the device's memory of its last build (`task_models/<task>.json`:
+the model spec and the plan it was built for, written atomically when a model is built,
+never per round) or, for a task it has never trained, from the manifest it receives as
+soon as it subscribes (`remember_announced`).
 
 Ownership: one worker thread builds the preloaded models, one after the other, and hands
 each over through a `Future`; the agent's loop alone owns `trainers` and adopts a finished
@@ -24,7 +25,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +37,10 @@ from device_profiles.profile import DeviceProfile
 from device_profiles.shapes import resolve_shape
 from durable.atomic_files import atomic_write_text
 from edge_runtime.agent_config import AgentConfig
+from edge_runtime.assignment_models import task_model_spec
 from edge_runtime.eligibility import DeviceReadings, check_eligibility
 from edge_runtime.trainer import LocalTrainer
+from edge_runtime.wire import ModelManifest
 from quantization.adapters import AdapterConfig
 from quantization.task_data import LabelledText, read_labelled_texts, read_lm_texts
 from quantization.task_model import TaskModelSpec
@@ -263,6 +266,35 @@ class TaskModels:
                 logger.warning("a model preload is still running at stop; leaving it")
 
 
+def remember_announced(config: AgentConfig, manifest: ModelManifest) -> bool:
+    """Remember the model a coordinator's retained manifest describes, when this device may
+    join the task, has data for it and has no memory of the task yet; True when it should
+    be preloaded now. This is how a new agent builds its model before its first assignment
+    (the manifest arrives as soon as it subscribes). A device that has built the task's
+    model keeps its own memory: its assignments may bring a smaller plan than the
+    manifest's, which is the plan of a device that needs nothing shrunk."""
+    if manifest.spec is None or manifest.plan is None:
+        return False  # a coordinator that does not describe its tasks
+    task_id = manifest.task
+    if config.agent.tasks and task_id not in config.agent.tasks:
+        return False
+    try:
+        config.data_file(task_id)
+    except ValueError:
+        return False
+    if _memory_path(config.state_dir, task_id).exists():
+        return False
+    plan = manifest.plan
+    spec = task_model_spec(task_id, manifest.spec, plan.scheme, plan.rank, plan.rank)
+    try:
+        remember_model(config.state_dir, spec, plan)
+    except OSError as error:  # the memory only saves time
+        logger.warning("could not remember task %s's model: %s", task_id, error)
+        return False
+    logger.info("task %s announced by the coordinator: its model will be preloaded", task_id)
+    return True
+
+
 def preload_candidates(config: AgentConfig) -> Iterator[RememberedModel]:
     """Tasks this device may join, has local data for and has built a model for before."""
     models = config.state_dir / MODELS_FOLDER
@@ -284,14 +316,20 @@ def preload_candidates(config: AgentConfig) -> Iterator[RememberedModel]:
 
 
 def choose_preloads(
-    config: AgentConfig, profile: DeviceProfile, readings: DeviceReadings
+    config: AgentConfig,
+    profile: DeviceProfile,
+    readings: DeviceReadings,
+    loaded: Collection[str] = (),
 ) -> list[RememberedModel]:
     """The remembered models to build at start: those whose plan the device could train
     now (its predicted peak fits in free memory and the other checks pass; a device that
     may not train now does not load a model now either). The others load at their first
-    assignment. `profile` is the one priced for where the agent trains."""
+    assignment. `profile` is the one priced for where the agent trains; tasks in `loaded`
+    have their model already."""
     chosen = []
     for remembered in preload_candidates(config):
+        if remembered.spec.task_id in loaded:
+            continue
         peaks = predicted_peaks(profile, remembered.spec.base_model, remembered.plan)
         verdict = check_eligibility(config.eligibility, readings, *peaks)
         if not verdict.eligible:

@@ -32,6 +32,7 @@ from edge_runtime.wire import (
     BrokerSettings,
     DeviceChannel,
     Ed25519PrivateKey,
+    ModelManifest,
     MqttTransport,
     ReceivedMessage,
     TaskAssignment,
@@ -339,3 +340,48 @@ def test_a_damaged_model_memory_is_ignored_not_fatal(tmp_path: Path) -> None:
     assert remembered_model(tmp_path, "alpha") == remembered_model(tmp_path, "alpha")
     remembered = remembered_model(tmp_path, "alpha")
     assert remembered is not None and remembered.spec == spec and remembered.plan == plan
+
+
+@pytest.mark.slow
+def test_a_new_agent_builds_the_model_a_manifest_announces_before_any_assignment(
+    tmp_path: Path, mosquitto: MosquittoProcess, tiny_bert_folder: Path
+) -> None:
+    """No memory of the task yet: the retained manifest describes its model, and the agent
+    builds it before it is asked (round 1 then trains at once); a task without local data,
+    or a manifest without a description (an older coordinator), builds nothing."""
+    key = generate_private_key()
+    spec = _spec(tiny_bert_folder)
+    plan = TrainingPlan(scheme="none", rank=4, batch_size=4, seq_len=16, local_steps=2)
+    daemon = _agent(tmp_path, mosquitto, key)
+    assert remembered_model(daemon.config.state_dir, "alpha") is None
+
+    def manifest(task: str, described: bool) -> ReceivedMessage:
+        message = ModelManifest(
+            "f", task, "ab" * 32, 0, 100, 100, 1,
+            spec=spec if described else None, plan=plan if described else None,
+        )  # fmt: skip
+        frame = encode_frame(message, sender=COORDINATOR_SENDER, signing_key=key)
+        return ReceivedMessage(f"schoolfl/f/coord/model/{task}/manifest", frame, 1, True)
+
+    try:
+        daemon.start()
+        daemon.handle(manifest("alpha", described=False))
+        daemon.handle(manifest("beta", described=True))  # no beta.jsonl on this device
+        daemon.tick()
+        assert not daemon.models.preloading and daemon.models.builds == []
+        daemon.handle(manifest("alpha", described=True))
+        daemon.tick()  # starts the preload
+        daemon.models.settle()
+        assert list(daemon.trainers) == ["alpha"]
+        assert [why for _, why, _ in daemon.models.builds] == ["preload"]
+        remembered = remembered_model(daemon.config.state_dir, "alpha")
+        assert remembered is not None and remembered.plan == plan
+        assert remembered.spec.adapter == AdapterConfig(4, 16.0)
+        daemon.handle(manifest("alpha", described=True))  # the next round's manifest
+        daemon.tick()
+        assert len(daemon.models.builds) == 1  # remembered now: nothing built again
+        daemon.global_states["ab" * 32] = _global_state(spec)
+        _assign(daemon, key, spec, 1)
+        assert len(daemon.models.builds) == 1  # the assignment trained the preloaded model
+    finally:
+        daemon.stop()

@@ -389,6 +389,12 @@ class ModelManifest:
     chunk_count: int
     encoding: UpdateEncoding = UpdateEncoding.FP32
     parent_version: str | None = None
+    spec: TaskSpec | None = None
+    """The task's model, as an assignment carries it: an agent with data for the task
+    builds its model from this before its first assignment (edge_runtime.task_preload)."""
+    plan: TrainingPlan | None = None
+    """The plan of a device that needs nothing shrunk: what the agent prices against its
+    memory before it preloads (a real assignment may still bring a smaller plan)."""
 
     def __post_init__(self) -> None:
         check_identifier("fleet", self.fleet)

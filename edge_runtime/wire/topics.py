@@ -85,12 +85,14 @@ def coordinator_subscriptions(fleet: str) -> list[str]:
 
 
 def device_subscriptions(fleet: str, device_id: str) -> list[str]:
-    """Filters a device subscribes to: its inbox and the coordinator's status.
-
-    Model manifests and blobs are subscribed per task/version when needed."""
+    """Filters a device subscribes to: its inbox, the coordinator's status and the tasks'
+    model manifests (which describe each task's model, so an agent can build it before its
+    first assignment). Blobs are subscribed per version when needed."""
+    check_identifier("fleet", fleet)
     return [
         f"{TOPIC_ROOT}/{fleet}/to/{device_id}/#",
         coordinator_status_topic(fleet),
+        f"{TOPIC_ROOT}/{fleet}/coord/model/+/manifest",
     ]
 
 
