@@ -25,6 +25,7 @@ from coordinator.broker_admin import BrokerRevocations
 from coordinator.candidates import DeviceRoster
 from coordinator.config import CoordinatorConfig
 from coordinator.device_status import HeartbeatRecorder, facts_from_state, record_left_out
+from coordinator.dropped_chunks import DroppedChunkRecovery
 from coordinator.outgoing import Outgoing
 from coordinator.refusals import RefusalLedger
 from coordinator.retained_guard import (
@@ -156,6 +157,7 @@ class CoordinatorDaemon:
         )
         """One for every device; a device over its own quota is refused (`LimitExceededError`),
         and a transfer quiet for the longest round deadline is dropped (`transfer-expired`)."""
+        self.chunk_recovery = DroppedChunkRecovery(self.reassembler)
         self.liveness: dict[str, DeviceLiveness] = {}
         self.heartbeats = HeartbeatRecorder(self.store.device_status)
         """Writes the heartbeat facts operators see (`coordinator devices`), sparingly."""
@@ -282,6 +284,8 @@ class CoordinatorDaemon:
             for expired in self.reassembler.expire():
                 self.reject(expired.sender or None, "transfer-expired", expired.reason)
             self._count_receive_drops()
+            for device_id, missing in self.chunk_recovery.due():
+                self._send(device_id, InboxChannel.TRANSFER, missing)
             self.heartbeats.flush()  # one transaction for the tick's heartbeats
             if self.refusals.due():
                 self.flush_refusals()
@@ -324,7 +328,9 @@ class CoordinatorDaemon:
         assert self.transport is not None
         for topic, count in self.transport.take_drops().items():
             try:
-                _, device_id, _ = parse_device_topic(topic)
+                _, device_id, channel = parse_device_topic(topic)
+                if channel is DeviceChannel.CHUNK:
+                    self.chunk_recovery.note(device_id)  # asked for them once quiet
             except ProtocolError:
                 device_id = None  # "" sums the topics past the first 1024
             self.reject(

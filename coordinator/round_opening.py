@@ -55,6 +55,8 @@ class DeviceSelection:
         self.schools = {school.id: school for school in config.schools}
         """School id -> its policy (see coordinator.school_policy)."""
         self._policy_logged: set[tuple[str, str, str]] = set()
+        self._late_deliveries: set[tuple[str, int, str]] = set()
+        """(task, round, device) of updates that came after their round closed."""
         self._histories: dict[str, FleetHistory] = {}
         """Task id -> its scheduler history (replayed once, then fed each closed round)."""
         self._waiting_logged: set[str] = set()
@@ -152,6 +154,20 @@ class DeviceSelection:
         if not waiting:
             self._last_scheduled[task.id] = now
         return waiting
+
+    def note_late_delivery(self, task_id: str, round_number: int, device_id: str) -> None:
+        """An assigned device's update came after its round closed (the quota was met
+        without it): it delivered, it did not drop out. Counted as a drop-out, every late
+        update raised the drop-out rate the next round is sized by, so each round assigned
+        more devices and made more of them late (186 assigned for a quota of 100 at 10 %
+        real drop-outs). Once per device and round; in memory only (the store keeps no late
+        updates, so a restart's replay counts them as drop-outs again)."""
+        key = (task_id, round_number, device_id)
+        if key in self._late_deliveries:
+            return
+        self._late_deliveries.add(key)
+        stats = self.history(task_id).device(device_id)
+        stats.delivered = min(stats.assigned, stats.delivered + 1)
 
     def history(self, task_id: str) -> FleetHistory:
         """The scheduler's history of the task: replayed from the store on first use (at

@@ -323,6 +323,7 @@ class RoundManager:
         stored = self.store.reported_devices(update.task, update.server_round).values()
         if update.message_id in stored:
             return AckStatus.DUPLICATE, "already counted", []
+        self.selection.note_late_delivery(update.task, update.server_round, update.device_id)
         return AckStatus.REJECTED, f"round {update.server_round} is {record.state.value}", []
 
     def round_is_complete(self, record: RoundRecord) -> bool:

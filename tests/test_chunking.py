@@ -139,3 +139,37 @@ def test_sender_validates_its_inputs() -> None:
         list(sender.frames([2]))
     with pytest.raises(ChunkError, match="expected 't'"):
         sender.missing_from(TransferStatus("u", "q", True, True))
+
+
+def test_a_device_whose_chunks_were_dropped_is_asked_for_them_once_it_is_quiet() -> None:
+    """The coordinator's receive queue dropped chunks 3..5 of an update: once the device's
+    transfer has been quiet for a second it gets a status naming them, and resends just
+    those (instead of waiting ~20 s for its own resend timer)."""
+    from coordinator.dropped_chunks import GIVE_UP_SECONDS, QUIET_SECONDS, DroppedChunkRecovery
+
+    clock = [100.0]
+    reassembler = ChunkReassembler(now=lambda: clock[0])
+    recovery = DroppedChunkRecovery(reassembler, now=lambda: clock[0])
+    sender = ChunkSender(os.urandom(800), transfer_id="t-9", sender="dev-1", chunk_bytes=100)
+    recovery.note("dev-1")  # dropped before any of its chunks reached the reassembler
+    clock[0] += QUIET_SECONDS + 0.1
+    assert recovery.due() == [] and "dev-1" in recovery.pending  # waits for the transfer
+    for index, data in sender.frames():
+        if index not in (3, 4, 5):  # dropped by the receive queue
+            frame = decode_frame(data)
+            reassembler.accept(frame.expect(ChunkHeader), frame.body, "dev-1")
+    recovery.note("dev-1")
+    assert recovery.due() == []  # its last chunk came just now: more may be on the way
+    clock[0] += QUIET_SECONDS + 0.1
+    [(device_id, status)] = recovery.due()
+    assert device_id == "dev-1" and status.transfer_id == "t-9"
+    assert sender.missing_from(status) == [3, 4, 5]
+    assert recovery.due() == []  # asked once
+    for index, data in sender.frames():
+        if index in sender.missing_from(status):
+            frame = decode_frame(data)
+            completed = reassembler.accept(frame.expect(ChunkHeader), frame.body, "dev-1")
+    assert completed is not None and completed.chunk_count == 8
+    recovery.note("dev-2")  # every chunk dropped: its transfer never opens
+    clock[0] += GIVE_UP_SECONDS
+    assert recovery.due() == [] and recovery.pending == {}  # left to the agent's timer

@@ -5,6 +5,7 @@ and the scheduler's history kept in memory equals the replay from the store."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -310,6 +311,42 @@ def test_history_in_memory_equals_the_replay_and_a_restart_rebuilds_the_sum(
     name = next(iter(reference))
     assert math.isclose(float((new[name] - reference[name]).mean()), 2.0, rel_tol=1e-5)
     assert manager.selection.history("alpha") == history_from_store(store, "alpha")
+    store.close()
+
+
+@pytest.mark.slow
+def test_an_update_after_the_quota_counts_as_delivered_not_as_a_drop_out(
+    tmp_path: Path, tiny_bert_folder: Path
+) -> None:
+    """Over-selected devices whose updates come after the quota closed the round are not
+    drop-outs: counting them so made every next round assign more devices."""
+    config = _config(tmp_path, tiny_bert_folder, 2)
+    store = CoordinatorStore(config.state_dir / "coordinator.db")
+    manager = RoundManager(config, store, FitFirstScheduler(), generate_private_key())
+    manager.start()
+    profile = find_profile("laptop-mid-16gb")
+    candidates = [DeviceCandidate(f"dev-{i}", "north", profile) for i in range(3)]
+    task = config.task("alpha")
+    over = dataclasses.replace(task.schedule, over_selection=0.5)  # 3 assigned for 2
+    manager.config = dataclasses.replace(config, tasks=(dataclasses.replace(task, schedule=over),))
+    manager.selection.config = manager.config
+    manager.open_rounds_if_possible(candidates)
+    assigned = sorted(store.assignments("alpha", 1))
+    assert len(assigned) == 3
+    reference = manager.current["alpha"].state()
+    version = manager.current["alpha"].version
+    delta = {name: torch.full(t.shape, 0.01) for name, t in reference.items()}
+    body = encode_update(delta, CodecConfig(UpdateEncoding.FP32)).body
+    for device_id in assigned:
+        update = Update("f", "alpha", 1, device_id, 0, version, 10, 2, UpdateEncoding.FP32)
+        status, reason, _ = manager.accept_update(update, body)
+        if device_id == assigned[-1]:
+            assert status.value == "rejected" and reason == "round 1 is completed"
+            manager.accept_update(update, body)  # resent: counted once
+    history = manager.selection.history("alpha")
+    late = history.devices[assigned[-1]]
+    assert (late.assigned, late.delivered, late.completed, late.dropouts) == (1, 1, 0, 0)
+    assert history.dropout_rate(0.0, prior_weight=0.0) == 0.0
     store.close()
 
 

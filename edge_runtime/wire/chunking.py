@@ -445,6 +445,18 @@ class ChunkReassembler:
                 )
             )
 
+    def quiet_transfers(self, sender: str, quiet_seconds: float) -> list[str] | None:
+        """The ids of `sender`'s open transfers, or None while one of them received a chunk
+        within `quiet_seconds` (its remaining chunks may still be on their way)."""
+        open_ids = []
+        for transfer in self._open.values():
+            if transfer.sender != sender:
+                continue
+            if self._now() - transfer.last_activity < quiet_seconds:
+                return None
+            open_ids.append(transfer.header.transfer_id)
+        return open_ids
+
     def status(self, request: TransferStatusRequest) -> TransferStatus:
         """The answer to a sender's "which chunks do you have?"."""
         transfer_id = request.transfer_id
