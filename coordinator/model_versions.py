@@ -174,7 +174,8 @@ class ModelVersions:
         return self._layouts[body.version]
 
     def load_or_create(self, task_id: str) -> AdapterBody:
-        """The task's latest version from the store, or version 0 made and recorded now."""
+        """The task's latest version from the store, or version 0 made and recorded now; a
+        task that evaluates has its model built here, at start, either way."""
         latest = self.store.latest_adapter_version(task_id)
         if latest is None:
             state, body, folder = self._initial_version(task_id)
@@ -186,6 +187,8 @@ class ModelVersions:
             self._release_model(task_id)
         else:
             body = self._load_body(latest)
+            if self.config.task(task_id).eval_file:
+                self.model(task_id)  # built now: a closing round must not wait for it
         self.current[task_id] = body
         return body
 
