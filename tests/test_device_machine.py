@@ -115,9 +115,11 @@ class _SilentTransport:
         _SilentTransport.published.append(payload)
 
 
-def test_enroll_sends_platform_machine_and_warns_on_a_wrong_profile(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
+def _pi_enrolling_with_a_laptop_profile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, emulate_profile: bool = False
+) -> AgentConfig:
+    """An aarch64 machine whose agent.toml names an x86_64 reference profile; enrollment
+    publishes into `_SilentTransport` and nobody answers."""
     config = AgentConfig(
         agent=AgentSettings(
             fleet="district-7",
@@ -126,6 +128,7 @@ def test_enroll_sends_platform_machine_and_warns_on_a_wrong_profile(
             state_dir=str(tmp_path / "state"),
             data_dir=str(tmp_path / "data"),
             profile="laptop-low-4gb",  # an x86_64 reference profile
+            emulate_profile=emulate_profile,
         ),
         broker=BrokerSettings(url="mqtt://127.0.0.1:1"),
     )
@@ -133,6 +136,13 @@ def test_enroll_sends_platform_machine_and_warns_on_a_wrong_profile(
     monkeypatch.setattr(enrollment.platform, "machine", lambda: "aarch64")
     monkeypatch.setattr(enrollment, "MqttTransport", _SilentTransport)
     _SilentTransport.published.clear()
+    return config
+
+
+def test_enroll_sends_platform_machine_and_warns_on_a_wrong_profile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = _pi_enrolling_with_a_laptop_profile(tmp_path, monkeypatch)
     with caplog.at_level(logging.WARNING), pytest.raises(enrollment.EnrollmentError):
         enrollment.enroll_device(config, "t" * 32, timeout_seconds=0.2)
     request = decode_frame(_SilentTransport.published[0]).expect(EnrollmentRequest)
@@ -148,22 +158,7 @@ def test_enroll_does_not_warn_when_the_profile_is_emulated(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The demo emulates a Pi's profile on an x86 laptop on purpose: no mismatch warning."""
-    config = AgentConfig(
-        agent=AgentSettings(
-            fleet="district-7",
-            device_id="north-pi-01",
-            school="north",
-            state_dir=str(tmp_path / "state"),
-            data_dir=str(tmp_path / "data"),
-            profile="laptop-low-4gb",  # an x86_64 reference profile
-            emulate_profile=True,
-        ),
-        broker=BrokerSettings(url="mqtt://127.0.0.1:1"),
-    )
-    save_private_key(generate_private_key(), config.key_path)
-    monkeypatch.setattr(enrollment.platform, "machine", lambda: "aarch64")
-    monkeypatch.setattr(enrollment, "MqttTransport", _SilentTransport)
-    _SilentTransport.published.clear()
+    config = _pi_enrolling_with_a_laptop_profile(tmp_path, monkeypatch, emulate_profile=True)
     with caplog.at_level(logging.WARNING), pytest.raises(enrollment.EnrollmentError):
         enrollment.enroll_device(config, "t" * 32, timeout_seconds=0.2)
     assert _SilentTransport.published  # it did send the request
