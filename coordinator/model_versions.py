@@ -245,6 +245,7 @@ class ModelVersions:
         """Retained blob chunks, then the retained manifest that points at them, then the
         empty retained messages that clear older versions' chunks (`stale_retained`): in
         that order, so the broker never holds a manifest without its chunks."""
+        task = self.config.task(task_id)
         sender = ChunkSender(
             body.body,
             transfer_id=body.version,
@@ -264,8 +265,8 @@ class ModelVersions:
             chunk_bytes=MODEL_CHUNK_BYTES,
             chunk_count=sender.count,
             encoding=UpdateEncoding.FP32,
-            spec=wire_task_spec(self.config.task(task_id)),
-            plan=task_plan(self.config.task(task_id), shape_of(self.config.task(task_id))),
+            spec=wire_task_spec(task),
+            plan=task_plan(task, shape_of(task)),
         )
         outgoing.append(
             Outgoing(

@@ -25,6 +25,9 @@ from edge_runtime.wire import SECURE_AGGREGATION_CAPABILITY
 
 logger = logging.getLogger(__name__)
 
+LATE_ROUNDS_KEPT = 3
+"""Rounds per task whose late deliveries are remembered (so a resend is counted once)."""
+
 GATHER_RETRY_SECONDS = 2.0
 """While a task gathers devices (fewer free than devices_per_round, inside gather_seconds),
 its scheduler runs at most this often; a round may open up to this much later."""
@@ -55,8 +58,9 @@ class DeviceSelection:
         self.schools = {school.id: school for school in config.schools}
         """School id -> its policy (see coordinator.school_policy)."""
         self._policy_logged: set[tuple[str, str, str]] = set()
-        self._late_deliveries: set[tuple[str, int, str]] = set()
-        """(task, round, device) of updates that came after their round closed."""
+        self._late_deliveries: dict[tuple[str, int], set[str]] = {}
+        """(task, round) -> devices whose update came after it closed (the last few rounds
+        of each task only: a late update of an older round is not counted again)."""
         self._histories: dict[str, FleetHistory] = {}
         """Task id -> its scheduler history (replayed once, then fed each closed round)."""
         self._waiting_logged: set[str] = set()
@@ -162,10 +166,13 @@ class DeviceSelection:
         more devices and made more of them late (186 assigned for a quota of 100 at 10 %
         real drop-outs). Once per device and round; in memory only (the store keeps no late
         updates, so a restart's replay counts them as drop-outs again)."""
-        key = (task_id, round_number, device_id)
-        if key in self._late_deliveries:
+        for task, number in list(self._late_deliveries):
+            if task == task_id and number < round_number - LATE_ROUNDS_KEPT:
+                del self._late_deliveries[(task, number)]
+        late = self._late_deliveries.setdefault((task_id, round_number), set())
+        if device_id in late:
             return
-        self._late_deliveries.add(key)
+        late.add(device_id)
         stats = self.history(task_id).device(device_id)
         stats.delivered = min(stats.assigned, stats.delivered + 1)
 

@@ -10,7 +10,6 @@ coordinator key and handed to the agent's `handle`, as its loop would.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from pathlib import Path
@@ -24,7 +23,6 @@ from edge_runtime.activity import Phase, read_activity
 from edge_runtime.agent import AgentDaemon
 from edge_runtime.agent_config import AgentConfig, AgentSettings
 from edge_runtime.eligibility import CpuLoadMeter, CpuTimes, EligibilityPolicy, read_device
-from edge_runtime.enrollment_record import Enrollment
 from edge_runtime.task_preload import remember_model, remembered_model
 from edge_runtime.trainer import LocalTrainer
 from edge_runtime.wire import (
@@ -44,11 +42,10 @@ from edge_runtime.wire import (
     device_topic,
     encode_frame,
     generate_private_key,
-    public_key_hex,
-    save_private_key,
 )
 from quantization.adapters import AdapterConfig, get_adapter_state, load_adapter
 from quantization.task_model import TaskModelSpec, build_task_model
+from tests.test_lora_ranks import enroll_with_alpha_data
 
 # -- the CPU load, read without waiting ----------------------------------------------------
 
@@ -178,13 +175,7 @@ def _agent(tmp_path: Path, broker: MosquittoProcess, key: Ed25519PrivateKey) -> 
         ),
     )
     if not config.key_path.exists():
-        config.state_dir.mkdir(parents=True)
-        save_private_key(generate_private_key(), config.key_path)
-        Enrollment("f", "pi-1", public_key_hex(key), 0.0).save(config.state_dir)
-        (tmp_path / "data").mkdir()
-        rows = [{"text": f"question {i} about {'maths' if i % 2 else 'art'}",
-                 "label": "ab"[i % 2]} for i in range(16)]  # fmt: skip
-        (tmp_path / "data" / "alpha.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+        enroll_with_alpha_data(config, key)
     daemon = AgentDaemon(config)
     daemon.transport_class = NotingTransport
     NotingTransport.agent = daemon

@@ -409,12 +409,26 @@ class _FakeTransport:
         pass
 
 
+def enroll_with_alpha_data(config, coordinator_key) -> None:  # noqa: ANN001
+    """An enrolled agent's state folder (key, enrollment) and 16 labelled rows for task
+    alpha in its data folder."""
+    from edge_runtime.enrollment_record import Enrollment
+    from edge_runtime.wire import generate_private_key, public_key_hex, save_private_key
+
+    config.state_dir.mkdir(parents=True)
+    save_private_key(generate_private_key(), config.key_path)
+    Enrollment("f", "pi-1", public_key_hex(coordinator_key), 0.0).save(config.state_dir)
+    data = Path(config.agent.data_dir)
+    data.mkdir()
+    rows = [{"text": f"question number {i} about {'maths' if i % 2 else 'art'}",
+             "label": "ab"[i % 2]} for i in range(16)]  # fmt: skip
+    (data / "alpha.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+
+
 def _agent(tmp_path: Path, coordinator_key):  # noqa: ANN001, ANN202
     from edge_runtime.agent import AgentDaemon
     from edge_runtime.agent_config import AgentConfig, AgentSettings
     from edge_runtime.eligibility import EligibilityPolicy
-    from edge_runtime.enrollment_record import Enrollment
-    from edge_runtime.wire import generate_private_key, public_key_hex, save_private_key
 
     config = AgentConfig(
         agent=AgentSettings(
@@ -428,13 +442,7 @@ def _agent(tmp_path: Path, coordinator_key):  # noqa: ANN001, ANN202
             max_cpu_percent=100.0, min_battery_percent=0.0, memory_margin_bytes=0
         ),
     )
-    config.state_dir.mkdir(parents=True)
-    save_private_key(generate_private_key(), config.key_path)
-    Enrollment("f", "pi-1", public_key_hex(coordinator_key), 0.0).save(config.state_dir)
-    (tmp_path / "data").mkdir()
-    rows = [{"text": f"question number {i} about {'maths' if i % 2 else 'art'}",
-             "label": "ab"[i % 2]} for i in range(16)]  # fmt: skip
-    (tmp_path / "data" / "alpha.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    enroll_with_alpha_data(config, coordinator_key)
     daemon = AgentDaemon(config)
     daemon.transport = _FakeTransport()  # type: ignore[assignment]
     return daemon
