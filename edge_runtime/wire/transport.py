@@ -27,7 +27,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -44,6 +44,10 @@ from edge_runtime.wire.connect_diagnosis import (
 from edge_runtime.wire.receive_queue import ReceivedMessage, ReceiveQueue, ReceiveQueueConfig
 
 logger = logging.getLogger(__name__)
+
+HANGUPS_BEFORE_GIVING_UP = 3
+"""A server that closes the connection before answering CONNECT this many times in a row is
+not an MQTT listener (a TLS port, say); once or twice is a broker restarting under us."""
 
 
 class TransportError(RuntimeError):
@@ -238,6 +242,8 @@ class MqttTransport:
         self._connect_failed = threading.Event()
         self._socket_open = False
         self._connack_received = False
+        self._hangups_before_connack = 0
+        """Consecutive connections the server closed before answering CONNECT."""
         self._subscriptions: dict[str, int] = {}
         self._lock = threading.Lock()
         self._connect_condition = threading.Condition(self._lock)
@@ -329,6 +335,7 @@ class MqttTransport:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
         self._connack_received = True
+        self._hangups_before_connack = 0
         if reason_code.is_failure:
             self.last_connect_error = str(reason_code)
             self._record_failure(
@@ -358,11 +365,13 @@ class MqttTransport:
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
         self.connected.clear()
         if self._socket_open and not self._connack_received and not self.stopping:
-            self._record_failure(
-                describe_closed_before_connack(
-                    self.config.host, self.config.port, self.config.tls is not None
-                )
+            self._hangups_before_connack += 1
+            failure = describe_closed_before_connack(
+                self.config.host, self.config.port, self.config.tls is not None
             )
+            if self._hangups_before_connack < HANGUPS_BEFORE_GIVING_UP:
+                failure = replace(failure, permanent=False)  # a broker mid-restart does this once
+            self._record_failure(failure)
         with self._lock:
             self.disconnect_count += 1
         logger.info("disconnected (%s); paho reconnects with backoff", reason_code)
